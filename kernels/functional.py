@@ -1,0 +1,128 @@
+"""The public functional API: ``lora_linear`` and ``dora_linear``.
+
+Shapes follow peft so that weights map one to one: ``x (..., in)``, ``weight (out, in)``
+frozen, ``bias (out,) | None``, ``lora_A (r, in)``, ``lora_B (out, r)``, ``magnitude (out,)``.
+LoRA: Hu et al. 2021, https://arxiv.org/abs/2106.09685.
+DoRA: Liu et al. 2024, https://arxiv.org/abs/2402.09353 (norm detached, §4.3).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from kernels import naive, ops
+from kernels._validation import check_adapter_inputs
+from kernels.backends import resolve_backend
+from kernels.norm import dora_weight_norm
+
+
+def _draw_seed(device: torch.device) -> Tensor:
+    """A dropout seed from the default generator of ``device``: ``torch.manual_seed`` rules it."""
+    return torch.randint(0, 2**31 - 1, (1,), device=device, dtype=torch.int64)
+
+
+def _as_rows(x: Tensor) -> Tensor:
+    """``x (..., in)`` as a contiguous 2-D ``(M, in)`` view (a copy only when needed)."""
+    return x.reshape(-1, x.shape[-1]).contiguous()
+
+
+def lora_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    *,
+    training: bool = True,
+    backend: str = "auto",
+) -> Tensor:
+    """LoRA linear layer: ``y = x Wᵀ + b + scaling · (dropout(x) Aᵀ) Bᵀ``.
+
+    Args:
+        x: (..., in).
+        weight: W (out, in), frozen (must not require grad).
+        bias: (out,) or None; it gets a gradient when it requires grad.
+        lora_A: A (r, in).
+        lora_B: B (out, r).
+        scaling: s, ``lora_alpha / r`` (rsLoRA: ``lora_alpha / sqrt(r)``).
+        dropout_p: dropout probability on the adapter's input; active only when ``training``.
+        training: whether dropout is active.
+        backend: "auto" | "naive" | "torch" | "triton" (see ``kernels.backends``).
+
+    Returns:
+        y (..., out) in x's dtype.
+
+    Raises:
+        TypeError / ValueError: bad dtypes, shapes, devices, ``r == 0``, a weight that requires
+            grad, ``dropout_p`` outside [0, 1).
+        RuntimeError: an explicitly requested backend cannot run here.
+    """
+    check_adapter_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+    backend = resolve_backend(backend, x.device)
+    if backend == "naive":
+        return naive.lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training)
+    dropout_p = float(dropout_p) if training else 0.0
+    seed = _draw_seed(x.device) if dropout_p > 0 else None
+    y, _, _ = ops.lora_forward(
+        _as_rows(x), weight, bias, lora_A, lora_B, float(scaling), dropout_p, seed, backend
+    )
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def dora_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    magnitude: Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    *,
+    training: bool = True,
+    backend: str = "auto",
+    weight_sq_norm: Tensor | None = None,
+) -> Tensor:
+    """DoRA linear layer, with ``n_i = ‖W_i + scaling·(B A)_i‖₂`` a constant in backward.
+
+    Dropout off (``dropout_p == 0`` or not ``training``):
+        ``y = (m / n) ⊙ (x Wᵀ + scaling · (x Aᵀ) Bᵀ) + b`` (no GEMM beyond LoRA's).
+    Dropout on, exactly as peft: with ``x̃ = dropout(x)``,
+        ``y = x Wᵀ + b + (m/n − 1) ⊙ (x̃ Wᵀ) + (m/n) ⊙ scaling · (x̃ Aᵀ) Bᵀ``.
+
+    Args:
+        x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, backend: as in
+            ``lora_linear``.
+        magnitude: m (out,).
+        weight_sq_norm: optional cached ``‖W_i‖²`` (out,) (see ``kernels.norm``); W is frozen,
+            so a layer computes it once.
+
+    Returns:
+        y (..., out) in x's dtype.
+    """
+    check_adapter_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, magnitude)
+    backend = resolve_backend(backend, x.device)
+    if backend == "naive":
+        return naive.dora_linear(
+            x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, training
+        )
+    dropout_p = float(dropout_p) if training else 0.0
+    seed = _draw_seed(x.device) if dropout_p > 0 else None
+    weight_norm = dora_weight_norm(weight, lora_A, lora_B, scaling, weight_sq_norm)
+    y, _, _, _ = ops.dora_forward(
+        _as_rows(x),
+        weight,
+        bias,
+        lora_A,
+        lora_B,
+        magnitude,
+        weight_norm,
+        float(scaling),
+        dropout_p,
+        seed,
+        backend,
+    )
+    return y.view(*x.shape[:-1], weight.shape[0])

@@ -1,0 +1,65 @@
+"""Naive reference: the LoRA and DoRA layers written with plain autograd torch ops.
+
+This is the "naive matmuls" baseline of the benchmarks and follows `peft`'s layer code
+(``peft/tuners/lora/layer.py`` and ``dora.py``): DoRA builds the full out×in matrix
+``W + s·B A`` to take its row norm, and autograd saves whatever it saves.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def lora_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    training: bool = True,
+) -> Tensor:
+    """``y = x Wᵀ + b + s·(dropout(x) Aᵀ) Bᵀ``. Shapes: x (..., in) -> y (..., out)."""
+    x_dropped = F.dropout(x, dropout_p, training)
+    return F.linear(x, weight, bias) + F.linear(F.linear(x_dropped, lora_A), lora_B) * scaling
+
+
+def dora_weight_norm_direct(
+    weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float
+) -> Tensor:
+    """Row norms ``‖W_i + s·(B A)_i‖₂`` (out,), materialising the out×in matrix as peft does."""
+    return torch.linalg.vector_norm(weight + scaling * (lora_B @ lora_A), dim=1)
+
+
+def dora_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    magnitude: Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    training: bool = True,
+) -> Tensor:
+    """DoRA with the norm detached (DoRA paper §4.3), as `peft` defines it.
+
+    Dropout off: ``y = c ⊙ (x Wᵀ + s·(x Aᵀ) Bᵀ) + b`` with ``c = m / ‖W + sBA‖_row``.
+    Dropout on: ``y = x Wᵀ + b + (c − 1) ⊙ (x̃ Wᵀ) + c ⊙ s·(x̃ Aᵀ) Bᵀ``, ``x̃ = dropout(x)``.
+    """
+    norm = dora_weight_norm_direct(weight, lora_A, lora_B, scaling).detach()
+    column_scale = magnitude / norm
+    if training and dropout_p > 0:
+        x_dropped = F.dropout(x, dropout_p, training)
+        lora = F.linear(F.linear(x_dropped, lora_A), lora_B) * scaling
+        return (
+            F.linear(x, weight, bias)
+            + (column_scale - 1) * F.linear(x_dropped, weight)
+            + column_scale * lora
+        )
+    lora = F.linear(F.linear(x, lora_A), lora_B) * scaling
+    y = column_scale * (F.linear(x, weight) + lora)
+    return y if bias is None else y + bias

@@ -1,0 +1,65 @@
+"""DoRA's weight norm without the out×in matrix ``W + s·B A``.
+
+For row i:  ``n_i² = ‖W_i‖² + 2s·⟨(W Aᵀ)_i, B_i⟩ + s²·B_i (A Aᵀ) B_iᵀ``.
+The costs are one (out×in)·(in×r) GEMM and (r×r)/(out×r) work, against peft's out×in
+matrix build, out×in×r GEMM and a pass over the out×in result on every forward.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from kernels._validation import check_weight_norm_inputs
+
+
+def norm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the norm is computed in: at least float32 (float64 stays float64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def weight_row_sq_norm(weight: Tensor) -> Tensor:
+    """``‖W_i‖²`` per output row, (out,), in ``norm_dtype``. Cacheable: W is frozen."""
+    return torch.linalg.vector_norm(weight.detach(), dim=1, dtype=norm_dtype(weight.dtype)).square()
+
+
+def dora_weight_norm(
+    weight: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    weight_sq_norm: Tensor | None = None,
+) -> Tensor:
+    """Row norms ``n_i = ‖W_i + s·(B A)_i‖₂`` of DoRA, detached (a constant for backward).
+
+    Args:
+        weight: W (out, in), frozen.
+        lora_A: A (r, in).
+        lora_B: B (out, r).
+        scaling: s.
+        weight_sq_norm: optional cached ``‖W_i‖²`` (out,) from ``weight_row_sq_norm``.
+
+    Returns:
+        n (out,) in float32, or float64 for float64 inputs; squared terms are clamped at 0
+        before the square root.
+
+    The (out, in)·(in, r) product ``W Aᵀ`` runs in W's dtype (fp32 accumulation inside the
+    GEMM); everything after it runs in at least float32.
+    """
+    check_weight_norm_inputs(weight, lora_A, lora_B)
+    dtype = norm_dtype(weight.dtype)
+    weight, lora_A, lora_B = weight.detach(), lora_A.detach(), lora_B.detach()
+    if weight_sq_norm is None:
+        weight_sq_norm = weight_row_sq_norm(weight)
+    elif weight_sq_norm.shape != (weight.shape[0],):
+        raise ValueError(
+            f"weight_sq_norm must be (out,) = ({weight.shape[0]},), "
+            f"got {tuple(weight_sq_norm.shape)}"
+        )
+    a = lora_A.to(dtype)
+    b = lora_B.to(dtype)
+    weight_a = (weight @ lora_A.to(weight.dtype).T).to(dtype)  # (out, r)
+    cross = (weight_a * b).sum(dim=1)  # ⟨(W Aᵀ)_i, B_i⟩
+    quadratic = ((b @ (a @ a.T)) * b).sum(dim=1)  # B_i (A Aᵀ) B_iᵀ
+    sq_norm = weight_sq_norm.to(dtype) + (2.0 * scaling) * cross + (scaling * scaling) * quadratic
+    return sq_norm.clamp_min(0.0).sqrt()

@@ -1,0 +1,138 @@
+"""Every backend against the float64 reference: outputs and every gradient."""
+
+import pytest
+import torch
+
+from kernels import available_backends
+from reference import call, grads_of, make_inputs, max_rel_error, reference_with_grads
+
+TRITON = "triton" in available_backends("cpu")
+BACKENDS = [
+    "naive",
+    "torch",
+    pytest.param("triton", marks=pytest.mark.skipif(not TRITON, reason="triton not runnable")),
+]
+# Scale-free error bounds per dtype: a few hundred ulps of the accumulation length used here.
+TOLERANCE = {torch.float32: 2e-5, torch.float64: 1e-12}
+
+
+def check_against_reference(method, inputs, backend, p=0.0, keep=None):
+    y = call(method, inputs, backend, p)
+    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.dtype)
+    got = grads_of(y, inputs, grad_y)
+    ref_y, ref_grads = reference_with_grads(method, inputs, grad_y, keep, p)
+    tol = TOLERANCE[y.dtype]
+    assert y.dtype == inputs["x"].dtype and y.shape == ref_y.shape
+    assert max_rel_error(y, ref_y) < tol, "output"
+    assert set(got) == set(ref_grads)
+    for name, grad in got.items():
+        assert grad.dtype == inputs[name].dtype and grad.shape == inputs[name].shape, name
+        assert max_rel_error(grad, ref_grads[name]) < tol, f"grad of {name}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("method", ["lora", "dora"])
+@pytest.mark.parametrize("rank", [1, 3, 8])
+@pytest.mark.parametrize("bias", [True, False])
+def test_matches_reference_2d(backend, method, rank, bias):
+    inputs = make_inputs(method, 37, 70, 45, rank, bias=bias)
+    check_against_reference(method, inputs, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_matches_reference_3d_wide_output(backend, method):
+    inputs = make_inputs(method, 13, 40, 83, 5, batch=3)
+    check_against_reference(method, inputs, backend)
+
+
+@pytest.mark.parametrize("backend", ["naive", "torch"])
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_matches_reference_float64(backend, method):
+    inputs = make_inputs(method, 21, 30, 17, 4, dtype=torch.float64, batch=2)
+    check_against_reference(method, inputs, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_frozen_bias_and_input_get_no_grad(backend, method):
+    inputs = make_inputs(method, 9, 20, 11, 2)
+    inputs["x"].requires_grad_(False)
+    inputs["bias"].requires_grad_(False)
+    y = call(method, inputs, backend)
+    y.sum().backward()
+    assert inputs["x"].grad is None and inputs["bias"].grad is None
+    assert inputs["lora_A"].grad is not None and inputs["lora_B"].grad is not None
+    if method == "dora":
+        assert inputs["magnitude"].grad is not None
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_zero_lora_B_gives_base_layer(method):
+    """B = 0 at init: LoRA is the frozen linear; DoRA with m = ‖W‖_row too."""
+    inputs = make_inputs(method, 10, 24, 12, 4)
+    with torch.no_grad():
+        inputs["lora_B"].zero_()
+        if method == "dora":
+            inputs["magnitude"].copy_(torch.linalg.vector_norm(inputs["weight"], dim=1))
+    expected = torch.nn.functional.linear(inputs["x"], inputs["weight"], inputs["bias"])
+    torch.testing.assert_close(call(method, inputs, "torch"), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_low_precision_error_is_that_of_plain_torch(dtype, method):
+    """Error against the fp32-input reference at most ~2x that of plain torch in ``dtype``."""
+    inputs32 = make_inputs(method, 64, 96, 80, 8)
+    low = {
+        k: (v.detach().to(dtype).requires_grad_(v.requires_grad) if torch.is_tensor(v) else v)
+        for k, v in inputs32.items()
+    }
+    grad_y = torch.randn(64, 80, generator=torch.Generator().manual_seed(2))
+    ref_y, ref_grads = reference_with_grads(method, inputs32, grad_y)
+    for backend_pair in [("torch", "naive")]:
+        ours, plain = (call(method, low, b) for b in backend_pair)
+        ours_grads = grads_of(ours, low, grad_y.to(dtype))
+        plain_grads = grads_of(plain, low, grad_y.to(dtype))
+        assert max_rel_error(ours, ref_y) <= 2 * max_rel_error(plain, ref_y) + 1e-3
+        for name in ref_grads:
+            ours_err = max_rel_error(ours_grads[name], ref_grads[name])
+            plain_err = max_rel_error(plain_grads[name], ref_grads[name])
+            assert ours_err <= 2 * plain_err + 1e-3, name
+
+
+def test_gradcheck_torch_lora_float64():
+    inputs = make_inputs("lora", 6, 7, 5, 2, dtype=torch.float64, batch=2)
+    args = [inputs[k] for k in ("x", "weight", "bias", "lora_A", "lora_B")]
+
+    def fn(x, weight, bias, lora_A, lora_B):
+        from kernels import lora_linear
+
+        return lora_linear(x, weight, bias, lora_A, lora_B, 0.5, backend="torch")
+
+    assert torch.autograd.gradcheck(fn, args)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.4])
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_gradcheck_torch_ops_float64(method, p):
+    """gradcheck the registered ops with the seed (and the DoRA norm, a constant) held fixed."""
+    from kernels import dora_weight_norm, ops
+
+    inputs = make_inputs(method, 6, 7, 5, 2, dtype=torch.float64)
+    x, w, b, a, bb = (inputs[k] for k in ("x", "weight", "bias", "lora_A", "lora_B"))
+    seed = torch.tensor([1234]) if p else None
+    if method == "lora":
+
+        def fn(x, b, a, bb):
+            return ops.lora_forward(x, w, b, a, bb, 0.5, p, seed, "torch")[0]
+
+        args = (x, b, a, bb)
+    else:
+        norm = dora_weight_norm(w, a, bb, 0.5)
+
+        def fn(x, b, a, bb, m):
+            return ops.dora_forward(x, w, b, a, bb, m, norm, 0.5, p, seed, "torch")[0]
+
+        args = (x, b, a, bb, inputs["magnitude"])
+    assert torch.autograd.gradcheck(fn, args)
