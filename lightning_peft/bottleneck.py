@@ -50,6 +50,12 @@ class BottleneckAdapter(nn.Module):
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
 
+    def _apply(self, fn, recurse=True):
+        from lightning_peft.lora_layer import keep_adapter_dtype
+
+        names = [n for n, _ in self.named_parameters()]
+        return keep_adapter_dtype(self, names, fn, recurse)
+
     def forward(self, h: Tensor) -> Tensor:
         if self.disabled:
             return h

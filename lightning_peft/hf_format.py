@@ -19,12 +19,13 @@ Bottleneck adapters have no PEFT counterpart: they are written in the same layou
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import fields
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch import nn
+from torch import Tensor, nn
 
 from lightning_peft.config import AdapterConfig, LoRAConfig
 from lightning_peft.injection import find_injection, inject_adapters, modules_to_save_names
@@ -99,22 +100,35 @@ def _config_json(model: nn.Module, config: LoRAConfig | AdapterConfig, targets: 
     return data
 
 
-def save_adapter(model: nn.Module, directory: str | Path) -> Path:
+def save_adapter(
+    model: nn.Module, directory: str | Path, state_dict: Mapping[str, Tensor] | None = None
+) -> Path:
     """Write the adapters of ``model`` to ``directory`` in the Hugging Face PEFT format.
 
     ``peft.PeftModel.from_pretrained(base_model, directory)`` loads the result (LoRA, rsLoRA,
-    DoRA). Returns the directory.
+    DoRA). ``model`` may be the injected model or any module above it (a LightningModule).
+
+    Args:
+        model: the injected model, or a parent of it.
+        directory: where to write; created if needed.
+        state_dict: full tensors keyed as ``model.state_dict()`` (e.g. gathered from the ranks
+            of a sharded model); by default the model's own tensors.
+
+    Returns:
+        the directory.
     """
     found = find_injection(model)
     if found is None:
         raise ValueError("the model has no adapters to save (inject_adapters was not called on it)")
     prefix, root, state = found
+    prefix = f"{prefix}." if prefix else ""
+    tensors = {}
+    for key, tensor in adapter_state_dict(root).items():
+        if state_dict is not None:
+            tensor = state_dict[prefix + key]
+        tensors[_peft_key(root, key)] = tensor.detach().contiguous().cpu()
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {
-        _peft_key(root, key[len(prefix) + 1 :] if prefix else key): t.contiguous().cpu()
-        for key, t in adapter_state_dict(root).items()
-    }
     save_file(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt"})
     config = _config_json(root, state.config, state.targets)
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

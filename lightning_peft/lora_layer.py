@@ -27,6 +27,17 @@ def is_linear_like(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
+def keep_adapter_dtype(module: nn.Module, names: list[str], fn, recurse: bool) -> nn.Module:
+    """``nn.Module._apply`` that restores the dtype (and exact values) of the named parameters."""
+    before = {name: module.get_parameter(name).detach() for name in names}  # old data, no copy
+    result = nn.Module._apply(module, fn, recurse)
+    for name, old in before.items():
+        param = module.get_parameter(name)
+        if param.dtype != old.dtype:
+            param.data = param.data.to(old.dtype) if old.is_meta else old.to(param.device)
+    return result
+
+
 class LoRALinear(nn.Module):
     """LoRA (DoRA when ``use_dora``) around a frozen linear layer.
 
@@ -91,6 +102,11 @@ class LoRALinear(nn.Module):
 
     def adapter_parameter_names(self) -> list[str]:
         return ["lora_A", "lora_B"] + (["lora_magnitude"] if self.use_dora else [])
+
+    def _apply(self, fn, recurse=True):
+        # Adapters stay in their configured dtype through model.to(dtype) / .half() / a
+        # Lightning "bf16-true" conversion: they follow device moves only.
+        return keep_adapter_dtype(self, self.adapter_parameter_names(), fn, recurse)
 
     @torch.no_grad()
     def reset_adapter_parameters(self, init_lora_weights: bool | str = True) -> None:
