@@ -93,6 +93,7 @@ class LoRALinear(nn.Module):
         self._merged_norm: Tensor | None = None  # DoRA: the norm used by merge(), for unmerge()
         self._sq_norm_cache: tuple[tuple, Tensor] | None = None
         self.reset_adapter_parameters(init_lora_weights)
+        self.train(base.training)
 
     # -- weights --------------------------------------------------------------------------------
 
