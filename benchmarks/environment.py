@@ -1,0 +1,85 @@
+"""Where a run happens: thread count, device name, library versions, date."""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.metadata
+import os
+import platform
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask), not the machine's total."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """``torch.set_num_threads(count)`` for the duration, restoring the previous count."""
+    if count < 1:
+        raise ValueError(f"threads must be >= 1, got {count}")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def device_name(device: torch.device) -> str:
+    """E.g. ``NVIDIA H200`` or the CPU model."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return _cpu_model()
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def run_metadata(device: torch.device, dtype: torch.dtype, threads: int) -> dict[str, object]:
+    """What a result file records about the run (JSON-serialisable)."""
+    return {
+        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "device": device.type,
+        "device_name": device_name(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "threads": threads,
+        "usable_cpus": usable_cpus(),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "peft": _version("peft"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def file_stem(metadata: dict[str, object]) -> str:
+    """``<date>_<device>``, e.g. ``20250101-120000_cuda-NVIDIA-H200`` (file-name safe)."""
+    date = dt.datetime.fromisoformat(str(metadata["date"])).strftime("%Y%m%d-%H%M%S")
+    device = str(metadata["device"])
+    if device == "cuda":
+        device = f"{device}-{metadata['device_name']}"
+    return f"{date}_{re.sub(r'[^A-Za-z0-9.-]+', '-', device).strip('-')}"

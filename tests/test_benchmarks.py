@@ -1,0 +1,75 @@
+"""The benchmark runner's ``--quick`` sweep, end to end, into a temporary folder."""
+
+import csv
+import importlib.util
+import json
+
+import pytest
+
+from benchmarks import runner
+from benchmarks.common import METHODS, MODES
+
+pytestmark = pytest.mark.slow  # ~15 s on one thread: a whole (tiny) sweep
+
+CPU_IMPLEMENTATIONS = {"floor", "naive", "torch", "peft"}
+HAS_PEFT = importlib.util.find_spec("peft") is not None
+HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """One ``python -m benchmarks --quick`` run on the CPU (plots on when matplotlib imports)."""
+    out = tmp_path_factory.mktemp("bench")
+    argv = ["--quick", "--device", "cpu", "--threads", "1", "--out", str(out), "--no-progress"]
+    if not HAS_MATPLOTLIB:
+        argv.append("--no-plot")
+    output = runner.run(runner.parse_args(argv))
+    return out, output
+
+
+def _csv_rows(out):
+    (path,) = out.glob("*_cpu.csv")
+    with path.open(newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.mark.skipif(not HAS_PEFT, reason="peft is not installed")
+def test_quick_run_writes_csv_and_json_with_every_row(quick_run):
+    out, output = quick_run
+    rows = _csv_rows(out)
+    (json_path,) = out.glob("*_cpu.json")
+    data = json.loads(json_path.read_text(encoding="utf-8"))
+    assert len(data["rows"]) == len(rows) == len(output.rows)
+    assert data["metadata"]["threads"] == 1
+    for key in ("device_name", "torch", "peft", "date"):
+        assert data["metadata"][key]
+    seen = {(row["method"], row["mode"], row["implementation"]) for row in rows}
+    expected = {(m, mode, i) for m in METHODS for mode in MODES for i in CPU_IMPLEMENTATIONS}
+    assert seen == expected  # the triton interpreter is never benchmarked
+    for row in rows:
+        assert float(row["median_ms"]) > 0 and float(row["min_ms"]) > 0
+        assert float(row["q1_ms"]) <= float(row["median_ms"]) <= float(row["q3_ms"])
+        if row["implementation"] == "floor":
+            assert float(row["ratio_to_floor"]) == 1.0
+    assert "floor" in output.table and "peft" in output.table
+
+
+@pytest.mark.skipif(not HAS_PEFT, reason="peft is not installed")
+def test_torch_dora_saves_less_beyond_x_than_peft(quick_run):
+    out, _ = quick_run
+    beyond_x = {}  # (M, r) -> implementation -> bytes
+    for row in _csv_rows(out):
+        if row["method"] == "dora" and float(row["dropout_p"]) == 0:
+            point = beyond_x.setdefault((row["rows"], row["rank"]), {})
+            point[row["implementation"]] = int(row["saved_bytes_beyond_x"])
+    assert beyond_x
+    for point, saved in beyond_x.items():
+        assert 0 < saved["torch"] < saved["peft"], point
+
+
+@pytest.mark.skipif(not HAS_MATPLOTLIB, reason="matplotlib is not installed")
+def test_quick_run_draws_one_plot_per_method(quick_run):
+    out, output = quick_run
+    suffixes = sorted(path.name.rsplit("_", 1)[1] for path in out.glob("*.png"))
+    assert suffixes == ["dora.png", "lora.png"]
+    assert output.plot_note is None
