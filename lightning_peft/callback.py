@@ -20,7 +20,12 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_peft.config import AdapterConfig, LoRAConfig
-from lightning_peft.distributed import fsdp2_shard, full_state_dict, is_sharded_strategy
+from lightning_peft.distributed import (
+    clean_name,
+    fsdp2_shard,
+    full_state_dict,
+    is_sharded_strategy,
+)
 from lightning_peft.hf_format import save_adapter
 from lightning_peft.injection import find_injection, inject_adapters, injection_report
 from lightning_peft.model_helpers import adapter_state_dict, merge_adapters
@@ -156,7 +161,11 @@ class PEFTCallback(Callback):
         }
         if is_sharded_strategy(trainer.strategy) and not _full_checkpoint(trainer.strategy):
             return  # sharded checkpoints are loaded in place: they keep the frozen keys too
+        # The adapters, plus whatever else trains: e.g. a task head the LightningModule holds
+        # outside the adapted transformers model.
         keep = set(adapter_state_dict(pl_module))
+        keep |= {name for name, p in pl_module.named_parameters() if p.requires_grad}
+        keep = {clean_name(name) for name in keep}  # FSDP1 wrappers rename, its state dict not
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
 
     # -- end of training ------------------------------------------------------------------------
@@ -165,10 +174,12 @@ class PEFTCallback(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.save_adapter_to is not None:
             state = full_state_dict(trainer.strategy, pl_module)  # a collective on sharded runs
-            if trainer.is_global_zero:
-                save_adapter(pl_module, self.save_adapter_to, state_dict=state)
-                rank_zero_info(f"PEFTCallback: adapter written to {self.save_adapter_to}")
-            trainer.strategy.barrier("peft_save_adapter")
+            try:
+                if trainer.is_global_zero:
+                    save_adapter(pl_module, self.save_adapter_to, state_dict=state)
+                    rank_zero_info(f"PEFTCallback: adapter written to {self.save_adapter_to}")
+            finally:  # should rank zero fail, the other ranks must not wait here forever
+                trainer.strategy.barrier("peft_save_adapter")
         if self.merge_on_train_end:
             merge_adapters(pl_module)
 

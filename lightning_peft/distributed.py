@@ -7,6 +7,9 @@ from collections.abc import Mapping
 from torch import Tensor, nn
 
 SHARDED_STRATEGIES = ("FSDPStrategy", "ModelParallelStrategy", "DeepSpeedStrategy")
+# Segments that FSDP1 and activation-checkpoint wrappers add to ``named_parameters()`` names but
+# that their state dicts (and Lightning's checkpoints) leave out.
+WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
 
 
 def strategy_is(strategy, *names: str) -> bool:
@@ -17,6 +20,14 @@ def strategy_is(strategy, *names: str) -> bool:
 def is_sharded_strategy(strategy) -> bool:
     """FSDP (``FSDPStrategy``), FSDP2 (``ModelParallelStrategy``) or DeepSpeed."""
     return strategy_is(strategy, *SHARDED_STRATEGIES)
+
+
+def clean_name(name: str) -> str:
+    """``name`` (from ``named_parameters()``) as state dicts key it: FSDP1 and activation
+    checkpointing wrap submodules, which adds ``_fsdp_wrapped_module.`` segments to names."""
+    for segment in WRAPPER_SEGMENTS:
+        name = name.replace(segment, "")
+    return name
 
 
 def fsdp2_shard(

@@ -159,7 +159,9 @@ class LoRALinear(nn.Module):
         dtype = x.dtype
         if torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
-        weight = self.weight_out_in().to(dtype)
+        # detach(): W is frozen; under FSDP1 (use_orig_params) it arrives as a view of a flat
+        # parameter that requires grad because the adapters in the same unit do.
+        weight = self.weight_out_in().detach().to(dtype)
         bias = None if self.bias is None else self.bias.to(dtype)
         args = (x.to(dtype), weight, bias, self.lora_A.to(dtype), self.lora_B.to(dtype))
         with torch.autocast(x.device.type, enabled=False):

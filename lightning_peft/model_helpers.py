@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from torch import Tensor, nn
 
 from lightning_peft.bottleneck import CHILD_NAME, BottleneckAdapter, detach_bottleneck
+from lightning_peft.distributed import clean_name
 from lightning_peft.injection import STATE_ATTR, find_injection
 from lightning_peft.lora_layer import LoRALinear
 
@@ -84,7 +85,7 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
 
 def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """The adapter tensors, ``modules_to_save`` and trained biases, keyed as in
-    ``model.state_dict()``; detached, not copied."""
+    ``model.state_dict()`` (FSDP1 wrapper segments removed); detached, not copied."""
     found = find_injection(model)
     if found is None:
         raise ValueError("the model has no adapters (inject_adapters was not called on it)")
@@ -100,7 +101,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
         is_saved = any(name == m or name.startswith(f"{m}.") for m in state.modules_to_save)
         is_bias = state.config.bias != "none" and param_name == "bias" and param.requires_grad
         if is_adapter or is_saved or is_bias:
-            keys[prefix + name] = param.detach()
+            keys[clean_name(prefix + name)] = param.detach()
     return keys
 
 

@@ -169,7 +169,7 @@ def test_no_module_matched_lists_module_names():
 def test_lora_on_a_non_linear_target_is_refused():
     model = MODELS["llama"]()
     before = snapshot(model)
-    with pytest.raises(ValueError, match="LoRA adapts nn.Linear"):
+    with pytest.raises(ValueError, match=r"LoRA adapts nn\.Linear"):
         inject_adapters(model, LoRAConfig(target_modules=["self_attn"]))
     assert_unchanged(model, before)
 
