@@ -109,3 +109,14 @@ def grads_of(y: Tensor, inputs: dict, grad_y: Tensor) -> dict:
 def max_rel_error(got: Tensor, ref: Tensor) -> float:
     """max |got − ref| / max |ref| (a scale-free error; ref is float64)."""
     return ((got.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+def keep_mask_of(backend: str, seed: Tensor, shape: tuple[int, int], p: float) -> Tensor:
+    """The bool keep-mask ``backend`` draws from ``seed`` (its forward and backward use it)."""
+    if backend == "torch":
+        from kernels import torch_linear
+
+        return torch_linear.keep_mask(seed, shape, p)
+    from kernels import triton_linear
+
+    return triton_linear.dropout_keep_mask(seed, shape[0], shape[1], p)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from kernels import dora_linear, lora_linear
+from kernels import available_backends, dora_linear, lora_linear
 
 
 class TwoAdaptedLayers(nn.Module):
@@ -49,9 +49,21 @@ class TwoAdaptedLayers(nn.Module):
 
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
-def test_fullgraph_compile_matches_eager(dropout_p):
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "torch",
+        pytest.param(
+            "triton",
+            marks=pytest.mark.skipif(
+                "triton" not in available_backends("cpu"), reason="triton not runnable"
+            ),
+        ),
+    ],
+)
+def test_fullgraph_compile_matches_eager(backend, dropout_p):
     torch._dynamo.reset()
-    model = TwoAdaptedLayers("torch", dropout_p)
+    model = TwoAdaptedLayers(backend, dropout_p)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     x = torch.randn(3, 5, 16, requires_grad=True)
     outs = []

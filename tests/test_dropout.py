@@ -5,22 +5,20 @@ import torch
 
 from kernels import available_backends, torch_linear
 from kernels.functional import _draw_seed
-from reference import call, grads_of, make_inputs, max_rel_error, reference_with_grads
+from reference import (
+    call,
+    grads_of,
+    keep_mask_of,
+    make_inputs,
+    max_rel_error,
+    reference_with_grads,
+)
 
 TRITON = "triton" in available_backends("cpu")
 BACKENDS = [
     "torch",
     pytest.param("triton", marks=pytest.mark.skipif(not TRITON, reason="triton not runnable")),
 ]
-
-
-def keep_mask_of(backend, seed, shape, p):
-    """The mask ``backend`` draws from ``seed`` (the same stream its forward and backward use)."""
-    if backend == "torch":
-        return torch_linear.keep_mask(seed, shape, p)
-    from kernels import triton_linear
-
-    return triton_linear.dropout_keep_mask(seed, shape[0], shape[1], p)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from kernels import torch_linear
+from kernels import available_backends
 from kernels.functional import _draw_seed
 from peft_layers import peft_linear
-from reference import call, grads_of, make_inputs, max_rel_error
+from reference import call, grads_of, keep_mask_of, make_inputs, max_rel_error
 
 pytest.importorskip("peft")
 
@@ -26,7 +26,20 @@ def peft_grads(layer, names):
     return {name: params[NAMES[name]].grad for name in names if name != "x"}
 
 
-@pytest.mark.parametrize(("backend", "p"), [("naive", 0.0), ("torch", 0.0), ("torch", 0.25)])
+TRITON = "triton" in available_backends("cpu")
+NO_TRITON = pytest.mark.skipif(not TRITON, reason="triton not runnable")
+
+
+@pytest.mark.parametrize(
+    ("backend", "p"),
+    [
+        ("naive", 0.0),
+        ("torch", 0.0),
+        ("torch", 0.25),
+        pytest.param("triton", 0.0, marks=NO_TRITON),
+        pytest.param("triton", 0.25, marks=NO_TRITON),
+    ],
+)
 @pytest.mark.parametrize(
     ("method", "use_rslora"), [("lora", False), ("lora", True), ("dora", False)]
 )
@@ -37,7 +50,7 @@ def test_outputs_and_grads_equal_peft(backend, method, use_rslora, p):
     keep = None
     if p:  # peft gets the mask our backend will draw
         torch.manual_seed(3)
-        keep = torch_linear.keep_mask(_draw_seed(torch.device("cpu")), (38, 33), p).view(2, 19, 33)
+        keep = keep_mask_of(backend, _draw_seed(torch.device("cpu")), (38, 33), p).view(2, 19, 33)
     model, layer = peft_linear(
         inputs,
         use_dora=method == "dora",
