@@ -848,8 +848,7 @@ def _backward(
     """Shared LoRA / DoRA backward: (grad_x, grad_A, grad_B, grad_m (DoRA), grad_bias)."""
     M, K = x.shape
     N, R = weight.shape[0], lora_A.shape[0]
-    assert grad_y.shape == (M, N) and u.shape == (M, R)
-    _check_dropout(dropout_p, seed, M, K)
+    assert grad_y.shape == (M, N) and u.shape == (M, R)  # dropout_p and seed: checked in forward
     dora = magnitude is not None
     has_dropout = dropout_p > 0.0
     common = {"DOT_PRECISION": _dot_precision(), "BLOCK_R": _block_r(R)}

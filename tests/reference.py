@@ -6,8 +6,16 @@ built the direct way, from the full matrix ``W + s·B A``, and detached.
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import Tensor
+
+from kernels import available_backends
+
+# Triton runs on CPU tensors only under TRITON_INTERPRET=1 (set by tests/conftest.py without a GPU).
+NEEDS_TRITON = pytest.mark.skipif(
+    "triton" not in available_backends("cpu"), reason="triton cannot run on CPU tensors here"
+)
 
 
 def make_inputs(

@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from kernels import available_backends, dora_linear, lora_linear
+from kernels import dora_linear, lora_linear
+from reference import NEEDS_TRITON
 
 
 class TwoAdaptedLayers(nn.Module):
@@ -53,12 +54,7 @@ class TwoAdaptedLayers(nn.Module):
     "backend",
     [
         "torch",
-        pytest.param(
-            "triton",
-            marks=pytest.mark.skipif(
-                "triton" not in available_backends("cpu"), reason="triton not runnable"
-            ),
-        ),
+        pytest.param("triton", marks=NEEDS_TRITON),
     ],
 )
 def test_fullgraph_compile_matches_eager(backend, dropout_p):

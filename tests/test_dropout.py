@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from kernels import available_backends, torch_linear
+from kernels import torch_linear
 from kernels.functional import _draw_seed
 from reference import (
+    NEEDS_TRITON,
     call,
     grads_of,
     keep_mask_of,
@@ -14,11 +15,7 @@ from reference import (
     reference_with_grads,
 )
 
-TRITON = "triton" in available_backends("cpu")
-BACKENDS = [
-    "torch",
-    pytest.param("triton", marks=pytest.mark.skipif(not TRITON, reason="triton not runnable")),
-]
+BACKENDS = ["torch", pytest.param("triton", marks=NEEDS_TRITON)]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -8,16 +8,12 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from kernels import available_backends, dora_weight_norm, weight_row_sq_norm
+from kernels import dora_weight_norm, weight_row_sq_norm
 from peft_layers import peft_linear
-from reference import call, make_inputs
+from reference import NEEDS_TRITON, call, make_inputs
 
 M, IN, OUT, R = 33, 24, 20, 3  # distinct sizes, so shapes tell tensors apart
-TRITON = "triton" in available_backends("cpu")
-BACKENDS = [
-    "torch",
-    pytest.param("triton", marks=pytest.mark.skipif(not TRITON, reason="triton not runnable")),
-]
+BACKENDS = ["torch", pytest.param("triton", marks=NEEDS_TRITON)]
 
 
 def saved_storages(fn, parameters):

@@ -3,15 +3,9 @@
 import pytest
 import torch
 
-from kernels import available_backends
-from reference import call, grads_of, make_inputs, max_rel_error, reference_with_grads
+from reference import NEEDS_TRITON, call, grads_of, make_inputs, max_rel_error, reference_with_grads
 
-TRITON = "triton" in available_backends("cpu")
-BACKENDS = [
-    "naive",
-    "torch",
-    pytest.param("triton", marks=pytest.mark.skipif(not TRITON, reason="triton not runnable")),
-]
+BACKENDS = ["naive", "torch", pytest.param("triton", marks=NEEDS_TRITON)]
 # Scale-free error bounds per dtype: a few hundred ulps of the accumulation length used here.
 TOLERANCE = {torch.float32: 2e-5, torch.float64: 1e-12}
 

@@ -5,10 +5,9 @@ import math
 import pytest
 import torch
 
-from kernels import available_backends
 from kernels.functional import _draw_seed
 from peft_layers import peft_linear
-from reference import call, grads_of, keep_mask_of, make_inputs, max_rel_error
+from reference import NEEDS_TRITON, call, grads_of, keep_mask_of, make_inputs, max_rel_error
 
 pytest.importorskip("peft")
 
@@ -26,18 +25,14 @@ def peft_grads(layer, names):
     return {name: params[NAMES[name]].grad for name in names if name != "x"}
 
 
-TRITON = "triton" in available_backends("cpu")
-NO_TRITON = pytest.mark.skipif(not TRITON, reason="triton not runnable")
-
-
 @pytest.mark.parametrize(
     ("backend", "p"),
     [
         ("naive", 0.0),
         ("torch", 0.0),
         ("torch", 0.25),
-        pytest.param("triton", 0.0, marks=NO_TRITON),
-        pytest.param("triton", 0.25, marks=NO_TRITON),
+        pytest.param("triton", 0.0, marks=NEEDS_TRITON),
+        pytest.param("triton", 0.25, marks=NEEDS_TRITON),
     ],
 )
 @pytest.mark.parametrize(
