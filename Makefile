@@ -26,7 +26,7 @@ test: $(VENV)/.installed
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q
 
 demo: $(VENV)/.installed
-	HF_HUB_OFFLINE=1 $(VENV)/bin/lightning-peft fit
+	HF_HUB_OFFLINE=1 $(VENV)/bin/lightning-peft fit --overwrite
 
 bench: $(VENV)/.installed
 	$(PY) -m benchmarks
