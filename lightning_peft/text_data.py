@@ -36,7 +36,7 @@ MIN_ROWS_PER_LABEL = 5
 # Per-task defaults of the options left at None.
 DEFAULT_MAX_LENGTH = {"instruct": 128, "classification": 64, "causal-lm": 128}
 DEFAULT_BATCH_SIZE = {"instruct": 8, "classification": 32, "causal-lm": 8}
-DEFAULT_SIZES = {"instruct": (200, 100), "classification": (800, 400), "causal-lm": (None, None)}
+DEFAULT_SIZES = {"instruct": (160, 80), "classification": (800, 400), "causal-lm": (None, None)}
 
 
 def check_task(task: str) -> str:
@@ -236,7 +236,7 @@ class TextData(pl.LightningDataModule):
         max_length: tokens per example (instruct: the text is cut so that prompt and answer fit);
             None = 128 (instruct, causal-lm) or 64 (classification).
         train_size / val_size: examples in each split, after a seeded shuffle; None = the
-            task's default (instruct 200 / 100, classification 800 / 400, causal-lm 80% / 20%).
+            task's default (instruct 160 / 80, classification 800 / 400, causal-lm 80% / 20%).
             Sizes larger than the file are scaled down in proportion.
         batch_size: None = 8 (instruct, causal-lm) or 32 (classification).
         instruction / answer_prefix: the instruct prompt (see ``lightning_peft.prompts``); None =
