@@ -466,3 +466,41 @@ def test_gradient_checkpointing_option_trains_the_adapters(models):
     task.training_step(batch, 0).backward()
     grads = [p.grad for n, p in task.named_parameters() if n.endswith("lora_B")]  # A: B = 0
     assert len(grads) == 14 and all(g is not None and g.any() for g in grads)
+
+
+def test_the_written_adapter_loads_in_peft_with_the_reported_metrics(
+    tmp_path, models, cli_in_process
+):
+    """peft loads the run's adapter onto the same base, and that model reproduces the held-out
+    loss and accuracy the command reported after training."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    data = write_rows(tmp_path / "data.jsonl", topic_rows())
+    out = tmp_path / "out"
+    sizes = ("--data.train_size=32", "--data.val_size=16")
+    code, _, stderr = cli_in_process(
+        "fit", "--model", str(models["llama"]), "--data", str(data), "--rank", "4",
+        "--method", "dora", "--model.lr=0.02", "--output_dir", str(out), *sizes, *QUIET,
+    )  # fmt: skip
+    assert code == 0, stderr[-2000:]
+    reported = json.loads((out / "summary.json").read_text())["after"]
+    base = AutoModelForCausalLM.from_pretrained(models["llama"])
+    model = peft.PeftModel.from_pretrained(base, out / "adapter").eval()
+    datamodule = TextData(
+        str(data), tokenizer_path=str(models["llama"]), train_size=32, val_size=16
+    )
+    datamodule.setup("validate")
+    task = FineTuneTask.__new__(FineTuneTask)  # the step logic alone, around peft's model
+    torch.nn.Module.__init__(task)
+    task.model, task._keeps_logits = model, True
+    task.choice_token_ids = datamodule.choice_token_ids
+    losses, accuracies, sizes = [], [], []
+    with torch.no_grad():
+        for batch in datamodule.val_dataloader():
+            loss, metrics = FineTuneTask._instruct(task, batch)
+            losses.append(loss * len(batch["input_ids"]))
+            accuracies.append(metrics["val_acc"] * len(batch["input_ids"]))
+            sizes.append(len(batch["input_ids"]))
+    assert float(sum(losses) / sum(sizes)) == pytest.approx(reported["val_loss"], rel=1e-5)
+    assert float(sum(accuracies) / sum(sizes)) == pytest.approx(reported["val_acc"], abs=1e-6)
