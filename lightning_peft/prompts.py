@@ -71,7 +71,7 @@ class LabelPrompt:
             raise InputError(f"--data.instruction must contain {{text}}, got {instruction!r}")
         self.tokenizer, self.labels = tokenizer, list(labels)
         self.instruction, self.answer_prefix = instruction, answer_prefix
-        end = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else None
+        end = tokenizer.eos_token_id  # the end of the turn (SmolLM2: <|im_end|>)
         end = end if end is not None else tokenizer.sep_token_id
         space = " " if answer_prefix and not answer_prefix[-1].isspace() else ""
         self.answers = {

@@ -108,13 +108,14 @@ def test_inspects_an_adapter_written_here(tmp_path, use_dora):
         layer = model.get_submodule(spectrum.name)
         assert spectrum.rank == layer.r == (2 if spectrum.name.endswith("o_proj") else 4)
         assert spectrum.scaling == layer.scaling
-        expected = dense_svdvals(layer.lora_A, layer.lora_B, layer.scaling)[: layer.r]
+        lora_A, lora_B = layer.lora_A.detach(), layer.lora_B.detach()
+        expected = dense_svdvals(lora_A, lora_B, layer.scaling)[: layer.r]
         torch.testing.assert_close(spectrum.singular_values, expected, rtol=1e-9, atol=1e-12)
         weight = base[f"{spectrum.name}.weight"].double()
-        delta = layer.scaling * layer.lora_B.double() @ layer.lora_A.double()
+        delta = layer.scaling * lora_B.double() @ lora_A.double()
         if use_dora:
             norm = (weight + delta).norm(dim=1)
-            merged = (weight + delta) * (layer.lora_magnitude.double() / norm)[:, None]
+            merged = (weight + delta) * (layer.lora_magnitude.detach().double() / norm)[:, None]
             delta = merged - weight
         assert spectrum.relative_norm == pytest.approx(float(delta.norm() / weight.norm()), 1e-9)
 
