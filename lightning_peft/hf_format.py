@@ -16,8 +16,8 @@ here                               PEFT file
 
 The same declarations give the keys and shapes a directory must hold before anything is
 injected (``planned_tensors``), so a load checks the whole file before touching the model.
-A tensor held in two places in the model is written under both names (cloned, as peft does);
-its copies must agree on load. Bottleneck adapters have no PEFT counterpart: they are written in
+A tensor the model holds in two places (a module in two containers) is written once, under its
+first name, as peft writes it. Bottleneck adapters have no PEFT counterpart: they are written in
 the same layout with ``"peft_type": "LIGHTNING_BOTTLENECK"``, which only this package reads.
 
 Writes are atomic per file: both files go to temporary names first, an existing config is
@@ -34,6 +34,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -41,7 +42,7 @@ from lightning_peft.distributed import clean_name
 from lightning_peft.injection import (
     find_injection,
     inject_adapters,
-    plan_saved_tensors,
+    planned_tensors,
 )
 from lightning_peft.methods import METHODS, AdapterLayer, method_for, method_for_peft_type
 from lightning_peft.methods.base import PEFT_PREFIX
@@ -107,8 +108,8 @@ def check_save_directory(directory: str | Path, overwrite: bool = False) -> Path
 
 
 def _without_aliases(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-    """safetensors refuses tensors that share memory: clone all but the first of each group
-    (peft's rule), so a tensor held in two places is written under both names."""
+    """safetensors refuses tensors that share memory (views of one storage, e.g. FSDP1's flat
+    parameters): clone all but the first of each group, as peft does."""
     seen: set[tuple] = set()
     out = {}
     for key, tensor in tensors.items():
@@ -208,17 +209,19 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     """Inject and load the adapter in ``directory`` (written here or by ``peft``) into ``model``.
 
     Everything is checked before the model is touched: a directory that does not fit (missing
-    or unexpected keys, wrong shapes, an unknown method, copies of one tensor that differ)
-    raises naming the first mismatch and leaves the model exactly as it was. Returns ``model``.
+    or unexpected keys, wrong shapes, an unknown method) raises naming the first mismatch and
+    leaves the model exactly as it was. Returns ``model``.
     """
     directory = Path(directory)
     config = read_config(directory)
     weights_path = directory / WEIGHTS_NAME
     if not weights_path.is_file():
         raise FileNotFoundError(f"{weights_path} does not exist")
-    tensors = load_file(weights_path)
-    saved = plan_saved_tensors(model, config)
-    expected = {key: shape for keys, shape in saved for key in keys}
+    try:
+        tensors = load_file(weights_path)
+    except SafetensorError as error:
+        raise ValueError(f"{weights_path} is not a readable safetensors file: {error}") from None
+    expected = planned_tensors(model, config)
     for key, shape in expected.items():
         if key not in tensors:
             raise ValueError(f"{weights_path}: missing key {key!r} (expected shape {shape})")
@@ -230,13 +233,6 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     unexpected = sorted(set(tensors) - set(expected))
     if unexpected:
         raise ValueError(f"{weights_path}: unexpected key {unexpected[0]!r} for this model")
-    for keys, _ in saved:  # a module held in two places: its copies in the file must agree
-        for key in keys[1:]:
-            if not torch.equal(tensors[key], tensors[keys[0]]):
-                raise ValueError(
-                    f"{weights_path}: {key!r} and {keys[0]!r} are one tensor in the model (a "
-                    "module held in two places) but hold different values"
-                )
 
     inject_adapters(model, config)  # pissa/olora turn W into its residual here, as peft does
     targets = {peft_key(model, key): value for key, value in adapter_state_dict(model).items()}

@@ -135,9 +135,10 @@ def adapter_parameters(
     root: nn.Module, state: InjectionState
 ) -> Iterator[tuple[str, nn.Parameter]]:
     """``(name, parameter)`` of everything that trains and is saved: the adapter layers'
-    parameters, ``modules_to_save``, and the biases ``config.bias`` chooses, at every place they
-    appear (``named_parameters(remove_duplicate=False)`` names). The one source of the trainable
-    set, ``adapter_state_dict`` and the saved file."""
+    parameters, ``modules_to_save``, and the biases ``config.bias`` chooses. A tensor the model
+    holds in several places (a shared module, tied weights) comes once, under the first name
+    that qualifies (peft saves a shared module once, too). The one source of the trainable set,
+    ``adapter_state_dict`` and the saved file."""
     modules = dict(root.named_modules(remove_duplicate=False))
     adapter_names: set[str] = set()
     adapted: list[str] = []  # target paths, as root names them
@@ -146,13 +147,15 @@ def adapter_parameters(
             adapter_names.update(f"{path}.{n}" for n in module.adapter_parameter_names())
             adapted.append(type(module).placement.target_path(path))
     saved = [clean_name(n) for n in state.modules_to_save]
+    seen: set[int] = set()
     for name, param in root.named_parameters(remove_duplicate=False):
         clean = clean_name(name)
-        if (
+        if id(param) not in seen and (
             name in adapter_names
             or any(clean == m or clean.startswith(f"{m}.") for m in saved)
             or _trained_bias(name, state.config.bias, adapted)
         ):
+            seen.add(id(param))
             yield name, param
 
 
@@ -224,41 +227,36 @@ def injection_report(model: nn.Module) -> InjectionReport:
 
 def planned_tensors(model: nn.Module, config) -> dict[str, tuple[int, ...]]:
     """``{PEFT key: shape}`` of what ``save_adapter`` writes after ``inject_adapters(model,
-    config)``, computed on the model before injection. Raises as ``plan_injection``."""
-    return {key: shape for keys, shape in plan_saved_tensors(model, config) for key in keys}
-
-
-def plan_saved_tensors(model: nn.Module, config) -> list[tuple[list[str], tuple[int, ...]]]:
-    """Each tensor ``save_adapter`` writes after ``inject_adapters(model, config)``: its PEFT
-    keys (one per place it appears in the model) and its shape, from the layer classes'
-    declarations (``adapter_shapes``, ``saved_name``, the placement), before injection."""
+    config)``, from the layer classes' declarations (``adapter_shapes``, ``saved_name``, the
+    placement), computed on the model before injection. Raises as ``plan_injection``."""
     plan = plan_injection(model, config)
-    saved: list[tuple[list[str], tuple[int, ...]]] = []
-    layer_at: dict[str, type[AdapterLayer]] = {}  # every path of a REPLACE-d target -> class
+    shapes: dict[str, tuple[int, ...]] = {}
+    replaced: dict[str, type[AdapterLayer]] = {}  # targets whose layer takes their place
     for name, layer_class in plan.targets.targets:
+        layer_path = layer_class.placement.layer_path(name)
+        if layer_path == name:
+            replaced[name] = layer_class
         module = model.get_submodule(name)
-        layer_paths = [layer_class.placement.layer_path(p) for p in plan.aliases[name]]
-        layer_at.update((p, layer_class) for p in plan.aliases[name] if p in layer_paths)
         for local, shape in layer_class.adapter_shapes(module, config, name).items():
-            suffix = layer_class.saved_name(local)
-            saved.append(([f"{PEFT_PREFIX}{p}.{suffix}" for p in layer_paths], shape))
+            shapes[f"{PEFT_PREFIX}{layer_path}.{layer_class.saved_name(local)}"] = shape
     adapted = [p for name in plan.targets.names for p in plan.aliases[name]]
     state = InjectionState(config, plan.targets.names, plan.modules_to_save)
-    by_tensor: dict[int, tuple[list[str], tuple[int, ...]]] = {}
     for name, param in _base_parameters(model, state, adapted):
         owner, _, local = name.rpartition(".")
-        if owner in layer_at:  # the layer will hold the base's tensor under the same local name
-            key = f"{PEFT_PREFIX}{owner}.{layer_at[owner].saved_name(local)}"
+        if owner in replaced:  # the layer will hold the base's tensor under the same local name
+            shapes[f"{PEFT_PREFIX}{owner}.{replaced[owner].saved_name(local)}"] = tuple(param.shape)
         else:
-            key = PEFT_PREFIX + name
-        by_tensor.setdefault(id(param), ([], tuple(param.shape)))[0].append(key)
-    return saved + list(by_tensor.values())
+            shapes[PEFT_PREFIX + name] = tuple(param.shape)
+    return shapes
 
 
 def _base_parameters(model: nn.Module, state: InjectionState, adapted: list[str]):
     """``adapter_parameters``' rule for the base model's own tensors, before injection."""
+    seen: set[int] = set()
     for name, param in model.named_parameters(remove_duplicate=False):
-        if any(
-            name == m or name.startswith(f"{m}.") for m in state.modules_to_save
-        ) or _trained_bias(name, state.config.bias, adapted):
+        if id(param) not in seen and (
+            any(name == m or name.startswith(f"{m}.") for m in state.modules_to_save)
+            or _trained_bias(name, state.config.bias, adapted)
+        ):
+            seen.add(id(param))
             yield name, param
