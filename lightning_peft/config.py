@@ -18,8 +18,8 @@ BIAS_CHOICES = ("none", "all", "lora_only")
 INIT_CHOICES = (True, False, "gaussian", "pissa", "olora")
 # peft's other inits, and why they are not available for new adapters here.
 PEFT_INITS_NOT_HERE = {
-    "eva": "initialises A from activations over a data set (not implemented here)",
-    "orthogonal": "draws orthogonal random A and B (not implemented here)",
+    "eva": "initialises A from activations over a data set",
+    "orthogonal": "draws orthogonal random A and B",
     "corda": "rewrites the base weight from activation statistics of a data set",
     "loftq": "quantizes the base weight and fits A and B to the quantization error",
     "lora_ga": "rewrites the base weight from gradients of a data set",
@@ -303,7 +303,7 @@ def _check_init(init: Any) -> bool | str:
         for name, why in PEFT_INITS_NOT_HERE.items():
             if init == name or (name.endswith("_") and init.startswith(name)):
                 raise ValueError(
-                    f"init_lora_weights={init!r} {why}; it is not available here. "
+                    f"init_lora_weights={init!r} is not available here (peft's {init!r} {why}); "
                     f"init_lora_weights must be one of {INIT_CHOICES}"
                 )
     raise ValueError(f"init_lora_weights must be one of {INIT_CHOICES}, got {init!r}")

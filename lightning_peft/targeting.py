@@ -186,7 +186,7 @@ def _no_match_message(config, names: list[str], matched: list[str]) -> str:
     leaves = list(dict.fromkeys(n.rpartition(".")[2] for n in names if not n[-1:].isdigit()))
     wanted = [targets] if isinstance(targets, str) else list(targets or [])
     hints = []
-    for target in wanted:
+    for target in (t for t in wanted if t not in leaves):
         close = difflib.get_close_matches(target, leaves, n=3, cutoff=0.6)
         close = close or difflib.get_close_matches(target, names, n=3, cutoff=0.6)
         if close:

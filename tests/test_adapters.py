@@ -20,7 +20,7 @@ from lightning_peft import (
     trainable_parameters,
     unload,
 )
-from tiny_models import MODELS, TARGETS, logits, tokens
+from tiny_models import MODELS, TARGETS, assert_unchanged, logits, snapshot, tokens
 
 CONFIGS = {
     "lora": lambda family: LoRAConfig(r=4, target_modules=TARGETS[family]),
@@ -33,16 +33,6 @@ CONFIGS = {
     ),
     "adapter": lambda family: AdapterConfig(bottleneck_dim=8, target_modules=TARGETS[family]),
 }
-
-
-def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def assert_unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
-    after = model.state_dict()
-    assert after.keys() == before.keys()
-    assert all(torch.equal(after[k], before[k]) for k in before)
 
 
 @pytest.mark.parametrize("family", list(MODELS))

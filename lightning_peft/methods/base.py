@@ -258,7 +258,8 @@ class Method:
         write_config: ``(model, config, targets) -> dict``, the ``adapter_config.json`` content.
         read_config: ``(data, path) -> config`` from an ``adapter_config.json``; refuses by name
             whatever it cannot load exactly.
-        scope: which modules it adapts, for error messages ("LoRA adapts nn.Linear and Conv1D").
+        scope: which modules it adapts, for error messages ("LoRA adapts nn.Linear and Conv1D
+            only").
     """
 
     name: str
@@ -282,7 +283,4 @@ class Method:
         reason = quantized_reason(module)
         if reason is not None:
             return f"target {name!r} is {reason}"
-        return (
-            f"target {name!r} is a {type(module).__name__}; {self.scope} only: narrow "
-            "target_modules"
-        )
+        return f"target {name!r} is a {type(module).__name__}; {self.scope}: narrow target_modules"

@@ -165,6 +165,6 @@ BOTTLENECK = Method(
     layers=(BottleneckAdapter,),
     write_config=write_bottleneck_config,
     read_config=read_bottleneck_config,
-    scope="bottleneck adapters adapt modules whose output size is known (out_features, nf, "
+    scope="a bottleneck adapter needs a module whose output size is known (out_features, nf, "
     "or an nn.Linear inside)",
 )

@@ -548,5 +548,5 @@ LORA = Method(
     layers=(LoRALinear,),
     write_config=write_lora_config,
     read_config=read_lora_config,
-    scope="LoRA adapts nn.Linear and Conv1D",
+    scope="LoRA adapts nn.Linear and Conv1D only",
 )
