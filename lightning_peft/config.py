@@ -7,10 +7,9 @@ https://arxiv.org/abs/1902.00751). Invalid values raise at construction, listing
 
 from __future__ import annotations
 
-import inspect
 import math
 import re
-from dataclasses import InitVar, asdict, dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 ALL_LINEAR = "all-linear"
@@ -133,8 +132,8 @@ class LoRAConfig:
 
     ``LoRAConfig(**peft.LoraConfig(...).to_dict())`` works whenever the peft config uses only
     what this package has: the fields in ``PEFT_IGNORED_FIELDS`` do not change the adapted model
-    and are accepted without being kept; those in ``PEFT_UNSUPPORTED_FIELDS`` are refused by name
-    unless they hold peft's default.
+    and are accepted (kept as given, not compared, not in ``to_dict()``); those in
+    ``PEFT_UNSUPPORTED_FIELDS`` are refused by name unless they hold peft's default.
 
     Args:
         r: rank (>= 1).
@@ -183,39 +182,39 @@ class LoRAConfig:
     task_type: str | None = None
     adapter_dtype: str = "float32"
     backend: str = "auto"
-    # peft's other fields (see the class docstring): accepted by the constructor, not kept.
-    peft_type: InitVar[Any] = "LORA"
-    auto_mapping: InitVar[Any] = None
-    peft_version: InitVar[Any] = None
-    base_model_name_or_path: InitVar[Any] = None
-    revision: InitVar[Any] = None
-    inference_mode: InitVar[Any] = False
-    fan_in_fan_out: InitVar[Any] = False
-    megatron_core: InitVar[Any] = "megatron.core"
-    qalora_group_size: InitVar[Any] = 16
-    loftq_config: InitVar[Any] = None
-    eva_config: InitVar[Any] = None
-    corda_config: InitVar[Any] = None
-    lora_ga_config: InitVar[Any] = None
-    runtime_config: InitVar[Any] = None
-    lora_bias: InitVar[Any] = False
-    target_parameters: InitVar[Any] = None
-    trainable_token_indices: InitVar[Any] = None
-    layer_replication: InitVar[Any] = None
-    megatron_config: InitVar[Any] = None
-    use_qalora: InitVar[Any] = False
-    use_bdlora: InitVar[Any] = None
-    velora_config: InitVar[Any] = None
-    alora_invocation_tokens: InitVar[Any] = None
-    monteclora_config: InitVar[Any] = None
-    arrow_config: InitVar[Any] = None
-    kasa_config: InitVar[Any] = None
-    ensure_weight_tying: InitVar[Any] = False
+    # peft's other fields (see the class docstring): accepted, inert, left out of to_dict().
+    peft_type: Any = field(default="LORA", repr=False, compare=False)
+    auto_mapping: Any = field(default=None, repr=False, compare=False)
+    peft_version: Any = field(default=None, repr=False, compare=False)
+    base_model_name_or_path: Any = field(default=None, repr=False, compare=False)
+    revision: Any = field(default=None, repr=False, compare=False)
+    inference_mode: Any = field(default=False, repr=False, compare=False)
+    fan_in_fan_out: Any = field(default=False, repr=False, compare=False)
+    megatron_core: Any = field(default="megatron.core", repr=False, compare=False)
+    qalora_group_size: Any = field(default=16, repr=False, compare=False)
+    loftq_config: Any = field(default=None, repr=False, compare=False)
+    eva_config: Any = field(default=None, repr=False, compare=False)
+    corda_config: Any = field(default=None, repr=False, compare=False)
+    lora_ga_config: Any = field(default=None, repr=False, compare=False)
+    runtime_config: Any = field(default=None, repr=False, compare=False)
+    lora_bias: Any = field(default=False, repr=False, compare=False)
+    target_parameters: Any = field(default=None, repr=False, compare=False)
+    trainable_token_indices: Any = field(default=None, repr=False, compare=False)
+    layer_replication: Any = field(default=None, repr=False, compare=False)
+    megatron_config: Any = field(default=None, repr=False, compare=False)
+    use_qalora: Any = field(default=False, repr=False, compare=False)
+    use_bdlora: Any = field(default=None, repr=False, compare=False)
+    velora_config: Any = field(default=None, repr=False, compare=False)
+    alora_invocation_tokens: Any = field(default=None, repr=False, compare=False)
+    monteclora_config: Any = field(default=None, repr=False, compare=False)
+    arrow_config: Any = field(default=None, repr=False, compare=False)
+    kasa_config: Any = field(default=None, repr=False, compare=False)
+    ensure_weight_tying: Any = field(default=False, repr=False, compare=False)
 
     method: ClassVar[str] = "lora"
 
-    def __post_init__(self, *peft_fields: Any) -> None:
-        _check_peft_fields(dict(zip(_PEFT_INIT_VARS, peft_fields, strict=True)))
+    def __post_init__(self) -> None:
+        _check_peft_fields({name: getattr(self, name) for name in PEFT_ONLY_FIELDS})
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
             raise ValueError(f"r must be an integer >= 1, got {self.r!r}")
         if not isinstance(self.lora_alpha, (int, float)) or not math.isfinite(self.lora_alpha):
@@ -265,13 +264,11 @@ class LoRAConfig:
         return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields that define the adapters (peft's inert fields left out)."""
+        return {k: v for k, v in asdict(self).items() if k not in PEFT_ONLY_FIELDS}
 
 
-_PEFT_INIT_VARS = [*PEFT_IGNORED_FIELDS, *PEFT_UNSUPPORTED_FIELDS]  # their declaration order
-assert list(inspect.signature(LoRAConfig).parameters)[-len(_PEFT_INIT_VARS) :] == _PEFT_INIT_VARS
-for _name in _PEFT_INIT_VARS:  # InitVar defaults stay as class attributes: they are not values
-    delattr(LoRAConfig, _name)
+PEFT_ONLY_FIELDS = (*PEFT_IGNORED_FIELDS, *PEFT_UNSUPPORTED_FIELDS)
 
 
 def _check_peft_fields(values: dict[str, Any]) -> None:

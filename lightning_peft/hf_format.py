@@ -61,6 +61,7 @@ __all__ = [
     "check_save_directory",
     "load_adapter",
     "peft_key",
+    "peft_keys",
     "read_config",
     "save_adapter",
 ]
@@ -68,15 +69,27 @@ __all__ = [
 
 def peft_key(model: nn.Module, key: str) -> str:
     """The PEFT-file key of the state-dict key ``key`` (relative to the injected ``model``)."""
-    owner, _, local = key.rpartition(".")
+    return peft_keys(model, [key])[key]
+
+
+def peft_keys(model: nn.Module, keys) -> dict[str, str]:
+    """``{key: PEFT-file key}``: a tensor ``<p>.<name>`` of the adapter layer at ``<p>`` is
+    written as ``base_model.model.<p>.<saved_name(name)>``, anything else with the prefix only."""
     layers = {
-        clean_name(path): module
+        clean_name(path): type(module)
         for path, module in model.named_modules(remove_duplicate=False)
         if isinstance(module, AdapterLayer)
     }
-    if owner in layers:
-        return f"{PEFT_PREFIX}{owner}.{type(layers[owner]).saved_name(local)}"
-    return PEFT_PREFIX + key
+    out = {}
+    for key in keys:
+        owner, _, local = key.rpartition(".")
+        layer_class = layers.get(owner)
+        out[key] = (
+            f"{PEFT_PREFIX}{owner}.{layer_class.saved_name(local)}"
+            if layer_class is not None
+            else PEFT_PREFIX + key
+        )
+    return out
 
 
 def check_save_directory(directory: str | Path, overwrite: bool = False) -> Path:
@@ -152,11 +165,13 @@ def save_adapter(
     directory = check_save_directory(directory, overwrite)
     prefix, root, state = found
     prefix = f"{prefix}." if prefix else ""
+    live = adapter_state_dict(root)
+    names = peft_keys(root, live)
     tensors = {}
-    for key, tensor in adapter_state_dict(root).items():
+    for key, tensor in live.items():
         if state_dict is not None:
             tensor = state_dict[prefix + key]
-        tensors[peft_key(root, key)] = tensor.detach().contiguous().cpu()
+        tensors[names[key]] = tensor.detach().contiguous().cpu()
     config = method_for(state.config).write_config(root, state.config, state.targets)
     _write_atomically(directory, _without_aliases(tensors), config)
     return directory
@@ -235,7 +250,9 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
         raise ValueError(f"{weights_path}: unexpected key {unexpected[0]!r} for this model")
 
     inject_adapters(model, config)  # pissa/olora turn W into its residual here, as peft does
-    targets = {peft_key(model, key): value for key, value in adapter_state_dict(model).items()}
+    live = adapter_state_dict(model)
+    names = peft_keys(model, live)
+    targets = {names[key]: value for key, value in live.items()}
     with torch.no_grad():
         for key, value in tensors.items():
             targets[key].copy_(value.to(targets[key].dtype))

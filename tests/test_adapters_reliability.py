@@ -19,7 +19,7 @@ from lightning_peft import (
     load_adapter,
     save_adapter,
 )
-from lightning_peft.config import PEFT_IGNORED_FIELDS, PEFT_UNSUPPORTED_FIELDS
+from lightning_peft.config import PEFT_IGNORED_FIELDS, PEFT_ONLY_FIELDS, PEFT_UNSUPPORTED_FIELDS
 from lightning_peft.targeting import select_targets
 from tiny_models import MODELS, assert_unchanged, files, logits, snapshot, tokens
 
@@ -278,10 +278,11 @@ def test_a_save_interrupted_between_renames_leaves_no_mixed_adapter(tmp_path, mo
 def test_every_peft_lora_field_is_known():
     """A field peft adds must be sorted into kept, ignored (inert) or refused: this fails until
     it is, rather than letting it raise a bare TypeError or be dropped silently."""
-    ours = {f.name for f in dataclasses.fields(LoRAConfig)}
+    kept = {f.name for f in dataclasses.fields(LoRAConfig)} - set(PEFT_ONLY_FIELDS)
     theirs = {f.name for f in dataclasses.fields(peft.LoraConfig)}
-    assert theirs - ours - set(PEFT_IGNORED_FIELDS) - set(PEFT_UNSUPPORTED_FIELDS) == set()
-    assert not (ours | set(PEFT_UNSUPPORTED_FIELDS)) & set(PEFT_IGNORED_FIELDS)
+    assert theirs - kept - set(PEFT_IGNORED_FIELDS) - set(PEFT_UNSUPPORTED_FIELDS) == set()
+    assert not kept & set(PEFT_ONLY_FIELDS)
+    assert not set(PEFT_UNSUPPORTED_FIELDS) & set(PEFT_IGNORED_FIELDS)
 
 
 def test_peft_config_with_everyday_fields_carries_over():
@@ -306,6 +307,7 @@ def test_peft_config_with_everyday_fields_carries_over():
         use_rslora=True,
     )
     assert config == plain
+    assert dataclasses.replace(config, r=2).r == 2
     theirs = peft.get_peft_model(copy.deepcopy(base), theirs_config)
     assert sorted(select_targets(base, config)) == peft_adapted_names(theirs)
 
@@ -323,6 +325,8 @@ def test_peft_fields_that_do_not_change_the_model_are_accepted(field):
     value = {"fan_in_fan_out": True, "inference_mode": True}.get(field, "something")
     config = LoRAConfig(target_modules=["q_proj"], **{field: value})
     assert config == LoRAConfig(target_modules=["q_proj"])
+    assert config.to_dict() == LoRAConfig(target_modules=["q_proj"]).to_dict()
+    assert getattr(config, field) == value  # kept as given
 
 
 def test_a_peft_type_other_than_lora_is_refused():
