@@ -102,7 +102,7 @@ class DoRAVariant(LoRAVariant):
         return {"lora_magnitude": (out_features,)}
 
     def check(self, weight: Tensor, config: LoRAConfig, name: str) -> None:
-        if config.init_lora_weights is False:  # B starts random: n_i = ‖W_i + s(BA)_i‖ > 0
+        if config.init_lora_weights is False or weight.is_meta:  # B random: n_i > 0; no data
             return
         zero_rows = (weight_row_sq_norm(weight) == 0).nonzero().flatten()
         if len(zero_rows):
