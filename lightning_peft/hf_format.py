@@ -74,7 +74,7 @@ def peft_key(model: nn.Module, key: str) -> str:
 
 def peft_keys(model: nn.Module, keys) -> dict[str, str]:
     """``{key: PEFT-file key}``: a tensor ``<p>.<name>`` of the adapter layer at ``<p>`` is
-    written as ``base_model.model.<p>.<saved_name(name)>``, anything else with the prefix only."""
+    written as its class's ``peft_key(<p>, name)``, anything else as ``base_model.model.<key>``."""
     layers = {
         clean_name(path): type(module)
         for path, module in model.named_modules(remove_duplicate=False)
@@ -85,9 +85,7 @@ def peft_keys(model: nn.Module, keys) -> dict[str, str]:
         owner, _, local = key.rpartition(".")
         layer_class = layers.get(owner)
         out[key] = (
-            f"{PEFT_PREFIX}{owner}.{layer_class.saved_name(local)}"
-            if layer_class is not None
-            else PEFT_PREFIX + key
+            layer_class.peft_key(owner, local) if layer_class is not None else PEFT_PREFIX + key
         )
     return out
 

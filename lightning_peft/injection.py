@@ -89,7 +89,7 @@ def find_injection(model: nn.Module) -> tuple[str, nn.Module, InjectionState] | 
 def modules_to_save_names(model: nn.Module, config) -> list[str]:
     """Modules trained in full, at every place they appear. peft's rule: the name ends with an
     entry (no dot needed)."""
-    if not config.modules_to_save:
+    if not getattr(config, "modules_to_save", None):
         return []
     names = [
         n
@@ -153,7 +153,7 @@ def adapter_parameters(
         if id(param) not in seen and (
             name in adapter_names
             or any(clean == m or clean.startswith(f"{m}.") for m in saved)
-            or _trained_bias(name, state.config.bias, adapted)
+            or _trained_bias(name, getattr(state.config, "bias", "none"), adapted)
         ):
             seen.add(id(param))
             yield name, param
@@ -227,7 +227,7 @@ def injection_report(model: nn.Module) -> InjectionReport:
 
 def planned_tensors(model: nn.Module, config) -> dict[str, tuple[int, ...]]:
     """``{PEFT key: shape}`` of what ``save_adapter`` writes after ``inject_adapters(model,
-    config)``, from the layer classes' declarations (``adapter_shapes``, ``saved_name``, the
+    config)``, from the layer classes' declarations (``adapter_shapes``, ``peft_key``, the
     placement), computed on the model before injection. Raises as ``plan_injection``."""
     plan = plan_injection(model, config)
     shapes: dict[str, tuple[int, ...]] = {}
@@ -238,13 +238,13 @@ def planned_tensors(model: nn.Module, config) -> dict[str, tuple[int, ...]]:
             replaced[name] = layer_class
         module = model.get_submodule(name)
         for local, shape in layer_class.adapter_shapes(module, config, name).items():
-            shapes[f"{PEFT_PREFIX}{layer_path}.{layer_class.saved_name(local)}"] = shape
+            shapes[layer_class.peft_key(layer_path, local)] = shape
     adapted = [p for name in plan.targets.names for p in plan.aliases[name]]
     state = InjectionState(config, plan.targets.names, plan.modules_to_save)
     for name, param in _base_parameters(model, state, adapted):
         owner, _, local = name.rpartition(".")
         if owner in replaced:  # the layer will hold the base's tensor under the same local name
-            shapes[f"{PEFT_PREFIX}{owner}.{replaced[owner].saved_name(local)}"] = tuple(param.shape)
+            shapes[replaced[owner].peft_key(owner, local)] = tuple(param.shape)
         else:
             shapes[PEFT_PREFIX + name] = tuple(param.shape)
     return shapes
@@ -256,7 +256,7 @@ def _base_parameters(model: nn.Module, state: InjectionState, adapted: list[str]
     for name, param in model.named_parameters(remove_duplicate=False):
         if id(param) not in seen and (
             any(name == m or name.startswith(f"{m}.") for m in state.modules_to_save)
-            or _trained_bias(name, state.config.bias, adapted)
+            or _trained_bias(name, getattr(state.config, "bias", "none"), adapted)
         ):
             seen.add(id(param))
             yield name, param

@@ -117,8 +117,10 @@ def plan_targets(model: nn.Module, config) -> TargetPlan:
     method = method_for(config)
     refuse_existing_adapters(model)
     modules = [(n, m) for n, m in model.named_modules() if n]
-    all_linear = config.target_modules == ALL_LINEAR
-    if all_linear:
+    all_linear = getattr(config, "target_modules", None) == ALL_LINEAR
+    if method.select is not None:
+        matched = method.select(model, config)
+    elif all_linear:
         output = output_layer_name(model)
         matched = [n for n, m in modules if is_linear_like(m) and n != output]
     else:
@@ -126,8 +128,8 @@ def plan_targets(model: nn.Module, config) -> TargetPlan:
     kept = [
         n
         for n in matched
-        if not name_matches(config.exclude_modules, n)
-        and not inside_modules_to_save(config.modules_to_save, n)
+        if not name_matches(getattr(config, "exclude_modules", None), n)
+        and not inside_modules_to_save(getattr(config, "modules_to_save", None), n)
     ]
     layers = getattr(config, "layers_to_transform", None)
     if layers is not None:

@@ -151,7 +151,8 @@ class AdapterLayer(nn.Module):
       cannot go there (before the model is touched).
     - ``adapter_shapes(module, config, name)``: ``{local name: shape}`` of the adapter tensors a
       layer built on ``module`` holds; local names are relative to the layer.
-    - ``saved_names``: local name -> key suffix in a PEFT file (default: the local name).
+    - ``saved_names``: local name -> key suffix in a PEFT file (default: the local name);
+      ``peft_key(layer_path, local_name)`` builds the whole key from it.
     - ``mergeable``: whether the update folds into the base weight.
     - ``fast_names``: the local names LoRA+ trains at a higher learning rate ("B" factors).
     - ``build(module, config, name)``: the layer for ``module``.
@@ -191,6 +192,12 @@ class AdapterLayer(nn.Module):
     def saved_name(cls, local_name: str) -> str:
         """The key suffix of the tensor ``local_name`` (relative to the layer) in a PEFT file."""
         return cls.saved_names.get(local_name, local_name)
+
+    @classmethod
+    def peft_key(cls, layer_path: str, local_name: str) -> str:
+        """The PEFT-file key of the tensor ``local_name`` of the layer at ``layer_path``
+        (``base_model.model.<path>.<suffix>``; a method whose file layout differs overrides it)."""
+        return f"{PEFT_PREFIX}{layer_path}.{cls.saved_name(local_name)}"
 
     # -- instance -------------------------------------------------------------------------------
 
@@ -260,6 +267,8 @@ class Method:
             whatever it cannot load exactly.
         scope: which modules it adapts, for error messages ("LoRA adapts nn.Linear and Conv1D
             only").
+        select: ``(model, config) -> [module names]`` for a method whose targets are not chosen
+            by ``target_modules`` (prompt tuning: the input embedding); None for peft's rules.
     """
 
     name: str
@@ -269,6 +278,7 @@ class Method:
     write_config: Callable[[nn.Module, Any, list[str]], dict]
     read_config: Callable[[dict, Path], Any]
     scope: str
+    select: Callable[[nn.Module, Any], list[str]] | None = None
 
     @property
     def mergeable(self) -> bool:
