@@ -173,7 +173,11 @@ def _no_match_message(config, names: list[str], matched: list[str]) -> str:
     message = f"no module matched target_modules={targets!r}"
     layers = getattr(config, "layers_to_transform", None)
     if matched:  # something matched the names, then was filtered out
-        filters = ["exclude_modules", "modules_to_save"]
+        filters = [
+            f"{name}={getattr(config, name)!r}"
+            for name in ("exclude_modules", "modules_to_save")
+            if getattr(config, name, None)
+        ]
         if layers is not None:
             indices = sorted(
                 {i for n in matched if (i := layer_index(n, config.layers_pattern)) is not None}

@@ -107,9 +107,10 @@ class DoRAVariant(LoRAVariant):
         zero_rows = (weight_row_sq_norm(weight) == 0).nonzero().flatten()
         if len(zero_rows):
             raise ValueError(
-                f"DoRA cannot adapt {name!r}: row {int(zero_rows[0])} of its weight is all zeros "
-                f"({len(zero_rows)} such rows), so the magnitude starts at ‖W_i‖ = 0 and m/‖W_i + "
-                "s·B_iA‖ is 0/0 (peft's DoRA gives NaN there). Exclude the module "
+                f"DoRA cannot adapt {name!r}: row {int(zero_rows[0])} of its weight is all zeros"
+                + (f" ({len(zero_rows)} such rows)" if len(zero_rows) > 1 else "")
+                + ", so the magnitude starts at ‖W_i‖ = 0 and m/‖W_i + s·B_iA‖ is 0/0 (peft's "
+                "DoRA gives NaN there). Exclude the module "
                 f"(exclude_modules=[{name!r}]) or use LoRA"
             )
 
