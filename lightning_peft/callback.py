@@ -176,7 +176,7 @@ class PEFTCallback(Callback):
             state = full_state_dict(trainer.strategy, pl_module)  # a collective on sharded runs
             try:
                 if trainer.is_global_zero:
-                    save_adapter(pl_module, self.save_adapter_to, state_dict=state)
+                    save_adapter(pl_module, self.save_adapter_to, state_dict=state, overwrite=True)
                     rank_zero_info(f"PEFTCallback: adapter written to {self.save_adapter_to}")
             finally:  # should rank zero fail, the other ranks must not wait here forever
                 trainer.strategy.barrier("peft_save_adapter")
