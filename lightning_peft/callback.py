@@ -29,6 +29,7 @@ from lightning_peft.distributed import (
 from lightning_peft.hf_format import save_adapter
 from lightning_peft.injection import find_injection, inject_adapters, injection_report
 from lightning_peft.model_helpers import adapter_state_dict, merge_adapters
+from lightning_peft.quantization import quantize_for_precision
 from lightning_peft.targeting import select_targets
 
 
@@ -98,6 +99,7 @@ class PEFTCallback(Callback):
     def _inject(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if find_injection(pl_module) is None:
             root = self.adapted_module(pl_module)
+            quantize_for_precision(trainer, pl_module, root, self.config)  # BitsandbytesPrecision
             self.report = inject_adapters(root, self.config)
             if self.fsdp2_layer_cls is not None and is_sharded_strategy(trainer.strategy):
                 fsdp2_shard(root, self.fsdp2_layer_cls, mesh=_data_parallel_mesh(pl_module))

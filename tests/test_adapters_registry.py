@@ -28,6 +28,8 @@ from lightning_peft.injection import planned_tensors
 from lightning_peft.methods import METHODS, Method, adapter_layers
 from lightning_peft.methods.bottleneck import BottleneckAdapter
 from lightning_peft.methods.lora import LORA, LoRALinear
+from lightning_peft.methods.lora_quantized import QuantizedLoRALinear
+from quantized_models import QuantizedSmallModel
 
 
 class SmallModel(nn.Module):
@@ -61,6 +63,26 @@ LAYER_CASES = {
             "rslora-lora_only-save-head": LoRAConfig(
                 r=1,
                 target_modules=TARGETS,
+                use_rslora=True,
+                bias="lora_only",
+                modules_to_save=["head"],
+                init_lora_weights=False,
+            ),
+        },
+    ),
+    # bitsandbytes Linear4bit (nf4, double quantization) layers; skipped without bitsandbytes.
+    QuantizedLoRALinear: (
+        QuantizedSmallModel,
+        {
+            "qlora": LoRAConfig(
+                r=2, target_modules=["proj", "proj_nobias"], init_lora_weights=False
+            ),
+            "qdora": LoRAConfig(
+                r=3, target_modules=["proj", "proj_nobias"], use_dora=True, init_lora_weights=False
+            ),
+            "rslora-lora_only-save-head": LoRAConfig(
+                r=1,
+                target_modules=["proj", "proj_nobias"],
                 use_rslora=True,
                 bias="lora_only",
                 modules_to_save=["head"],
