@@ -14,7 +14,7 @@ from torch import nn
 from lightning_peft.distributed import clean_name
 from lightning_peft.methods import AdapterLayer, method_for
 from lightning_peft.methods.base import PEFT_PREFIX
-from lightning_peft.quantization import parameter_count
+from lightning_peft.quantization import keep_standard_layout, parameter_count
 from lightning_peft.targeting import TargetPlan, plan_targets
 
 STATE_ATTR = "lightning_peft_state"
@@ -199,6 +199,7 @@ def inject_adapters(model: nn.Module, config) -> InjectionReport:
             model that already has adapters. The model is unchanged then.
     """
     plan = plan_injection(model, config)
+    keep_standard_layout(model)  # bitsandbytes layers: no CPU repacking that drops gradients
     for name, layer_class in plan.targets.targets:  # nothing can fail below this line
         layer = layer_class.build(model.get_submodule(name), config, name)
         layer_class.placement.attach(model, name, layer)

@@ -106,8 +106,10 @@ def unusable_reason(module: nn.Module) -> str | None:
         if getattr(getattr(module, "state", None), "has_fp16_weights", False):
             return (
                 f"a bitsandbytes {type(module).__name__} with has_fp16_weights=True (float "
-                "weights re-quantized on every forward, bitsandbytes' mixed int8 training); "
-                "adapters need a frozen int8 base: load it with has_fp16_weights=False"
+                "weights re-quantized on every forward: bitsandbytes' mixed int8 training, "
+                "Lightning's 'int8-training'); adapters need a frozen int8 base: "
+                "has_fp16_weights=False (BitsandbytesPrecision('int8'), transformers' "
+                "load_in_8bit)"
             )
         if weight.dtype != torch.int8:
             return (
@@ -134,6 +136,18 @@ def disable_cpu_inference_packing(module: nn.Module) -> bool:
     if hasattr(module, "support_avx512bf16_for_cpu"):
         module.support_avx512bf16_for_cpu = False
     return previous
+
+
+def keep_standard_layout(model: nn.Module) -> None:
+    """For every bitsandbytes layer in ``model``: back to the standard layout if an eval forward
+    repacked it, and no repacking from now on (``disable_cpu_inference_packing``). Injection
+    calls it: an adapted model trains, and its un-adapted quantized layers must pass gradients
+    on after a validation pass too. (bitsandbytes 0.50's repacked path also fails outright for
+    an output size that is no multiple of 32.)"""
+    for module in model.modules():
+        if bitsandbytes_kind(module) == "4bit":
+            unpack_cpu_inference_layout(module)
+            disable_cpu_inference_packing(module)
 
 
 def unpack_cpu_inference_layout(module: nn.Module) -> None:

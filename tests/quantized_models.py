@@ -27,8 +27,9 @@ def linear_4bit(
     double_quant: bool = True,
     compute_dtype: torch.dtype = torch.float32,
     seed: int = 0,
+    device: str = "cpu",
 ) -> tuple[nn.Linear, nn.Module]:
-    """A float ``nn.Linear`` and a bitsandbytes ``Linear4bit`` quantized from it (on the CPU)."""
+    """A float ``nn.Linear`` and a bitsandbytes ``Linear4bit`` quantized from it on ``device``."""
     bnb = pytest.importorskip("bitsandbytes")
     torch.manual_seed(seed)
     linear = nn.Linear(in_features, out_features, bias=bias)
@@ -41,7 +42,7 @@ def linear_4bit(
         compress_statistics=double_quant,
     )
     quantized.load_state_dict(linear.state_dict())
-    return linear, quantized.to("cpu")  # bitsandbytes quantizes on the move
+    return linear, quantized.to(device)  # bitsandbytes quantizes on the move
 
 
 def linear_8bit(in_features: int, out_features: int, *, bias: bool = True, seed: int = 0):

@@ -84,7 +84,7 @@ def reference_inputs(layer, x):
 def check_against_float64(layer, x, keep=None, p=0.0, tol=TOLERANCE):
     """Output and gradients (x, A, B, m, a trainable bias) against float64 math."""
     y = layer(x)
-    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(2))
+    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(2)).to(y.device)
     inputs = reference_inputs(layer, x)
     names = [k for k, v in inputs.items() if torch.is_tensor(v) and v.requires_grad]
     got = torch.autograd.grad(y, [inputs[k] for k in names], grad_y)
@@ -195,7 +195,7 @@ def check_against_peft(layer, base, x, rtol=1e-5, atol=1e-6, seed=None):
         torch.manual_seed(seed)
     y_theirs = model(x_theirs)
     torch.testing.assert_close(y_ours, y_theirs, rtol=rtol, atol=atol)
-    grad_y = torch.randn(y_ours.shape, generator=torch.Generator().manual_seed(4))
+    grad_y = torch.randn(y_ours.shape, generator=torch.Generator().manual_seed(4)).to(x.device)
     y_ours.backward(grad_y)
     y_theirs.backward(grad_y)
     torch.testing.assert_close(x_ours.grad, x_theirs.grad, rtol=rtol, atol=atol)
@@ -245,6 +245,26 @@ def test_dora_dropout_equals_peft():
     _, base = linear_4bit(30, 20)
     layer = make_layer(copy.deepcopy(base), use_dora=True, dropout=0.25)
     check_against_peft(layer, base, torch.randn(9, 30), seed=7)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@NEEDS_BNB
+@pytest.mark.parametrize(("quant_type", "double_quant"), FORMATS_4BIT)
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_cuda_4bit_layer_matches_float64_math_and_peft(quant_type, double_quant, use_dora):
+    """On the GPU (bitsandbytes' CUDA kernels): float64 math on the de-quantized weight, peft's
+    layer, and the row chunks against bitsandbytes' own de-quantization."""
+    import bitsandbytes as bnb
+
+    _, base = linear_4bit(70, 45, quant_type=quant_type, double_quant=double_quant, device="cuda")
+    whole = bnb.functional.dequantize_4bit(base.weight.data, base.weight.quant_state)
+    chunks = torch.cat([rows for _, rows in dequantized_rows(base, max_elements=40)])
+    torch.testing.assert_close(chunks, whole, rtol=0, atol=0)
+    layer = make_layer(copy.deepcopy(base), use_dora=use_dora)
+    x = torch.randn(3, 9, 70, device="cuda", requires_grad=True)
+    check_against_float64(layer, x, tol=1e-4)  # bitsandbytes' fused 4-bit GEMM
+    check_against_peft(layer, base, torch.randn(3, 9, 70, device="cuda"), rtol=1e-4, atol=1e-5)
 
 
 # -- interop on a 4-bit tiny Llama, both ways ----------------------------------------------------
@@ -319,11 +339,13 @@ def load_quantized_as_float(directory):
 
 @NEEDS_BNB
 def test_training_after_an_eval_forward_still_reaches_the_input(llama_dir):
-    """bitsandbytes 0.50 repacks a bare Linear4bit's weight for bf16 CPU inference on an eval
-    forward, after which it gives its input no gradient; adapted layers keep the layout."""
+    """On AVX512-BF16 CPUs bitsandbytes 0.50 repacks a bare Linear4bit's weight for bf16
+    inference on an eval forward, after which it gives its input no gradient (and for an output
+    size that is no multiple of 32, k_proj/v_proj here, it fails). Injection keeps every
+    bitsandbytes layer of the model in the standard layout, adapted (q_proj) or not."""
     ids = tokens()
     fresh = load_quantized(llama_dir, "nf4")
-    inject_adapters(fresh, LoRAConfig(r=2, target_modules="all-linear", init_lora_weights=False))
+    inject_adapters(fresh, LoRAConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
     evaluated = copy.deepcopy(fresh)
     with torch.no_grad():
         evaluated.eval()(input_ids=ids)  # a validation pass
@@ -601,3 +623,37 @@ def test_the_shadowed_hub_kernel_warning_is_filtered(caplog):
     assert [r.getMessage() for r in caplog.records] == [
         "Failed to load CPU gemm_4bit_forward from kernels-community: timeout"
     ]
+
+
+# -- the embedded SmolLM2-135M (slow) ------------------------------------------------------------
+
+
+@NEEDS_BNB
+@pytest.mark.slow
+def test_smollm2_nf4_ours_and_peft_agree_and_a_step_lowers_the_loss(tmp_path):
+    """The real model: ours over transformers' nf4 SmolLM2 equals peft's QLoRA on the same base,
+    and a few QLoRA steps on one batch lower its loss."""
+    peft = pytest.importorskip("peft")
+    from lightning_peft.embedded import smollm2_path
+
+    directory = smollm2_path()
+    ids = torch.randint(0, 49152, (2, 32), generator=torch.Generator().manual_seed(0))
+    ours = load_tiny_4bit(directory, "nf4")
+    config = dict(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False)
+    inject_adapters(ours, LoRAConfig(use_dora=True, **config))
+    save_adapter(ours, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(load_tiny_4bit(directory, "nf4"), tmp_path)
+    with torch.no_grad():
+        diff = (logits(ours.eval(), ids) - logits(theirs.eval(), ids)).abs().max().item()
+    print(f"SmolLM2 nf4 QDoRA, ours -> peft: max |Δlogits| = {diff:.2e}")
+    assert diff < 1e-3  # logits of size ~20, 30 layers of float32
+    optimizer = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-3)
+    ours.train()
+    losses = []
+    for _ in range(3):
+        optimizer.zero_grad()
+        loss = ours(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]

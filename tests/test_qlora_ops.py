@@ -195,3 +195,24 @@ def test_no_out_by_in_tensor_is_ever_built(p):
         y = dora_combine(base, lora_delta(x, a, b, 0.5, p), inputs["magnitude"], norm)
         y.backward(torch.ones_like(y))
     assert (OUT, IN) not in recorder.shapes and (IN, OUT) not in recorder.shapes
+
+
+@pytest.mark.slow
+def test_compiles_fullgraph_with_the_eager_results():
+    inputs = make_inputs("dora", 5, 12, 10, 3)
+    names = ("x", "lora_A", "lora_B", "magnitude")
+    w, b = inputs["weight"], inputs["bias"].detach()
+
+    def dora(x, a, bb, m):
+        delta = lora_delta(x, a, bb, 0.5)
+        return dora_combine(F.linear(x, w, b), delta, m, dora_weight_norm(w, a, bb, 0.5), b)
+
+    args = [inputs[k] for k in names]
+    eager = dora(*args)
+    eager_grads = torch.autograd.grad(eager.sum(), args)
+    compiled = torch.compile(dora, fullgraph=True)(*args)
+    torch.testing.assert_close(compiled, eager)
+    for name, got, want in zip(
+        names, torch.autograd.grad(compiled.sum(), args), eager_grads, strict=True
+    ):
+        torch.testing.assert_close(got, want, msg=name)

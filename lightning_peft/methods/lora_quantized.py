@@ -191,8 +191,9 @@ class QuantizedLoRALinear(AdapterLayer):
             PiSSA and OLoRA rewrite the base weight and are refused).
 
     Flags: ``merged`` (the layer runs as the float linear layer of ``W + sBA``), ``disabled``
-    (the base alone). While adapted, bitsandbytes' bf16 CPU inference layout is off for the base
-    (``lightning_peft.quantization.disable_cpu_inference_packing``); ``unwrap()`` restores it.
+    (the base alone). bitsandbytes' bf16 CPU inference repacking is switched off for the base
+    (``lightning_peft.quantization.disable_cpu_inference_packing``: it drops ``grad_x`` after an
+    eval forward), and stays off after ``unwrap()``.
     """
 
     mergeable = True
@@ -226,7 +227,7 @@ class QuantizedLoRALinear(AdapterLayer):
         if init_lora_weights in REWRITES_BASE:
             raise ValueError(_rewrite_refusal(init_lora_weights, base, "this layer"))
         unpack_cpu_inference_layout(base)
-        self._cpu_packing = disable_cpu_inference_packing(base)
+        disable_cpu_inference_packing(base)  # inject_adapters does so for the whole model
         self.weight = base.weight
         self.bias = base.bias
         object.__setattr__(self, "base_module", base)  # what unwrap() puts back; not a child
@@ -321,8 +322,6 @@ class QuantizedLoRALinear(AdapterLayer):
             return linear.train(self.training)
         base = self.base_module
         base.weight, base.bias = self.weight, self.bias
-        if hasattr(base, "support_avx512bf16_for_cpu"):
-            base.support_avx512bf16_for_cpu = self._cpu_packing
         return base
 
     def describe(self) -> tuple[str, str, int]:
