@@ -21,6 +21,15 @@ TOLERANCE = {torch.float32: 2e-5, torch.float64: 1e-12}
 BACKENDS = ["naive", "torch"]
 
 
+@pytest.fixture(params=["eager", "custom-op"])
+def path(request, monkeypatch):
+    """Both ways the torch backend runs: ``autograd.Function`` eagerly, the custom ops (what
+    ``torch.compile`` traces) when compiling; the latter forced here by ``is_compiling``."""
+    if request.param == "custom-op":
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    return request.param
+
+
 def seeded_mask(seed: int, shape: tuple[int, ...], p: float) -> torch.Tensor:
     """The keep-mask ``lora_delta`` draws after ``torch.manual_seed(seed)``."""
     torch.manual_seed(seed)
@@ -72,7 +81,7 @@ def check(method, inputs, backend, p=0.0):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("method", ["lora", "dora"])
 @pytest.mark.parametrize(("rank", "bias", "batch"), [(1, True, None), (3, False, 2), (8, True, 3)])
-def test_branch_and_combine_match_the_float64_reference(backend, method, rank, bias, batch):
+def test_branch_and_combine_match_the_float64_reference(backend, method, rank, bias, batch, path):
     check(method, make_inputs(method, 13, 37, 29, rank, bias=bias, batch=batch), backend)
 
 
@@ -81,7 +90,7 @@ def test_branch_and_combine_match_the_float64_reference(backend, method, rank, b
     ("backend", "method"), [("torch", "lora"), ("torch", "dora"), ("naive", "dora")]
 )
 @pytest.mark.parametrize("bias", [True, False])
-def test_with_dropout_match_the_float64_reference(backend, method, bias):
+def test_with_dropout_match_the_float64_reference(backend, method, bias, path):
     check(method, make_inputs(method, 11, 26, 19, 3, bias=bias, batch=2), backend, p=0.3)
 
 
@@ -90,7 +99,7 @@ def test_float64_matches_to_rounding():
         check(method, make_inputs(method, 9, 14, 10, 2, dtype=torch.float64), "torch")
 
 
-def test_gradcheck_lora_delta():
+def test_gradcheck_lora_delta(path):
     inputs = make_inputs("lora", 5, 7, 6, 2, dtype=torch.float64, batch=2)
     x, a, b = inputs["x"], inputs["lora_A"], inputs["lora_B"]
 
@@ -103,7 +112,7 @@ def test_gradcheck_lora_delta():
 
 
 @pytest.mark.parametrize("dropped", [False, True])
-def test_gradcheck_dora_combine(dropped):
+def test_gradcheck_dora_combine(dropped, path):
     gen = torch.Generator().manual_seed(0)
 
     def rand(*shape):
@@ -162,7 +171,7 @@ M, IN, OUT, R = 33, 24, 20, 3
 
 
 @pytest.mark.parametrize("p", [0.0, 0.2])
-def test_lora_delta_saves_x_u_and_the_mask_only(p):
+def test_lora_delta_saves_x_u_and_the_mask_only(p, path):
     inputs = make_inputs("lora", M, IN, OUT, R)
     x, a, b = inputs["x"], inputs["lora_A"], inputs["lora_B"]
     saved = saved_storages(lambda: lora_delta(x, a, b, 0.5, p), [a, b])
@@ -175,7 +184,7 @@ def test_lora_delta_saves_x_u_and_the_mask_only(p):
     assert x.untyped_storage().data_ptr() in saved  # x itself, not a copy
 
 
-def test_dora_combine_saves_z_and_the_norm_only():
+def test_dora_combine_saves_z_and_the_norm_only(path):
     inputs = make_inputs("dora", M, IN, OUT, R)
     base = torch.randn(M, OUT, requires_grad=True)
     delta = torch.randn(M, OUT, requires_grad=True)
