@@ -28,20 +28,24 @@ from lightning_peft.distributed import (
 )
 from lightning_peft.hf_format import save_adapter
 from lightning_peft.injection import find_injection, inject_adapters, injection_report
+from lightning_peft.methods import method_for
+from lightning_peft.methods.ia3 import IA3Config
+from lightning_peft.methods.prompt_tuning import PromptTuningConfig
 from lightning_peft.model_helpers import adapter_state_dict, merge_adapters
 from lightning_peft.targeting import select_targets
 
 
 class PEFTCallback(Callback):
-    """Fine-tune any LightningModule with LoRA, DoRA or bottleneck adapters.
+    """Fine-tune any LightningModule with LoRA, DoRA, bottleneck adapters, IA³ or prompt tuning.
 
     The base model is frozen, only adapters (plus ``modules_to_save`` and chosen biases) train,
     checkpoints hold only those tensors, and resuming with ``trainer.fit(..., ckpt_path=...)``
     restores them and the optimizer state (the callback sets ``strict_loading = False``).
 
     Args:
-        config: a ``LoRAConfig`` or ``AdapterConfig``.
-        merge_on_train_end: merge LoRA/DoRA into the base weights when training ends
+        config: the config of a registered method (``LoRAConfig``, ``AdapterConfig``,
+            ``IA3Config``, ``PromptTuningConfig``).
+        merge_on_train_end: merge LoRA/DoRA/IA³ into the base weights when training ends
             (single device and DDP; refused under sharded strategies).
         save_adapter_to: write the Hugging Face PEFT-format adapter directory here when
             training ends (rank zero; full tensors gathered under FSDP/FSDP2).
@@ -62,7 +66,7 @@ class PEFTCallback(Callback):
 
     def __init__(
         self,
-        config: LoRAConfig | AdapterConfig,
+        config: LoRAConfig | AdapterConfig | IA3Config | PromptTuningConfig,
         *,
         merge_on_train_end: bool = False,
         save_adapter_to: str | Path | None = None,
@@ -70,14 +74,10 @@ class PEFTCallback(Callback):
         module: str | None = None,
         fsdp2_layer_cls: type | tuple[type, ...] | None = None,
     ) -> None:
-        if not isinstance(config, (LoRAConfig, AdapterConfig)):
-            raise TypeError(
-                f"config must be a LoRAConfig or AdapterConfig, got {type(config).__name__}"
-            )
-        if merge_on_train_end and isinstance(config, AdapterConfig):
-            raise ValueError(
-                "merge_on_train_end: bottleneck adapters are non-linear and cannot merge"
-            )
+        method = method_for(config)  # TypeError for a config of no registered method
+        if merge_on_train_end and not method.mergeable:
+            layer = next(cls for cls in method.layers if not cls.mergeable)
+            raise ValueError(f"merge_on_train_end: {layer.__name__} adapters {layer.merge_refusal}")
         self.config = config
         self.merge_on_train_end = merge_on_train_end
         self.save_adapter_to = Path(save_adapter_to) if save_adapter_to is not None else None
