@@ -100,9 +100,15 @@ class IA3Config:
             self.modules_to_save = [*(self.modules_to_save or []), *heads]
         self.target_modules = _check_targets("target_modules", self.target_modules, False)
         self.exclude_modules = _check_targets("exclude_modules", self.exclude_modules, True)
-        self.feedforward_modules = _check_targets(
-            "feedforward_modules", self.feedforward_modules, True
-        )
+        if (
+            isinstance(self.feedforward_modules, (list, tuple, set))
+            and not self.feedforward_modules
+        ):
+            self.feedforward_modules = []  # none (peft's files say [] rather than None)
+        else:
+            self.feedforward_modules = _check_targets(
+                "feedforward_modules", self.feedforward_modules, True
+            )
         if self.modules_to_save is not None:
             self.modules_to_save = _check_targets(
                 "modules_to_save", list(self.modules_to_save), False
