@@ -16,6 +16,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 from typing_extensions import override
 
@@ -122,6 +123,8 @@ class PEFTCallback(Callback):
         try:
             select_targets(self.adapted_module(pl_module), self.config)
         except ValueError:
+            if not is_overridden("configure_model", pl_module):
+                raise  # no configure_model will build the targets later: the config is wrong
             return  # the layers do not exist yet: inject after configure_model
         self._inject(trainer, pl_module)
 
