@@ -313,6 +313,13 @@ def test_models_it_cannot_adapt_are_refused_before_anything_changes():
     ):
         inject_adapters(net, PromptTuningConfig(num_virtual_tokens=2, task_type="CAUSAL_LM"))
     assert_unchanged(net, before)
+    with pytest.raises(ValueError, match=r"'model\.embed_tokens' is inside modules_to_save"):
+        inject_adapters(
+            MODELS["llama"](),
+            PromptTuningConfig(
+                num_virtual_tokens=2, task_type="CAUSAL_LM", modules_to_save=["embed_tokens"]
+            ),
+        )
     with pytest.raises(ValueError, match="token_dim=16 but the input embedding"):
         inject_adapters(
             MODELS["llama"](),

@@ -144,10 +144,9 @@ class PromptTuningConfig:
                 f"prompt_tuning_init must be one of {PROMPT_INITS}, got {self.prompt_tuning_init!r}"
             )
         self._check_text_init()
-        for name in ("token_dim",):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-                raise ValueError(f"{name} must be None or an integer, got {value!r}")
+        dim = self.token_dim
+        if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 1):
+            raise ValueError(f"token_dim must be None or an integer >= 1, got {dim!r}")
         if self.num_transformer_submodules not in (None, 1):
             raise ValueError(
                 f"num_transformer_submodules={self.num_transformer_submodules!r}: only 1 is "
@@ -547,6 +546,13 @@ def select_input_embedding(model: nn.Module, config: PromptTuningConfig) -> list
         raise ValueError(f"{need}; the input embedding of {kind} is not one of its submodules")
     if "inputs_embeds" not in inspect.signature(model.forward).parameters:
         raise ValueError(f"{need}; {kind}.forward takes no inputs_embeds")
+    from lightning_peft.targeting import inside_modules_to_save  # targeting imports the registry
+
+    if inside_modules_to_save(config.modules_to_save, name):
+        raise ValueError(
+            f"the input embedding {name!r} is inside modules_to_save={config.modules_to_save!r}: "
+            "prompt tuning reads it frozen; it cannot also be trained in full"
+        )
     return [name]
 
 
