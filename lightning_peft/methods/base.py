@@ -145,7 +145,8 @@ class AdapterLayer(nn.Module):
 
     Class-level declarations (used before injection, by the fit checks and the file format):
 
-    - ``placement``: ``REPLACE`` or a ``ChildHook``.
+    - ``placement``: ``REPLACE``, a ``ChildHook``, or a method's own object with the same five
+      methods (prompt tuning's ``PromptPlacement``).
     - ``adapts(module)``: whether this class adapts ``module`` (dispatch, tried in order).
     - ``check(module, config, name)``: raise ``ValueError`` naming ``name`` for a config that
       cannot go there (before the model is touched).
