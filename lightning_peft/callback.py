@@ -207,7 +207,7 @@ class PEFTCallback(Callback):
             deepspeed = strategy_is(trainer.strategy, "DeepSpeedStrategy")
             self._checkpoint = read_checkpoint(ckpt_path, self.state_key, deepspeed)
             if self._checkpoint is not None:
-                check_config(self._checkpoint, self.config)
+                check_config(self._checkpoint, self.config, resuming=stage == "fit")
         pl_module.strict_loading = False  # checkpoints hold only the trained tensors
         if find_injection(pl_module) is not None:
             self._adopt_injection(pl_module)  # setup runs on every fit/validate: inject once
@@ -442,7 +442,7 @@ class PEFTCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         contents = loaded_contents(checkpoint, trainer.ckpt_path, self.state_key)
-        check_config(contents, self.config)
+        check_config(contents, self.config, resuming=trainer.state.fn == "fit")
         trained = dict.fromkeys(trained_tensors(pl_module))  # shapes: checked before wrapping
         check_tensors(contents, trained, _model_keys(pl_module))
         if trainer.state.fn == "fit":

@@ -168,14 +168,22 @@ def config_differences(
     return differences
 
 
-def check_config(contents: CheckpointContents, config: LoRAConfig | AdapterConfig) -> None:
-    """Raise ``InputError`` unless ``contents`` was written by the callback with ``config``."""
+def check_config(
+    contents: CheckpointContents, config: LoRAConfig | AdapterConfig, resuming: bool
+) -> None:
+    """Raise ``InputError`` unless ``contents`` was written by the callback with ``config``.
+
+    Only a run that resumes training needs the callback's state: validating or testing from a
+    weights-only checkpoint, which records no callback, is fine (``check_tensors`` still
+    requires the adapters)."""
     where = f"ckpt_path {contents.path}"
     if contents.peft_state is None:
+        if not resuming:
+            return
         raise InputError(
-            f"{where} was not written with PEFTCallback (it records no adapter configuration): "
-            "ckpt_path resumes a PEFT run; to start from other weights, load them into the "
-            "model before fit"
+            f"{where} records no PEFTCallback state (written without the callback, or weights "
+            "only): ckpt_path resumes a PEFT run, its optimizer included; to start from other "
+            "weights, load them into the model before fit"
         )
     state = contents.peft_state
     differences = config_differences(state.get("method"), state["config"], config)

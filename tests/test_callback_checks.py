@@ -248,9 +248,33 @@ def test_a_checkpoint_without_the_callback_state_is_refused(tmp_path, checkpoint
     module = PlainCausalLM()
     before = snapshot(module)
     run = quiet_trainer(tmp_path, [PEFTCallback(copy.deepcopy(LORA), verbose=False)], 8)
-    with pytest.raises(InputError, match="was not written with PEFTCallback"):
+    with pytest.raises(InputError, match="records no PEFTCallback state"):
         run.fit(module, ckpt_path=path)
     assert_unchanged(module, before)
+
+
+class Validated(PlainCausalLM):
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", self.model(input_ids=batch, labels=batch).loss)
+
+    def val_dataloader(self):
+        return DataLoader(random_tokens(16, seed=2), batch_size=8)
+
+
+def test_validating_from_a_weights_only_checkpoint_loads_the_adapters(tmp_path):
+    """Without callback state a checkpoint cannot resume training, but can be validated."""
+    trained = PlainCausalLM()
+    saver = ModelCheckpoint(dirpath=tmp_path, filename="weights", save_weights_only=True)
+    run = quiet_trainer(tmp_path, [PEFTCallback(copy.deepcopy(LORA), verbose=False), saver], 2)
+    run.fit(trained)
+    module = Validated()
+    callback = PEFTCallback(copy.deepcopy(LORA), verbose=False)
+    quiet_trainer(tmp_path, [callback], 2).validate(module, ckpt_path=saver.best_model_path)
+    expected, actual = adapter_state_dict(trained), adapter_state_dict(module)
+    assert expected.keys() == actual.keys()
+    assert all(torch.equal(actual[k], v) for k, v in expected.items())
+    with pytest.raises(InputError, match="records no PEFTCallback state"):
+        quiet_trainer(tmp_path, [callback], 4).fit(module, ckpt_path=saver.best_model_path)
 
 
 # -- 3. a broken ckpt_path or save_adapter_to: refused before training -------------------------
@@ -286,6 +310,17 @@ def test_a_missing_or_broken_ckpt_path_is_refused_before_the_model_is_touched(
     assert run.global_step == 0
     assert_unchanged(module, before)
     assert files(tmp_path) == on_disk
+
+
+def test_a_config_that_does_not_fit_the_model_is_refused_before_it_is_touched(tmp_path):
+    module = PlainCausalLM()
+    before = snapshot(module)
+    config = LoRAConfig(r=65, target_modules=["q_proj"], init_lora_weights="pissa")
+    run = quiet_trainer(tmp_path, [PEFTCallback(config, verbose=False)], 2)
+    with pytest.raises(InputError, match=r"pissa needs r <= min\(out, in\) = 64 .* got 65"):
+        run.fit(module)
+    assert run.global_step == 0
+    assert_unchanged(module, before)
 
 
 def test_an_unwritable_save_adapter_to_is_refused_before_training(tmp_path):

@@ -111,3 +111,22 @@ def test_resuming_an_epoch_end_with_max_steps_warns(tmp_path):
         quiet_trainer(tmp_path / "resumed", [callback], max_steps=10).fit(
             PlainCausalLM(), ckpt_path=saver.best_model_path
         )
+
+
+def test_random_states_of_another_number_of_processes_are_not_restored(tmp_path, monkeypatch):
+    config = LoRAConfig(r=4, lora_alpha=8, target_modules=["q_proj"])
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="epoch")
+    _trainer(tmp_path / "first", config, 1, [saver]).fit(PlainCausalLM())
+    checkpoint = torch.load(saver.best_model_path, weights_only=True)
+    states = checkpoint["callbacks"]["PEFTCallback"]["random_states"]
+    checkpoint["callbacks"]["PEFTCallback"]["random_states"] = states * 2  # as if from 2 ranks
+    torch.save(checkpoint, tmp_path / "two_ranks.ckpt")
+    restored = []
+    monkeypatch.setattr(random_state, "restore", lambda state: restored.append(state) or [])
+    with pytest.warns(UserWarning, match="random states of 2 processes, this run has 1"):
+        _trainer(tmp_path / "resumed", config, 2).fit(
+            PlainCausalLM(), ckpt_path=tmp_path / "two_ranks.ckpt"
+        )
+    assert restored == []
+    _trainer(tmp_path / "resumed", config, 2).fit(PlainCausalLM(), ckpt_path=saver.best_model_path)
+    assert len(restored) == 1  # the control: one process's states are restored
