@@ -62,7 +62,6 @@ partitions, and manual optimization may step before every backward pass: no chec
 from __future__ import annotations
 
 import inspect
-import os
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +82,7 @@ from lightning_peft.distributed import (
     strategy_is,
 )
 from lightning_peft.errors import InputError
-from lightning_peft.hf_format import CONFIG_NAME, WEIGHTS_NAME, save_adapter
+from lightning_peft.hf_format import check_save_directory, save_adapter
 from lightning_peft.injection import find_injection, inject_adapters, injection_report
 from lightning_peft.model_helpers import adapter_state_dict, merge_adapters
 from lightning_peft.resume import (
@@ -289,7 +288,10 @@ class PEFTCallback(Callback):
                 "it into an unsharded model with load_adapter + merge_adapters"
             )
         if self.save_adapter_to is not None:
-            check_adapter_destination(self.save_adapter_to, self.overwrite)
+            try:
+                check_save_directory(self.save_adapter_to, self.overwrite)
+            except OSError as error:
+                raise InputError(f"save_adapter_to: {error}") from error
 
     # -- before the first step ------------------------------------------------------------------
 
@@ -481,7 +483,7 @@ class PEFTCallback(Callback):
         state = full_state_dict(trainer.strategy, pl_module)  # a collective on sharded runs
         try:
             if trainer.is_global_zero:
-                _save_or_fall_back(pl_module, self.save_adapter_to, state, run_dir)
+                _save_or_fall_back(pl_module, self.save_adapter_to, state, run_dir, self.overwrite)
         finally:  # should rank zero fail, the other ranks must not wait here forever
             trainer.strategy.barrier("peft_save_adapter")
 
@@ -528,38 +530,13 @@ def adapter_parameters_by_module(pl_module: nn.Module) -> dict[str, list[nn.Para
     return {name: params for name, params in groups.items() if params}
 
 
-def check_adapter_destination(directory: Path, overwrite: bool) -> None:
-    """Raise ``InputError`` unless an adapter can be written to ``directory``: an existing
-    writable directory without an adapter (unless ``overwrite``), or one that can be created."""
-    where = f"save_adapter_to={str(directory)!r}"
-    if directory.exists():
-        if not directory.is_dir():
-            raise InputError(f"{where} exists and is not a directory")
-        holds = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if (directory / n).exists()]
-        if holds and not overwrite:
-            raise InputError(
-                f"{where} already holds an adapter ({', '.join(holds)}): choose another "
-                "directory, or pass overwrite=True to replace it"
-            )
-        if not os.access(directory, os.W_OK | os.X_OK):
-            raise InputError(f"{where} is not writable")
-        return
-    parent = directory.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise InputError(f"{where} cannot be created: {parent} is not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise InputError(f"{where} cannot be created: {parent} is not writable")
-
-
 def _save_or_fall_back(
-    pl_module: nn.Module, directory: Path, state: dict[str, Tensor], run_dir: Path
+    pl_module: nn.Module, directory: Path, state: dict[str, Tensor], run_dir: Path, overwrite: bool
 ) -> None:
     """``save_adapter`` to ``directory``; if that fails, to a new directory in ``run_dir``, and
     raise naming both: the trained adapter is never lost."""
     try:
-        save_adapter(pl_module, directory, state_dict=state)
+        save_adapter(pl_module, directory, state_dict=state, overwrite=overwrite)
         rank_zero_info(f"PEFTCallback: adapter written to {directory}")
         return
     except Exception as error:

@@ -20,7 +20,7 @@ from lightning_peft import (
     trainable_parameters,
     unload,
 )
-from tiny_models import MODELS, TARGETS, logits, tokens
+from tiny_models import MODELS, TARGETS, assert_unchanged, logits, snapshot, tokens
 
 CONFIGS = {
     "lora": lambda family: LoRAConfig(r=4, target_modules=TARGETS[family]),
@@ -33,16 +33,6 @@ CONFIGS = {
     ),
     "adapter": lambda family: AdapterConfig(bottleneck_dim=8, target_modules=TARGETS[family]),
 }
-
-
-def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def assert_unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
-    after = model.state_dict()
-    assert after.keys() == before.keys()
-    assert all(torch.equal(after[k], before[k]) for k in before)
 
 
 @pytest.mark.parametrize("family", list(MODELS))
@@ -158,11 +148,15 @@ def test_bottleneck_adapter_round_trip_and_no_merge(tmp_path):
 # -- errors leave the model untouched ----------------------------------------------------------
 
 
-def test_no_module_matched_lists_module_names():
+def test_no_module_matched_names_close_matches():
     model = MODELS["llama"]()
     before = snapshot(model)
-    with pytest.raises(ValueError, match=r"no module matched.*model\.embed_tokens"):
-        inject_adapters(model, LoRAConfig(target_modules=["nope"]))
+    with pytest.raises(ValueError) as error:
+        inject_adapters(model, LoRAConfig(target_modules=["q_porj"]))
+    message = str(error.value)
+    assert message.startswith("no module matched target_modules=['q_porj']")
+    assert "close matches: 'q_porj' -> 'q_proj'" in message
+    assert "embed_tokens" in message  # the model's module names are listed
     assert_unchanged(model, before)
 
 
@@ -188,7 +182,7 @@ def test_injecting_twice_is_an_error():
     [
         ({"r": 0}, "r must be"),
         ({"bias": "some"}, "bias must be one of"),
-        ({"init_lora_weights": "olora"}, "init_lora_weights must be one of"),
+        ({"init_lora_weights": "corda"}, "init_lora_weights must be one of"),
         ({"lora_dropout": 1.5}, "lora_dropout"),
         ({"target_modules": "(unclosed"}, "not a valid regular expression"),
         ({"rank_pattern": {"q": 0}}, "positive number"),

@@ -327,15 +327,15 @@ def test_an_unwritable_save_adapter_to_is_refused_before_training(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("keep me\n")
     cases = {
-        blocker / "adapter": r"cannot be created: .*a_file is not a directory",
-        blocker: "exists and is not a directory",
+        blocker / "adapter": rf"cannot create {blocker / 'adapter'}: {blocker} is a file",
+        blocker: f"{blocker} is a file, not an adapter directory",
     }
     for destination, message in cases.items():
         module = PlainCausalLM()
         before, on_disk = snapshot(module), files(tmp_path)
         callback = PEFTCallback(copy.deepcopy(LORA), save_adapter_to=destination, verbose=False)
         run = quiet_trainer(tmp_path, [callback], max_steps=2)
-        with pytest.raises(InputError, match=rf"save_adapter_to='{destination}' {message}"):
+        with pytest.raises(InputError, match=rf"save_adapter_to: {message}"):
             run.fit(module)
         assert run.global_step == 0
         assert_unchanged(module, before)
@@ -353,7 +353,7 @@ def test_an_existing_adapter_is_not_overwritten_unless_asked(tmp_path):
     module = PlainCausalLM()
     before = snapshot(module)
     again = PEFTCallback(copy.deepcopy(LORA), save_adapter_to=out, verbose=False)
-    with pytest.raises(InputError, match=r"already holds an adapter.*overwrite=True"):
+    with pytest.raises(InputError, match=rf"{out} already holds an adapter.*overwrite=True"):
         quiet_trainer(tmp_path, [again], 2).fit(module)
     assert_unchanged(module, before)
     assert files(out) == on_disk

@@ -1,0 +1,191 @@
+"""Every registered method, on every layer type it adapts: its tensors reach the state dict, the
+trainable set, the report and the saved file, with the keys and shapes the layer class declares
+before injection; the file loads back; merge, disable and unload give what they promise."""
+
+import copy
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+import lightning_peft.methods
+from lightning_peft import (
+    AdapterConfig,
+    LoRAConfig,
+    adapter_state_dict,
+    disable_adapters,
+    inject_adapters,
+    load_adapter,
+    merge_adapters,
+    save_adapter,
+    trainable_parameters,
+    unload,
+    unmerge_adapters,
+)
+from lightning_peft.hf_format import peft_key
+from lightning_peft.injection import planned_tensors
+from lightning_peft.methods import METHODS, Method, adapter_layers
+from lightning_peft.methods.bottleneck import BottleneckAdapter
+from lightning_peft.methods.lora import LORA, LoRALinear
+
+
+class SmallModel(nn.Module):
+    """A Linear with a bias, one without, and transformers' Conv1D (weight stored (in, out));
+    the sizes are no multiples of anything."""
+
+    def __init__(self, seed: int = 0):
+        from transformers.pytorch_utils import Conv1D
+
+        super().__init__()
+        torch.manual_seed(seed)
+        self.proj = nn.Linear(11, 9)
+        self.proj_nobias = nn.Linear(9, 7, bias=False)
+        self.conv = Conv1D(5, 7)  # nf=5 outputs, nx=7 inputs
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.conv(torch.tanh(self.proj_nobias(self.proj(x))))))
+
+
+TARGETS = ["proj", "proj_nobias", "conv"]
+# Each registered layer class -> (a small model with the layer types it adapts, configs).
+LAYER_CASES = {
+    LoRALinear: (
+        SmallModel,
+        {
+            "lora": LoRAConfig(r=2, target_modules=TARGETS, init_lora_weights=False),
+            "dora-bias-all": LoRAConfig(
+                r=3, target_modules=TARGETS, use_dora=True, bias="all", init_lora_weights=False
+            ),
+            "rslora-lora_only-save-head": LoRAConfig(
+                r=1,
+                target_modules=TARGETS,
+                use_rslora=True,
+                bias="lora_only",
+                modules_to_save=["head"],
+                init_lora_weights=False,
+            ),
+        },
+    ),
+    BottleneckAdapter: (
+        SmallModel,
+        {
+            "adapter": AdapterConfig(bottleneck_dim=3, target_modules=TARGETS),
+            "adapter-lora_only": AdapterConfig(
+                bottleneck_dim=2, target_modules=["proj"], bias="lora_only"
+            ),
+        },
+    ),
+}
+CASES = [(cls, name) for cls, (_, configs) in LAYER_CASES.items() for name in configs]
+
+
+def test_every_registered_layer_class_has_a_case():
+    registered = {cls for method in METHODS for cls in method.layers}
+    assert registered == set(LAYER_CASES), "add the new layer class to LAYER_CASES"
+
+
+def randomise_adapters(model: nn.Module) -> None:
+    """Adapters that act (bottleneck ``up`` starts at zero), so that a lost tensor shows."""
+    with torch.no_grad():
+        for _, layer in adapter_layers(model):
+            for name in layer.adapter_parameter_names():
+                layer.get_parameter(name).normal_(0, 0.3)
+
+
+def check_method_on(make_model, config, layer_class, tmp_path) -> None:
+    """The contract of a registered method on one model (asserts)."""
+    base = make_model()
+    x = torch.randn(4, 11, generator=torch.Generator().manual_seed(3))
+    planned = planned_tensors(base, config)
+    model = copy.deepcopy(base)
+    report = inject_adapters(model, config)
+    randomise_adapters(model)
+    layers = dict(adapter_layers(model))
+    assert layers and all(type(layer) is layer_class for layer in layers.values())
+
+    # Every tensor the adapters add is an adapter tensor, in each of the four places.
+    added = set(model.state_dict()) - set(base.state_dict())
+    state = adapter_state_dict(model)
+    trainable = trainable_parameters(model)
+    declared = {
+        f"{path}.{n}" for path, layer in layers.items() for n in layer.adapter_parameter_names()
+    }
+    assert added <= declared, f"undeclared adapter tensors: {sorted(added - declared)}"
+    assert declared <= set(state), f"missing from adapter_state_dict: {declared - set(state)}"
+    assert declared <= set(trainable), f"not trainable: {declared - set(trainable)}"
+    assert set(trainable) <= set(state), "a trainable tensor is not saved"
+    reported = {m.name: m.params for m in report.modules}
+    for path, layer in layers.items():
+        target = type(layer).placement.target_path(path)
+        numel = sum(layer.get_parameter(n).numel() for n in layer.adapter_parameter_names())
+        assert reported.get(target) == numel, f"report row of {target!r}"
+    assert report.trainable_params == sum(p.numel() for p in trainable.values())
+
+    # The saved file holds exactly the planned keys and shapes, and loads back.
+    save_adapter(model, tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert {k: tuple(v.shape) for k, v in saved.items()} == planned
+    assert {peft_key(model, k) for k in state} == set(saved)
+    y = model(x)
+    reloaded = load_adapter(copy.deepcopy(base), tmp_path)
+    torch.testing.assert_close(reloaded(x), y, rtol=0, atol=0)
+
+    with disable_adapters(model):
+        torch.testing.assert_close(model(x), base(x))
+    if all(type(layer).mergeable for layer in layers.values()):
+        merge_adapters(model)
+        torch.testing.assert_close(model(x), y, rtol=1e-5, atol=1e-6)
+        unmerge_adapters(model)
+        torch.testing.assert_close(model(x), y, rtol=1e-5, atol=1e-6)
+    else:
+        with pytest.raises(ValueError, match="cannot be merged"):
+            merge_adapters(model)
+    unload(model, merge=False)
+    assert model.state_dict().keys() == base.state_dict().keys()
+    assert [type(m) for m in model.modules()] == [type(m) for m in base.modules()]
+    torch.testing.assert_close(model(x), base(x))
+
+
+@pytest.mark.parametrize(
+    ("layer_class", "case"), CASES, ids=[f"{c.__name__}-{n}" for c, n in CASES]
+)
+def test_registered_method_contract(layer_class, case, tmp_path):
+    make_model, configs = LAYER_CASES[layer_class]
+    check_method_on(make_model, configs[case], layer_class, tmp_path)
+
+
+class ForgetfulLoRALinear(LoRALinear):
+    """A layer that does not declare one of its tensors: the contract check must catch it."""
+
+    def adapter_parameter_names(self):
+        return ["lora_A"]
+
+
+def test_contract_check_catches_an_undeclared_tensor(monkeypatch, tmp_path):
+    forgetful = Method(
+        name=LORA.name,
+        peft_type=LORA.peft_type,
+        config_cls=LoRAConfig,
+        layers=(ForgetfulLoRALinear,),
+        write_config=LORA.write_config,
+        read_config=LORA.read_config,
+        scope=LORA.scope,
+    )
+    monkeypatch.setattr(lightning_peft.methods, "METHODS", (forgetful,))
+    config = LAYER_CASES[LoRALinear][1]["lora"]
+    with pytest.raises(AssertionError, match="undeclared adapter tensors"):
+        check_method_on(SmallModel, config, ForgetfulLoRALinear, tmp_path)
+
+
+def test_method_lookup():
+    assert lightning_peft.methods.method_for(LoRAConfig(target_modules=["q"])) is LORA
+    assert lightning_peft.methods.method_for_peft_type("LORA") is LORA
+    assert not lightning_peft.methods.method_for_peft_type("IA3")
+    with pytest.raises(TypeError, match="config must be a LoRAConfig or AdapterConfig"):
+        lightning_peft.methods.method_for({"r": 8})
+    assert (
+        LORA.mergeable
+        and not lightning_peft.methods.method_for(AdapterConfig(target_modules=["q"])).mergeable
+    )
