@@ -500,16 +500,16 @@ class PEFTCallback(Callback):
         self._restore_configure_model(pl_module)
 
 
-def trained_tensors(pl_module: nn.Module) -> dict[str, nn.Parameter]:
-    """``{state_dict key: parameter}`` of what the callback checkpoints: the adapters (with
+def trained_tensors(pl_module: nn.Module) -> dict[str, Tensor]:
+    """``{state_dict key: tensor}`` of what the callback checkpoints: the adapters (with
     ``modules_to_save`` and trained biases) and any other trainable parameter, e.g. a task head
     the LightningModule holds outside the adapted model."""
-    parameters = {
-        clean_name(n): p for n, p in pl_module.named_parameters(remove_duplicate=False)
-    }  # FSDP1 wrappers rename parameters, not state dict keys
-    names = set(adapter_state_dict(pl_module))
-    names |= {name for name, p in parameters.items() if p.requires_grad}
-    return {name: parameters[name] for name in sorted(names) if name in parameters}
+    trainable = {
+        clean_name(n): p  # FSDP1 wrappers rename parameters, not state dict keys
+        for n, p in pl_module.named_parameters(remove_duplicate=False)
+        if p.requires_grad
+    }
+    return dict(sorted({**trainable, **adapter_state_dict(pl_module)}.items()))
 
 
 def adapter_parameters_by_module(pl_module: nn.Module) -> dict[str, list[nn.Parameter]]:
