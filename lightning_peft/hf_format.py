@@ -100,6 +100,7 @@ def check_save_directory(directory: str | Path, overwrite: bool = False) -> Path
 
     Raises:
         FileExistsError: an adapter is there and ``overwrite`` is False, or the path is a file.
+        NotADirectoryError: the nearest existing parent is a file.
         PermissionError: the directory (or the nearest existing parent) is not writable.
     """
     directory = Path(directory)
@@ -114,6 +115,8 @@ def check_save_directory(directory: str | Path, overwrite: bool = False) -> Path
     nearest = directory
     while not nearest.exists():
         nearest = nearest.parent
+    if not nearest.is_dir():
+        raise NotADirectoryError(f"cannot create {directory}: {nearest} is a file")
     if not os.access(nearest, os.W_OK | os.X_OK):
         raise PermissionError(f"cannot write to {directory}: {nearest} is not writable")
     return directory

@@ -45,6 +45,19 @@ def trainer(tmp_path, callbacks, max_steps=6, **kwargs):
     )
 
 
+class CaptureOnTrainStart(pl.Callback):
+    def on_train_start(self, trainer, pl_module):
+        self.adapters = {k: v.clone() for k, v in adapter_state_dict(pl_module).items()}
+        self.optimizer = copy.deepcopy(trainer.optimizers[0].state_dict())
+        self.step = trainer.global_step
+
+
+class CaptureOnTrainEnd(pl.Callback):
+    def on_train_end(self, trainer, pl_module):
+        self.adapters = {k: v.clone() for k, v in adapter_state_dict(pl_module).items()}
+        self.optimizer = copy.deepcopy(trainer.optimizers[0].state_dict())
+
+
 class AdaptersAtStart(pl.Callback):
     def on_train_start(self, trainer, pl_module):
         self.adapters = {k: v.clone() for k, v in adapter_state_dict(pl_module).items()}
@@ -90,6 +103,29 @@ def test_trains_only_the_method_and_saves_what_peft_loads(tmp_path, method):
         ours_logits = module.model(input_ids=ids).logits
         their_logits = theirs(input_ids=ids).logits
     assert (ours_logits - their_logits).abs().max() == 0
+
+
+@pytest.mark.parametrize("method", list(CONFIGS))
+def test_resume_restores_the_method_s_tensors_and_optimizer(tmp_path, method):
+    first_end = CaptureOnTrainEnd()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=4)
+    callback = PEFTCallback(copy.deepcopy(CONFIGS[method]), verbose=False)
+    trainer(tmp_path, [callback, ckpt, first_end], max_steps=4).fit(CausalLM(lr=0.3))
+    torch.manual_seed(123)  # a new process: other fresh adapters, which the checkpoint replaces
+    resumed_start = CaptureOnTrainStart()
+    callback = PEFTCallback(copy.deepcopy(CONFIGS[method]), verbose=False)
+    trainer(tmp_path, [callback, resumed_start], max_steps=6).fit(
+        CausalLM(lr=0.3), ckpt_path=ckpt.last_model_path
+    )
+    assert resumed_start.step == 4
+    assert resumed_start.adapters.keys() == first_end.adapters.keys()
+    for key, value in first_end.adapters.items():
+        assert torch.equal(resumed_start.adapters[key], value), key
+    saved, restored = first_end.optimizer["state"], resumed_start.optimizer["state"]
+    assert saved.keys() == restored.keys() and saved
+    for index, state in saved.items():
+        for name, value in state.items():
+            assert torch.equal(torch.as_tensor(restored[index][name]), torch.as_tensor(value))
 
 
 def test_ia3_merges_on_train_end_and_prompt_tuning_refuses(tmp_path):
