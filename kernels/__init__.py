@@ -1,4 +1,4 @@
-"""Fused LoRA and DoRA linear ops, forward and backward, for PyTorch.
+"""Fused LoRA and DoRA linear ops, forward and backward, for PyTorch; (IA)³ scaling ops.
 
 Standalone: imports neither Lightning nor (until a triton op runs) Triton.
 
@@ -10,6 +10,7 @@ the two cannot share an environment.
 
 from kernels.backends import BACKEND_ENV_VAR, BACKENDS, available_backends, resolve_backend
 from kernels.functional import dora_linear, lora_linear
+from kernels.ia3 import ia3_linear, ia3_merge, ia3_scale, ia3_weight_factor
 from kernels.norm import dora_weight_norm, weight_row_sq_norm
 
 __all__ = [
@@ -18,6 +19,10 @@ __all__ = [
     "available_backends",
     "dora_linear",
     "dora_weight_norm",
+    "ia3_linear",
+    "ia3_merge",
+    "ia3_scale",
+    "ia3_weight_factor",
     "lora_linear",
     "resolve_backend",
     "weight_row_sq_norm",

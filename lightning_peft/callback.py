@@ -84,6 +84,9 @@ from lightning_peft.distributed import (
 from lightning_peft.errors import InputError
 from lightning_peft.hf_format import check_save_directory, save_adapter
 from lightning_peft.injection import find_injection, inject_adapters, injection_report
+from lightning_peft.methods import method_for
+from lightning_peft.methods.ia3 import IA3Config
+from lightning_peft.methods.prompt_tuning import PromptTuningConfig
 from lightning_peft.model_helpers import adapter_state_dict, merge_adapters
 from lightning_peft.resume import (
     CheckpointContents,
@@ -101,7 +104,7 @@ _ABSENT = object()  # it has, and the LightningModule had no instance attribute 
 
 
 class PEFTCallback(Callback):
-    """Fine-tune any LightningModule with LoRA, DoRA or bottleneck adapters.
+    """Fine-tune any LightningModule with LoRA, DoRA, bottleneck adapters, IA³ or prompt tuning.
 
     The base model is frozen, only adapters (plus ``modules_to_save`` and chosen biases) train,
     checkpoints hold only those tensors and the adapter config, and resuming with
@@ -111,8 +114,9 @@ class PEFTCallback(Callback):
     what an exact resume needs.
 
     Args:
-        config: a ``LoRAConfig`` or ``AdapterConfig``.
-        merge_on_train_end: merge LoRA/DoRA into the base weights when training ends
+        config: the config of a registered method (``LoRAConfig``, ``AdapterConfig``,
+            ``IA3Config``, ``PromptTuningConfig``).
+        merge_on_train_end: merge LoRA/DoRA/IA³ into the base weights when training ends
             (single device and DDP; refused under sharded strategies).
         save_adapter_to: write the Hugging Face PEFT-format adapter directory here when
             training ends (rank zero; full tensors gathered under FSDP/FSDP2). Checked before
@@ -147,7 +151,7 @@ class PEFTCallback(Callback):
 
     def __init__(
         self,
-        config: LoRAConfig | AdapterConfig,
+        config: LoRAConfig | AdapterConfig | IA3Config | PromptTuningConfig,
         *,
         merge_on_train_end: bool = False,
         save_adapter_to: str | Path | None = None,
@@ -156,14 +160,10 @@ class PEFTCallback(Callback):
         module: str | None = None,
         fsdp2_layer_cls: type | tuple[type, ...] | None = None,
     ) -> None:
-        if not isinstance(config, (LoRAConfig, AdapterConfig)):
-            raise TypeError(
-                f"config must be a LoRAConfig or AdapterConfig, got {type(config).__name__}"
-            )
-        if merge_on_train_end and isinstance(config, AdapterConfig):
-            raise ValueError(
-                "merge_on_train_end: bottleneck adapters are non-linear and cannot merge"
-            )
+        method = method_for(config)  # TypeError for a config of no registered method
+        if merge_on_train_end and not method.mergeable:
+            layer = next(cls for cls in method.layers if not cls.mergeable)
+            raise ValueError(f"merge_on_train_end: {layer.__name__} adapters {layer.merge_refusal}")
         self.config = config
         self.merge_on_train_end = merge_on_train_end
         self.save_adapter_to = Path(save_adapter_to) if save_adapter_to is not None else None
@@ -303,11 +303,12 @@ class PEFTCallback(Callback):
                 select_targets(self.adapted_module(pl_module), self.config)
             except ValueError as error:
                 raise InputError(str(error)) from error
+            targets = getattr(self.config, "target_modules", None)
+            what = f"target_modules={targets!r}" if targets is not None else "its targets"
             raise InputError(
-                "PEFTCallback: the model has no adapters when training starts although "
-                f"target_modules={self.config.target_modules!r} match modules now: they were "
-                "built after configure_model. Build the model in __init__, setup or "
-                "configure_model"
+                f"PEFTCallback: the model has no adapters when training starts although {what} "
+                "match modules now: they were built after configure_model. Build the model in "
+                "__init__, setup or configure_model"
             )
         self._check_optimizers(trainer, pl_module)
         if trainer.is_global_zero and self.report is not None:

@@ -13,7 +13,6 @@ from torch import nn
 
 from lightning_peft.distributed import clean_name
 from lightning_peft.methods import AdapterLayer, method_for
-from lightning_peft.methods.base import PEFT_PREFIX
 from lightning_peft.targeting import TargetPlan, plan_targets
 
 STATE_ATTR = "lightning_peft_state"
@@ -230,6 +229,7 @@ def planned_tensors(model: nn.Module, config) -> dict[str, tuple[int, ...]]:
     config)``, from the layer classes' declarations (``adapter_shapes``, ``peft_key``, the
     placement), computed on the model before injection. Raises as ``plan_injection``."""
     plan = plan_injection(model, config)
+    prefix = method_for(config).file_prefix
     shapes: dict[str, tuple[int, ...]] = {}
     replaced: dict[str, type[AdapterLayer]] = {}  # targets whose layer takes their place
     for name, layer_class in plan.targets.targets:
@@ -246,7 +246,7 @@ def planned_tensors(model: nn.Module, config) -> dict[str, tuple[int, ...]]:
         if owner in replaced:  # the layer will hold the base's tensor under the same local name
             shapes[replaced[owner].peft_key(owner, local)] = tuple(param.shape)
         else:
-            shapes[PEFT_PREFIX + name] = tuple(param.shape)
+            shapes[prefix + name] = tuple(param.shape)
     return shapes
 
 

@@ -25,9 +25,7 @@ def merge_adapters(model: nn.Module) -> int:
     layers = [layer for _, layer in adapter_layers(model)]
     for layer in layers:
         if not layer.mergeable:
-            raise ValueError(
-                f"{type(layer).__name__} adapters are non-linear and cannot be merged into weights"
-            )
+            raise ValueError(f"{type(layer).__name__} adapters {layer.merge_refusal}")
     for layer in layers:
         layer.merge()
     return len(layers)

@@ -12,7 +12,12 @@ from torch import nn
 import lightning_peft.methods
 from lightning_peft import (
     AdapterConfig,
+    IA3Config,
+    IA3Conv,
+    IA3Linear,
     LoRAConfig,
+    PromptEmbedding,
+    PromptTuningConfig,
     adapter_state_dict,
     disable_adapters,
     inject_adapters,
@@ -28,6 +33,7 @@ from lightning_peft.injection import planned_tensors
 from lightning_peft.methods import METHODS, Method, adapter_layers
 from lightning_peft.methods.bottleneck import BottleneckAdapter
 from lightning_peft.methods.lora import LORA, LoRALinear
+from tiny_models import tiny_llama
 
 
 class SmallModel(nn.Module):
@@ -48,8 +54,44 @@ class SmallModel(nn.Module):
         return self.head(torch.tanh(self.conv(torch.tanh(self.proj_nobias(self.proj(x))))))
 
 
+class SmallConvModel(nn.Module):
+    """A Conv2d, a grouped Conv2d (2 groups) and a Conv3d; sizes no multiples of anything."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv2d = nn.Conv2d(3, 6, 3, padding=1)
+        self.grouped = nn.Conv2d(6, 4, 3, groups=2, bias=False)
+        self.conv3d = nn.Conv3d(4, 5, (1, 2, 2))
+
+    def forward(self, x):  # x (N, 3, 5, 7)
+        h = torch.tanh(self.grouped(torch.tanh(self.conv2d(x))))
+        return self.conv3d(h.unsqueeze(2))
+
+
+def tiny_causal_lm(seed: int = 0):
+    """tiny_llama without a key/value cache, so that its output holds only tensors."""
+    model = tiny_llama(seed)
+    model.config.use_cache = False
+    return model
+
+
+def small_input() -> torch.Tensor:
+    return torch.randn(4, 11, generator=torch.Generator().manual_seed(3))
+
+
+def conv_input() -> torch.Tensor:
+    return torch.randn(2, 3, 5, 7, generator=torch.Generator().manual_seed(3))
+
+
+def token_input() -> torch.Tensor:
+    return torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(3))
+
+
 TARGETS = ["proj", "proj_nobias", "conv"]
-# Each registered layer class -> (a small model with the layer types it adapts, configs).
+CONV_TARGETS = ["conv2d", "grouped", "conv3d"]
+# Each registered layer class -> (a small model with the layer types it adapts, configs[, the
+# model's input, default small_input]).
 LAYER_CASES = {
     LoRALinear: (
         SmallModel,
@@ -77,8 +119,39 @@ LAYER_CASES = {
             ),
         },
     ),
+    IA3Linear: (
+        SmallModel,
+        {
+            "ia3": IA3Config(target_modules=TARGETS, feedforward_modules=["proj_nobias"]),
+            "ia3-feedforward-conv1d-save-head": IA3Config(
+                target_modules=TARGETS,
+                feedforward_modules=["proj", "conv"],
+                modules_to_save=["head"],
+            ),
+        },
+    ),
+    IA3Conv: (
+        SmallConvModel,
+        {
+            "ia3-conv": IA3Config(target_modules=CONV_TARGETS, feedforward_modules=["grouped"]),
+            "ia3-conv-feedforward": IA3Config(
+                target_modules=CONV_TARGETS, feedforward_modules=["conv2d", "conv3d"]
+            ),
+        },
+        conv_input,
+    ),
+    PromptEmbedding: (
+        tiny_causal_lm,
+        {
+            "prompt-tuning": PromptTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"),
+            "prompt-tuning-save-head": PromptTuningConfig(
+                num_virtual_tokens=1, task_type="CAUSAL_LM", modules_to_save=["lm_head"]
+            ),
+        },
+        token_input,
+    ),
 }
-CASES = [(cls, name) for cls, (_, configs) in LAYER_CASES.items() for name in configs]
+CASES = [(cls, name) for cls, (_, configs, *_) in LAYER_CASES.items() for name in configs]
 
 
 def test_every_registered_layer_class_has_a_case():
@@ -94,10 +167,10 @@ def randomise_adapters(model: nn.Module) -> None:
                 layer.get_parameter(name).normal_(0, 0.3)
 
 
-def check_method_on(make_model, config, layer_class, tmp_path) -> None:
+def check_method_on(make_model, config, layer_class, tmp_path, make_input=small_input) -> None:
     """The contract of a registered method on one model (asserts)."""
     base = make_model()
-    x = torch.randn(4, 11, generator=torch.Generator().manual_seed(3))
+    x = make_input()
     planned = planned_tensors(base, config)
     model = copy.deepcopy(base)
     report = inject_adapters(model, config)
@@ -152,8 +225,8 @@ def check_method_on(make_model, config, layer_class, tmp_path) -> None:
     ("layer_class", "case"), CASES, ids=[f"{c.__name__}-{n}" for c, n in CASES]
 )
 def test_registered_method_contract(layer_class, case, tmp_path):
-    make_model, configs = LAYER_CASES[layer_class]
-    check_method_on(make_model, configs[case], layer_class, tmp_path)
+    make_model, configs, *make_input = LAYER_CASES[layer_class]
+    check_method_on(make_model, configs[case], layer_class, tmp_path, *make_input)
 
 
 class ForgetfulLoRALinear(LoRALinear):
@@ -182,7 +255,8 @@ def test_contract_check_catches_an_undeclared_tensor(monkeypatch, tmp_path):
 def test_method_lookup():
     assert lightning_peft.methods.method_for(LoRAConfig(target_modules=["q"])) is LORA
     assert lightning_peft.methods.method_for_peft_type("LORA") is LORA
-    assert not lightning_peft.methods.method_for_peft_type("IA3")
+    assert lightning_peft.methods.method_for_peft_type("IA3").config_cls is IA3Config
+    assert not lightning_peft.methods.method_for_peft_type("LOHA")
     with pytest.raises(TypeError, match="config must be a LoRAConfig or AdapterConfig"):
         lightning_peft.methods.method_for({"r": 8})
     assert (
