@@ -20,15 +20,14 @@ def merge_adapters(model: nn.Module) -> int:
 
     Raises:
         ValueError: the model has a layer that cannot merge (e.g. a bottleneck adapter, which is
-            non-linear); nothing is merged then.
+            non-linear; a LoRA on a grouped convolution), naming it; nothing is merged then.
     """
-    layers = [layer for _, layer in adapter_layers(model)]
-    for layer in layers:
-        if not layer.mergeable:
-            raise ValueError(
-                f"{type(layer).__name__} adapters are non-linear and cannot be merged into weights"
-            )
-    for layer in layers:
+    layers = list(adapter_layers(model))
+    for path, layer in layers:
+        reason = layer.merge_refusal()
+        if reason is not None:
+            raise ValueError(f"{path or 'the model'}: {reason}")
+    for _, layer in layers:
         layer.merge()
     return len(layers)
 

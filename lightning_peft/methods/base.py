@@ -153,13 +153,15 @@ class AdapterLayer(nn.Module):
       layer built on ``module`` holds; local names are relative to the layer.
     - ``saved_names``: local name -> key suffix in a PEFT file (default: the local name);
       ``peft_key(layer_path, local_name)`` builds the whole key from it.
-    - ``mergeable``: whether the update folds into the base weight.
+    - ``mergeable``: whether the update folds into the base weight (a layer may still refuse
+      one merge: ``merge_refusal()``).
     - ``fast_names``: the local names LoRA+ trains at a higher learning rate ("B" factors).
     - ``build(module, config, name)``: the layer for ``module``.
 
     Instance: ``adapter_parameter_names()`` (the keys of ``adapter_shapes``), ``disabled``,
-    ``merged``, ``merge()`` / ``unmerge()``, ``base_layer``, ``unwrap()`` (``REPLACE`` only),
-    ``describe()`` for the report. Adapter parameters keep their dtype through ``model.to(dtype)``.
+    ``merged``, ``merge()`` / ``unmerge()``, ``merge_refusal()``, ``base_layer``, ``unwrap()``
+    (``REPLACE`` only), ``describe()`` for the report. Adapter parameters keep their dtype
+    through ``model.to(dtype)``.
     """
 
     placement: ClassVar[Replace | ChildHook] = REPLACE
@@ -215,6 +217,16 @@ class AdapterLayer(nn.Module):
     def unwrap(self) -> nn.Module:
         """The base module, holding its own parameters again (``REPLACE`` layers)."""
         raise NotImplementedError
+
+    def merge_refusal(self) -> str | None:
+        """Why this layer cannot merge (checked for every layer before any layer merges), or
+        None. A mergeable class may refuse for one instance (a grouped convolution, a
+        ``lora_bias`` on a layer without a bias)."""
+        if not self.mergeable:
+            return (
+                f"{type(self).__name__} adapters are non-linear and cannot be merged into weights"
+            )
+        return None
 
     def merge(self) -> None:
         raise ValueError(f"{type(self).__name__} is non-linear and cannot be merged into weights")
