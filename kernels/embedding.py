@@ -8,7 +8,9 @@ LoRA: ``y = W[ids] + s·Aᵀ[ids] Bᵀ``: the update of W is ``s·Aᵀ Bᵀ`` (V
 ``Aᵀ`` (column ``i`` of A, r numbers) is *gathered* per id (``F.embedding`` on the view ``Aᵀ``):
 no one-hot matrix, no V×d matrix; the extra activation is (..., r). Gradients reach only the
 gathered columns of A (dense in A's storage, zero elsewhere; ``padding_idx`` and
-``scale_grad_by_freq`` act on them as on W).
+``scale_grad_by_freq`` act on them as on an embedding's weight). A's gradient is always dense:
+W is frozen, so a base embedding's ``sparse`` flag has nothing to act on (peft passes it to
+the adapter lookup, whose backward then fails on the transposed view).
 
 DoRA: the magnitude is per embedding dimension, as peft's ``DoraEmbeddingLayer`` has it:
 ``n_j = ‖W[:, j] + s·(Aᵀ Bᵀ)[:, j]‖`` over the vocabulary, ``y = (m/n) ⊙ (W[ids] + s·Aᵀ[ids] Bᵀ)``.
@@ -75,11 +77,10 @@ def _check_inputs(
         raise ValueError(f"scaling must be a finite number, got {scaling}")
 
 
-def _lookups(ids, weight, lora_A, lora_B, padding_idx, scale_grad_by_freq, sparse):
-    """``(W[ids], Aᵀ[ids] Bᵀ)`` in the compute dtype (at least the wider of W's and A's)."""
-    options = {"scale_grad_by_freq": scale_grad_by_freq, "sparse": sparse}
-    base = F.embedding(ids, weight, padding_idx, **options)  # (..., d)
-    after_A = F.embedding(ids, lora_A.T, padding_idx, **options)  # (..., r): a gather
+def _lookups(ids, weight, lora_A, lora_B, padding_idx, scale_grad_by_freq):
+    """``(W[ids], Aᵀ[ids] Bᵀ)``: W's lookup in W's dtype, the adapter's in A's."""
+    base = F.embedding(ids, weight, padding_idx)  # (..., d); W is frozen
+    after_A = F.embedding(ids, lora_A.T, padding_idx, scale_grad_by_freq=scale_grad_by_freq)
     return base, after_A @ lora_B.T  # (..., d)
 
 
@@ -92,7 +93,6 @@ def lora_embedding(
     *,
     padding_idx: int | None = None,
     scale_grad_by_freq: bool = False,
-    sparse: bool = False,
 ) -> Tensor:
     """LoRA embedding: ``y = W[ids] + scaling · Aᵀ[ids] Bᵀ``.
 
@@ -102,15 +102,15 @@ def lora_embedding(
         lora_A: A (r, V); its column ``i`` is gathered for id ``i``.
         lora_B: B (d, r).
         scaling: s, ``lora_alpha / r`` (rsLoRA: ``lora_alpha / sqrt(r)``).
-        padding_idx, scale_grad_by_freq, sparse: the base embedding's, applied to both lookups
-            (``padding_idx``'s column of A gets no gradient).
+        padding_idx, scale_grad_by_freq: the base embedding's, applied to the adapter's lookup
+            as to an embedding weight (``padding_idx``'s column of A gets no gradient).
 
     Returns:
         y (..., d) in W's dtype; the adapter runs in A's dtype and the sum in the wider of the
         two (as peft: fp32 adapters on a bf16 W add in fp32, then round once).
     """
     _check_inputs(ids, weight, lora_A, lora_B, scaling)
-    base, delta = _lookups(ids, weight, lora_A, lora_B, padding_idx, scale_grad_by_freq, sparse)
+    base, delta = _lookups(ids, weight, lora_A, lora_B, padding_idx, scale_grad_by_freq)
     return (base + delta * scaling).to(weight.dtype)
 
 
@@ -124,14 +124,13 @@ def dora_embedding(
     *,
     padding_idx: int | None = None,
     scale_grad_by_freq: bool = False,
-    sparse: bool = False,
     weight_sq_norm: Tensor | None = None,
 ) -> Tensor:
     """DoRA embedding: ``y = (m/n) ⊙ (W[ids] + scaling · Aᵀ[ids] Bᵀ)``, n (d,) from
     ``embedding_dora_weight_norm``, a constant in backward (DoRA §4.3).
 
     Args:
-        ids, weight, lora_A, lora_B, scaling, padding_idx, scale_grad_by_freq, sparse: as in
+        ids, weight, lora_A, lora_B, scaling, padding_idx, scale_grad_by_freq: as in
             ``lora_embedding``.
         magnitude: m (d,).
         weight_sq_norm: optional cached ``‖W[:, j]‖²`` (d,) (``embedding_weight_sq_norm``).
@@ -141,7 +140,7 @@ def dora_embedding(
     """
     _check_inputs(ids, weight, lora_A, lora_B, scaling, magnitude)
     norm = embedding_dora_weight_norm(weight, lora_A, lora_B, scaling, weight_sq_norm)
-    base, delta = _lookups(ids, weight, lora_A, lora_B, padding_idx, scale_grad_by_freq, sparse)
+    base, delta = _lookups(ids, weight, lora_A, lora_B, padding_idx, scale_grad_by_freq)
     scale = magnitude.to(norm.dtype) / norm
     return (scale * (base + delta * scaling)).to(weight.dtype)
 

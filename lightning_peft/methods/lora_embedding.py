@@ -10,7 +10,8 @@ other layers) and ``lora_bias`` is refused. Embeddings that scale their output b
 ``embed_scale`` (transformers' ``*ScaledWordEmbedding``) get the adapter scaled too, as peft does;
 other subclasses with their own forward, ``max_norm`` (which renormalises the weights in place on
 every lookup) and the inits that rewrite W (PiSSA, OLoRA; peft ignores them for embeddings) are
-refused by name.
+refused by name. A's gradient is dense whatever the base's ``sparse`` flag (W is frozen: there is
+no sparse gradient to make).
 """
 
 from __future__ import annotations
@@ -125,11 +126,7 @@ class LoRAEmbedding(LoRAWeightLayer):
 
     def _lookup_options(self) -> dict:
         base = self.base_module
-        return {
-            "padding_idx": base.padding_idx,
-            "scale_grad_by_freq": base.scale_grad_by_freq,
-            "sparse": base.sparse,
-        }
+        return {"padding_idx": base.padding_idx, "scale_grad_by_freq": base.scale_grad_by_freq}
 
     def _scaled(self, y: Tensor) -> Tensor:
         scale = self._buffers.get("embed_scale")
@@ -162,9 +159,7 @@ class LoRAEmbedding(LoRAWeightLayer):
         return self._scaled(y)
 
     def base_output(self, ids: Tensor) -> Tensor:
-        base = self.base_module
-        options = self._lookup_options()
-        return self._scaled(F.embedding(ids, self.weight, max_norm=base.max_norm, **options))
+        return self._scaled(F.embedding(ids, self.weight, self.base_module.padding_idx))
 
     def delta_weight(self) -> Tensor:
         """``s·Aᵀ Bᵀ`` (V, d) in float32 (float64 for float64 adapters)."""
