@@ -1,6 +1,7 @@
 """lightning-peft: parameter-efficient fine-tuning for PyTorch Lightning.
 
-Adapter layers (LoRA, rsLoRA, DoRA, PiSSA and OLoRA inits, bottleneck adapters), injection into
+Adapter layers (LoRA, rsLoRA, DoRA, PiSSA and OLoRA inits, ``lora_bias``, on linear, convolution
+and embedding layers; bottleneck adapters), injection into
 any ``nn.Module``, merge/unmerge, and adapters in the Hugging Face PEFT format. Each method is one
 module in ``lightning_peft.methods``, found through its registry; the layers are thin modules over
 the ``kernels`` ops.
@@ -20,6 +21,8 @@ from lightning_peft.lora_plus import lora_plus_param_groups
 from lightning_peft.methods import METHODS, AdapterLayer, method_for
 from lightning_peft.methods.bottleneck import BottleneckAdapter
 from lightning_peft.methods.lora import LoRALinear
+from lightning_peft.methods.lora_conv import LoRAConv
+from lightning_peft.methods.lora_embedding import LoRAEmbedding
 from lightning_peft.model_helpers import (
     adapter_state_dict,
     disable_adapters,
@@ -37,6 +40,8 @@ __all__ = [
     "BottleneckAdapter",
     "InjectionReport",
     "LoRAConfig",
+    "LoRAConv",
+    "LoRAEmbedding",
     "LoRALinear",
     "PEFTCallback",
     "adapter_state_dict",

@@ -18,7 +18,7 @@ from kernels import (
     dora_weight_norm,
     lora_conv,
 )
-from lightning_peft import LoRAConfig, inject_adapters, select_targets
+from lightning_peft import LoRAConfig, inject_adapters, lora_plus_param_groups, select_targets
 from lightning_peft.methods.lora_conv import LoRAConv
 from peft_interop import check_against_peft
 
@@ -343,3 +343,10 @@ def test_all_linear_means_what_it_means_in_peft_and_names_reach_the_rest():
     assert rows["emb"] == ("LoRA", "10x4 embedding", 8 * 10 + 4 * 8)
     assert isinstance(model.conv, LoRAConv)
     assert "conv" in str(report) and "embedding" in str(report)
+    slow, fast = lora_plus_param_groups(model, lr=1.0, ratio=4)  # LoRA+: the B factors faster
+    assert {id(p) for p in fast["params"]} == {
+        id(model.conv.lora_B),
+        id(model.emb.lora_embedding_B),
+        id(model.proj.lora_B),
+    }
+    assert len(slow["params"]) == 3
