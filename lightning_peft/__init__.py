@@ -23,6 +23,7 @@ from lightning_peft.methods.bottleneck import BottleneckAdapter
 from lightning_peft.methods.lora import LoRALinear
 from lightning_peft.methods.lora_conv import LoRAConv
 from lightning_peft.methods.lora_embedding import LoRAEmbedding
+from lightning_peft.methods.lora_mha import LoRAMultiheadAttention
 from lightning_peft.model_helpers import (
     adapter_state_dict,
     disable_adapters,
@@ -43,6 +44,7 @@ __all__ = [
     "LoRAConv",
     "LoRAEmbedding",
     "LoRALinear",
+    "LoRAMultiheadAttention",
     "PEFTCallback",
     "adapter_state_dict",
     "check_save_directory",

@@ -31,6 +31,7 @@ from lightning_peft.methods.bottleneck import BottleneckAdapter
 from lightning_peft.methods.lora import LORA, LoRALinear
 from lightning_peft.methods.lora_conv import LoRAConv
 from lightning_peft.methods.lora_embedding import LoRAEmbedding
+from lightning_peft.methods.lora_mha import LoRAMultiheadAttention
 
 
 class SmallModel(nn.Module):
@@ -97,6 +98,26 @@ class EmbeddingModel(nn.Module):
         return torch.randint(0, 23, (3, 9), generator=torch.Generator().manual_seed(3))
 
 
+class AttentionModel(nn.Module):
+    """Two attention modules (batch-first with bias_k/bias_v; one without biases)."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.attn = nn.MultiheadAttention(10, 2, batch_first=True, add_bias_kv=True)
+        self.cross = nn.MultiheadAttention(10, 5, batch_first=True, bias=False)
+        self.head = nn.Linear(10, 3)
+
+    def forward(self, x):
+        h, _ = self.attn(x, x, x)
+        h, _ = self.cross(torch.tanh(h), x, x, need_weights=False)
+        return self.head(h)
+
+    @staticmethod
+    def example_input() -> torch.Tensor:
+        return torch.randn(2, 7, 10, generator=torch.Generator().manual_seed(3))
+
+
 TARGETS = ["proj", "proj_nobias", "conv"]
 CONVS = ["grouped", "strided", "conv1", "conv3"]
 EMBEDDINGS = ["tokens", "positions"]
@@ -159,6 +180,19 @@ LAYER_CASES = {
             ),
             "rslora-r1": LoRAConfig(
                 r=1, target_modules=["tokens"], use_rslora=True, init_lora_weights=False
+            ),
+        },
+    ),
+    LoRAMultiheadAttention: (
+        AttentionModel,
+        {
+            "lora": LoRAConfig(r=2, target_modules=["attn", "cross"], init_lora_weights=False),
+            "rslora-r1-save-head": LoRAConfig(
+                r=1,
+                target_modules=["attn", "cross"],
+                use_rslora=True,
+                modules_to_save=["head"],
+                init_lora_weights=False,
             ),
         },
     ),

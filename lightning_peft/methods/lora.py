@@ -6,8 +6,9 @@
 and ``bias`` under the same names, so the frozen state-dict keys do not change; the adapter adds
 ``lora_A`` (r, in), ``lora_B`` (out, r), ``lora_bias`` (out,) with ``lora_bias=True`` (B's bias,
 ``y += s·b_B``) and whatever its variant adds (DoRA: ``lora_magnitude`` (out,)). Convolutions and
-embeddings have their own layer classes (``lora_conv``, ``lora_embedding``), also in
-``LORA.layers``. What differs between LoRA and DoRA lives in a variant object (peft's
+embeddings have their own layer classes (``lora_conv``, ``lora_embedding``), and so has
+``nn.MultiheadAttention`` (``lora_mha``), also in ``LORA.layers``. What differs between LoRA and
+DoRA lives in a variant object (peft's
 ``LoraVariant``): its extra tensors, init, forward, merge and unmerge; the layer never branches on
 the variant.
 GPT-2's ``Conv1D`` stores its weight as (in, out) (``fan_in_fan_out``); the ops get a
@@ -36,6 +37,7 @@ from lightning_peft.methods.base import (
 from lightning_peft.methods.lora_common import add_lora_bias, init_lora_bias, lora_bias_refusal
 from lightning_peft.methods.lora_conv import LoRAConv
 from lightning_peft.methods.lora_embedding import LoRAEmbedding
+from lightning_peft.methods.lora_mha import LoRAMultiheadAttention
 
 # -- variants -----------------------------------------------------------------------------------
 
@@ -575,8 +577,10 @@ LORA = Method(
     name="lora",
     peft_type="LORA",
     config_cls=LoRAConfig,
-    layers=(LoRALinear, LoRAEmbedding, LoRAConv),
+    layers=(LoRALinear, LoRAEmbedding, LoRAConv, LoRAMultiheadAttention),
     write_config=write_lora_config,
     read_config=read_lora_config,
-    scope="LoRA adapts nn.Linear, Conv1D, nn.Embedding and nn.Conv1d/2d/3d",
+    scope=(
+        "LoRA adapts nn.Linear, Conv1D, nn.Embedding, nn.Conv1d/2d/3d and nn.MultiheadAttention"
+    ),
 )
