@@ -350,3 +350,22 @@ def test_all_linear_means_what_it_means_in_peft_and_names_reach_the_rest():
         id(model.proj.lora_B),
     }
     assert len(slow["params"]) == 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["conv", "embedding"])
+def test_dora_layers_compile_without_graph_breaks(kind):
+    from test_adapters_registry import ConvModel, EmbeddingModel
+
+    model_class, targets = {
+        "conv": (ConvModel, ["grouped", "strided", "conv1", "conv3"]),
+        "embedding": (EmbeddingModel, ["tokens", "positions"]),
+    }[kind]
+    model = model_class()
+    config = LoRAConfig(r=2, target_modules=targets, use_dora=True, init_lora_weights=False)
+    inject_adapters(model, config)
+    x = model.example_input()
+    explained = torch._dynamo.explain(model)(x)
+    assert explained.graph_break_count == 0, [str(b.reason) for b in explained.break_reasons]
+    compiled = torch.compile(model, fullgraph=True)
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)

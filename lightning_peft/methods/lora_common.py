@@ -31,9 +31,11 @@ from lightning_peft.methods.base import AdapterLayer
 # -- variants -----------------------------------------------------------------------------------
 
 
-class LoRAVariant:
-    """Plain LoRA, and the interface of variants: what a variant adds lives on the layer under
-    the names it declares (``parameter_names`` / ``buffer_names``); the variant is stateless."""
+class WeightLoRAVariant:
+    """Plain LoRA, and the interface of variants for ``LoRAWeightLayer`` (what
+    ``lora.LoRAVariant`` is for ``LoRALinear``, written against the layer hooks instead of an
+    (out, in) matrix): what a variant adds lives on the layer under the names it declares
+    (``parameter_names`` / ``buffer_names``); the variant is stateless."""
 
     name = "LoRA"
     parameter_names: tuple[str, ...] = ()
@@ -65,7 +67,7 @@ class LoRAVariant:
         return merged - layer.delta_weight()
 
 
-class DoRAVariant(LoRAVariant):
+class WeightDoRAVariant(WeightLoRAVariant):
     """DoRA: ``y = (m/n) ⊙ (base + s·ΔW) + b`` per magnitude entry, n held constant in backward.
 
     ``‖W‖²`` along the normalised axis is kept in the non-persistent buffer ``weight_sq_norm``,
@@ -139,12 +141,12 @@ class DoRAVariant(LoRAVariant):
         return merged * layer.per_row(norm / magnitude) - layer.delta_weight()
 
 
-LORA_VARIANT = LoRAVariant()
-DORA_VARIANT = DoRAVariant()
+WEIGHT_LORA = WeightLoRAVariant()
+WEIGHT_DORA = WeightDoRAVariant()
 
 
-def variant_for(use_dora: bool) -> LoRAVariant:
-    return DORA_VARIANT if use_dora else LORA_VARIANT
+def weight_variant_for(use_dora: bool) -> WeightLoRAVariant:
+    return WEIGHT_DORA if use_dora else WEIGHT_LORA
 
 
 def _weight_loaded(layer: LoRAWeightLayer, incompatible_keys) -> None:
@@ -238,7 +240,7 @@ class LoRAWeightLayer(AdapterLayer):
         self.r, self.lora_alpha, self.dropout_p = r, lora_alpha, float(dropout)
         self.use_rslora = use_rslora
         self.scaling = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
-        self.variant = variant_for(use_dora)
+        self.variant = weight_variant_for(use_dora)
         factory = {"device": self.weight.device, "dtype": adapter_dtype}
         for name, shape in self.factor_shapes(base, r).items():
             setattr(self, name, nn.Parameter(torch.empty(shape, **factory)))
@@ -281,7 +283,7 @@ class LoRAWeightLayer(AdapterLayer):
     def check(cls, module: nn.Module, config: LoRAConfig, name: str) -> None:
         rank, _ = config_rank(config, name)
         cls.check_module(module, config, name, rank)
-        variant_for(config.use_dora).check(cls, module, config, name)
+        weight_variant_for(config.use_dora).check(cls, module, config, name)
 
     @classmethod
     def adapter_shapes(cls, module: nn.Module, config: LoRAConfig, name: str) -> dict:
@@ -290,7 +292,7 @@ class LoRAWeightLayer(AdapterLayer):
         shapes = dict(cls.factor_shapes(module, rank))
         if config.lora_bias:
             shapes["lora_bias"] = (math.prod(magnitude_shape),)
-        return shapes | variant_for(config.use_dora).extra_shapes(magnitude_shape)
+        return shapes | weight_variant_for(config.use_dora).extra_shapes(magnitude_shape)
 
     @classmethod
     def build(cls, module: nn.Module, config: LoRAConfig, name: str) -> LoRAWeightLayer:
@@ -311,7 +313,7 @@ class LoRAWeightLayer(AdapterLayer):
 
     @property
     def use_dora(self) -> bool:
-        return isinstance(self.variant, DoRAVariant)
+        return isinstance(self.variant, WeightDoRAVariant)
 
     def adapter_parameter_names(self) -> list[str]:
         bias = ["lora_bias"] if self.lora_bias is not None else []
