@@ -1,14 +1,24 @@
-"""Fused LoRA and DoRA linear ops, forward and backward, for PyTorch; (IA)³ scaling ops.
+"""Fused LoRA and DoRA linear ops, forward and backward, for PyTorch; LoRA and DoRA on
+convolutions and embeddings, and (IA)³ scaling (plain autograd ops).
 
 Standalone: imports neither Lightning nor (until a triton op runs) Triton.
 
     from kernels import lora_linear, dora_linear, dora_weight_norm
+    from kernels import lora_conv, dora_conv, lora_embedding, dora_embedding
 
 Note: Hugging Face publishes an unrelated distribution whose import name is also ``kernels``;
 the two cannot share an environment.
 """
 
 from kernels.backends import BACKEND_ENV_VAR, BACKENDS, available_backends, resolve_backend
+from kernels.conv import conv_delta_weight, conv_dora_weight_norm, dora_conv, lora_conv
+from kernels.embedding import (
+    dora_embedding,
+    embedding_delta_weight,
+    embedding_dora_weight_norm,
+    embedding_weight_sq_norm,
+    lora_embedding,
+)
 from kernels.functional import dora_linear, lora_linear
 from kernels.ia3 import ia3_linear, ia3_merge, ia3_scale, ia3_weight_factor
 from kernels.norm import dora_weight_norm, weight_row_sq_norm
@@ -17,12 +27,21 @@ __all__ = [
     "BACKENDS",
     "BACKEND_ENV_VAR",
     "available_backends",
+    "conv_delta_weight",
+    "conv_dora_weight_norm",
+    "dora_conv",
+    "dora_embedding",
     "dora_linear",
     "dora_weight_norm",
+    "embedding_delta_weight",
+    "embedding_dora_weight_norm",
+    "embedding_weight_sq_norm",
     "ia3_linear",
     "ia3_merge",
     "ia3_scale",
     "ia3_weight_factor",
+    "lora_conv",
+    "lora_embedding",
     "lora_linear",
     "resolve_backend",
     "weight_row_sq_norm",

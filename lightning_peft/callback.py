@@ -163,7 +163,9 @@ class PEFTCallback(Callback):
         method = method_for(config)  # TypeError for a config of no registered method
         if merge_on_train_end and not method.mergeable:
             layer = next(cls for cls in method.layers if not cls.mergeable)
-            raise ValueError(f"merge_on_train_end: {layer.__name__} adapters {layer.merge_refusal}")
+            raise ValueError(
+                f"merge_on_train_end: {layer.__name__} adapters {layer.why_not_mergeable}"
+            )
         self.config = config
         self.merge_on_train_end = merge_on_train_end
         self.save_adapter_to = Path(save_adapter_to) if save_adapter_to is not None else None

@@ -178,7 +178,8 @@ def mark_trainable(model: nn.Module, state: InjectionState) -> None:
 def inject_adapters(model: nn.Module, config) -> InjectionReport:
     """Adapt the target modules of ``model`` in place and freeze everything else.
 
-    LoRA/DoRA: each target ``nn.Linear``/``Conv1D`` becomes a ``LoRALinear`` sharing its
+    LoRA/DoRA: each target ``nn.Linear``/``Conv1D`` becomes a ``LoRALinear``, each
+    ``nn.Conv1d/2d/3d`` a ``LoRAConv``, each ``nn.Embedding`` a ``LoRAEmbedding``, sharing its
     parameters. Adapters: each target gets a ``BottleneckAdapter`` on its output. What stays
     trainable: the adapters, ``modules_to_save``, and biases as ``config.bias`` says.
 

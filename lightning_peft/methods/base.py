@@ -154,19 +154,20 @@ class AdapterLayer(nn.Module):
       layer built on ``module`` holds; local names are relative to the layer.
     - ``saved_names``: local name -> key suffix in a PEFT file (default: the local name);
       ``peft_key(layer_path, local_name)`` builds the whole key from it.
-    - ``mergeable``: whether the update folds into the base weight; ``merge_refusal`` says why
-      not, for the error of ``merge_adapters``.
+    - ``mergeable``: whether the update folds into the base weight; ``why_not_mergeable`` says
+      why not (a mergeable layer may still refuse one merge: ``merge_refusal()``).
     - ``fast_names``: the local names LoRA+ trains at a higher learning rate ("B" factors).
     - ``build(module, config, name)``: the layer for ``module``.
 
     Instance: ``adapter_parameter_names()`` (the keys of ``adapter_shapes``), ``disabled``,
-    ``merged``, ``merge()`` / ``unmerge()``, ``base_layer``, ``unwrap()`` (``REPLACE`` only),
-    ``describe()`` for the report. Adapter parameters keep their dtype through ``model.to(dtype)``.
+    ``merged``, ``merge()`` / ``unmerge()``, ``merge_refusal()``, ``base_layer``, ``unwrap()``
+    (``REPLACE`` only), ``describe()`` for the report. Adapter parameters keep their dtype
+    through ``model.to(dtype)``.
     """
 
     placement: ClassVar[Replace | ChildHook] = REPLACE
     mergeable: ClassVar[bool] = False
-    merge_refusal: ClassVar[str] = "are non-linear and cannot be merged into weights"
+    why_not_mergeable: ClassVar[str] = "are non-linear and cannot be merged into weights"
     saved_names: ClassVar[Mapping[str, str]] = {}
     fast_names: ClassVar[tuple[str, ...]] = ()
 
@@ -219,8 +220,16 @@ class AdapterLayer(nn.Module):
         """The base module, holding its own parameters again (``REPLACE`` layers)."""
         raise NotImplementedError
 
+    def merge_refusal(self) -> str | None:
+        """Why this layer cannot merge (checked for every layer before any layer merges), or
+        None. A mergeable class may refuse for one instance (a grouped convolution, a
+        ``lora_bias`` on a layer without a bias)."""
+        if not self.mergeable:
+            return f"{type(self).__name__} adapters {self.why_not_mergeable}"
+        return None
+
     def merge(self) -> None:
-        raise ValueError(f"{type(self).__name__} adapters {self.merge_refusal}")
+        raise ValueError(self.merge_refusal())
 
     def unmerge(self) -> None:
         """Nothing to undo for a layer that never merges."""

@@ -278,7 +278,7 @@ class PromptEmbedding(AdapterLayer):
 
     placement = PromptPlacement(CHILD_NAME)
     mergeable = False
-    merge_refusal = (
+    why_not_mergeable = (
         "(prompt tuning) cannot be merged into weights: the virtual tokens are extra inputs, "
         "not a change of any weight; remove them with unload(model, merge=False)"
     )
