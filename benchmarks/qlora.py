@@ -1,7 +1,8 @@
 """``python -m benchmarks qlora``: QLoRA figures on a real model (SmolLM2-135M by default).
 
 1. Weight memory: the model's state-dict bytes (shared storages once; bitsandbytes'
-   quantization state included) in float32, nf4 with and without double quantization, int8.
+   quantization state included) in float32, nf4 with and without double quantization, int8;
+   and what a merge re-quantized to nf4 (peft's) keeps of a low-rank update.
 2. Training step (forward, backward, AdamW step) at batch ``--batch`` × ``--length`` tokens,
    LoRA r=``--rank`` on all linear layers, timed side by side in interleaved rounds (each round
    times every implementation once, starting at a different one): ours over float32, ours over
@@ -129,6 +130,33 @@ def measure_memory(directory: Path) -> list[dict[str, object]]:
     return rows
 
 
+def requantization_loss(directory: Path, rank: int) -> list[dict[str, object]]:
+    """What re-quantizing a merged weight (peft's QLoRA merge) keeps of a rank-``rank`` update
+    ΔW of relative size ``|ΔW| / |W|``, on the first attention projection of the model: the
+    share of ΔW realised along ΔW, and the rounding error relative to ``|ΔW|`` (nf4, double
+    quantization). Why merging here de-quantizes to float instead."""
+    from bitsandbytes.functional import dequantize_4bit, quantize_4bit
+
+    def round_trip(weight: torch.Tensor) -> torch.Tensor:
+        return dequantize_4bit(*quantize_4bit(weight, quant_type="nf4", compress_statistics=True))
+
+    model = load(directory, None)
+    weight = next(m.weight for n, m in model.named_modules() if n.endswith("q_proj")).detach()
+    base = round_trip(weight)  # the quantized base the adapter was trained on
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for relative in (0.01, 0.05, 0.2):
+        update = torch.randn(weight.shape[0], rank, generator=gen) @ torch.randn(
+            rank, weight.shape[1], generator=gen
+        )
+        update *= relative * base.norm() / update.norm()
+        merged = round_trip(base + update)
+        kept = ((merged - base) * update).sum() / update.square().sum()
+        error = (merged - base - update).norm() / update.norm()
+        rows.append({"relative_update": relative, "kept": kept.item(), "error": error.item()})
+    return rows
+
+
 # -- training steps -----------------------------------------------------------------------------
 
 
@@ -193,6 +221,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     with tempfile.TemporaryDirectory() as scratch, torch_threads(args.threads):
         directory = model_dir(args.model, Path(scratch))
         memory = measure_memory(directory)
+        requantized = requantization_loss(directory, args.rank)
         names = ["lora-fp32", "qlora", "peft-qlora"] + (["qdora", "peft-qdora"] * args.dora)
         ids = torch.randint(
             0, 100, (args.batch, args.length), generator=torch.Generator().manual_seed(0)
@@ -217,7 +246,13 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         bitsandbytes=_version("bitsandbytes"),
         transformers=_version("transformers"),
     )
-    return {"metadata": metadata, "memory": memory, "steps": steps, "ratios": ratios}
+    return {
+        "metadata": metadata,
+        "memory": memory,
+        "requantized_merge": requantized,
+        "steps": steps,
+        "ratios": ratios,
+    }
 
 
 def _version(package: str) -> str | None:
@@ -241,6 +276,17 @@ def format_tables(result: dict[str, object]) -> str:
     lines += [
         f"| {r['weights']} | {r['MiB']:.1f} | {r['vs_fp32']:.3f} | {r['load_s']:.1f} |"
         for r in result["memory"]
+    ]
+    lines += [
+        "",
+        f"A merge re-quantized to nf4 (peft's QLoRA merge), rank-{meta['rank']} update ΔW:",
+        "",
+        "| |ΔW| / |W| | share of ΔW kept | rounding error / |ΔW| |",
+        "|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r['relative_update']} | {r['kept']:.2f} | {r['error']:.2f} |"
+        for r in result["requantized_merge"]
     ]
     lines += [
         "",

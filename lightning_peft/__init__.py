@@ -1,9 +1,10 @@
 """lightning-peft: parameter-efficient fine-tuning for PyTorch Lightning.
 
-Adapter layers (LoRA, rsLoRA, DoRA, PiSSA and OLoRA inits, bottleneck adapters), injection into
-any ``nn.Module``, merge/unmerge, and adapters in the Hugging Face PEFT format. Each method is one
-module in ``lightning_peft.methods``, found through its registry; the layers are thin modules over
-the ``kernels`` ops.
+Adapter layers (LoRA, rsLoRA, DoRA, PiSSA and OLoRA inits, ``lora_bias``, on linear, convolution
+and embedding layers; bottleneck adapters; IA³; prompt tuning), injection into any ``nn.Module``,
+merge/unmerge, and adapters in the Hugging Face PEFT format. Each method is one module in
+``lightning_peft.methods``, found through its registry; the layers are thin modules over the
+``kernels`` ops.
 """
 
 from lightning_peft.callback import PEFTCallback
@@ -19,7 +20,12 @@ from lightning_peft.injection import (
 from lightning_peft.lora_plus import lora_plus_param_groups
 from lightning_peft.methods import METHODS, AdapterLayer, method_for
 from lightning_peft.methods.bottleneck import BottleneckAdapter
+from lightning_peft.methods.ia3 import IA3Config, IA3Conv, IA3Linear
 from lightning_peft.methods.lora import LoRALinear
+from lightning_peft.methods.lora_conv import LoRAConv
+from lightning_peft.methods.lora_embedding import LoRAEmbedding
+from lightning_peft.methods.lora_mha import LoRAMultiheadAttention
+from lightning_peft.methods.prompt_tuning import PromptEmbedding, PromptTuningConfig
 from lightning_peft.model_helpers import (
     adapter_state_dict,
     disable_adapters,
@@ -35,10 +41,18 @@ __all__ = [
     "AdapterConfig",
     "AdapterLayer",
     "BottleneckAdapter",
+    "IA3Config",
+    "IA3Conv",
+    "IA3Linear",
     "InjectionReport",
     "LoRAConfig",
+    "LoRAConv",
+    "LoRAEmbedding",
     "LoRALinear",
+    "LoRAMultiheadAttention",
     "PEFTCallback",
+    "PromptEmbedding",
+    "PromptTuningConfig",
     "adapter_state_dict",
     "check_save_directory",
     "disable_adapters",

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 ALL_LINEAR = "all-linear"
 BIAS_CHOICES = ("none", "all", "lora_only")
 INIT_CHOICES = (True, False, "gaussian", "pissa", "olora")
+REWRITES_BASE = ("pissa", "olora")  # inits that replace W by its residual (linear layers only)
 # peft's other inits, and why they are not available for new adapters here.
 PEFT_INITS_NOT_HERE = {
     "eva": "initialises A from activations over a data set",
@@ -56,7 +57,6 @@ PEFT_IGNORED_FIELDS = (
 # peft ``LoraConfig`` fields that would change the adapted model, with the value that does not:
 # any other value is refused by name until the feature exists here.
 PEFT_UNSUPPORTED_FIELDS = {
-    "lora_bias": False,
     "target_parameters": None,
     "trainable_token_indices": None,
     "layer_replication": None,
@@ -150,7 +150,11 @@ class LoRAConfig:
         init_lora_weights: ``True`` (A kaiming-uniform, B zero), ``"gaussian"`` (A ~ N(0, 1/r),
             B zero), ``"pissa"`` (A, B from the top-r SVD of W; W becomes its residual),
             ``"olora"`` (A, B from the QR decomposition of W; W becomes its residual),
-            ``False`` (A and B both random: for tests).
+            ``False`` (A and B both random: for tests). Embeddings: A zero, B ~ N(0, 1) for
+            ``True`` and ``"gaussian"`` (peft's); PiSSA and OLoRA are for linear layers.
+        lora_bias: a trainable bias on B (``y += s·b_B``), starting at zero; peft's rules: not
+            with DoRA, only with ``init_lora_weights`` True or False, not on embeddings, and a
+            layer without a bias of its own cannot merge it.
         modules_to_save: modules (names as ``target_modules`` lists) trained and saved in full.
         layers_to_transform: layer indices (an int or a list) to adapt, read from the first
             ``<name>.<index>.`` in a module's path (or ``layers_pattern``'s).
@@ -174,6 +178,7 @@ class LoRAConfig:
     use_rslora: bool = False
     use_dora: bool = False
     init_lora_weights: bool | str = True
+    lora_bias: bool = False
     modules_to_save: list[str] | None = None
     layers_to_transform: list[int] | int | None = None
     layers_pattern: list[str] | str | None = None
@@ -197,7 +202,6 @@ class LoRAConfig:
     corda_config: Any = field(default=None, repr=False, compare=False)
     lora_ga_config: Any = field(default=None, repr=False, compare=False)
     runtime_config: Any = field(default=None, repr=False, compare=False)
-    lora_bias: Any = field(default=False, repr=False, compare=False)
     target_parameters: Any = field(default=None, repr=False, compare=False)
     trainable_token_indices: Any = field(default=None, repr=False, compare=False)
     layer_replication: Any = field(default=None, repr=False, compare=False)
@@ -227,6 +231,7 @@ class LoRAConfig:
             self.modules_to_save = [*(self.modules_to_save or []), *heads]
         _check_shared(self)
         self.init_lora_weights = _check_init(self.init_lora_weights)
+        _check_lora_bias(self)
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ValueError(
                 "layers_to_transform cannot be used when target_modules is a str (a regex or "
@@ -282,6 +287,21 @@ def _check_peft_fields(values: dict[str, Any]) -> None:
                 f"{name}={value!r} is not supported here (it would change the adapted model); "
                 f"leave it at peft's default {default!r}"
             )
+
+
+def _check_lora_bias(config: LoRAConfig) -> None:
+    """peft's rules for ``lora_bias`` (``LoraConfig.__post_init__``)."""
+    if not isinstance(config.lora_bias, bool):
+        raise ValueError(f"lora_bias must be True or False, got {config.lora_bias!r}")
+    if not config.lora_bias:
+        return
+    if config.init_lora_weights not in (True, False):
+        raise ValueError(
+            "lora_bias=True is only supported with init_lora_weights=True or False (as in "
+            f"peft), got init_lora_weights={config.init_lora_weights!r}"
+        )
+    if config.use_dora:
+        raise ValueError("lora_bias=True is not supported with DoRA (as in peft): use_dora=False")
 
 
 def _check_task_type(task_type: Any) -> str | None:

@@ -74,7 +74,10 @@ def peft_key(model: nn.Module, key: str) -> str:
 
 def peft_keys(model: nn.Module, keys) -> dict[str, str]:
     """``{key: PEFT-file key}``: a tensor ``<p>.<name>`` of the adapter layer at ``<p>`` is
-    written as its class's ``peft_key(<p>, name)``, anything else as ``base_model.model.<key>``."""
+    written as its class's ``peft_key(<p>, name)``, anything else as ``<prefix><key>`` with the
+    method's ``file_prefix`` (``base_model.model.``; prompt learning ``base_model.``)."""
+    found = find_injection(model)
+    prefix = method_for(found[2].config).file_prefix if found is not None else PEFT_PREFIX
     layers = {
         clean_name(path): type(module)
         for path, module in model.named_modules(remove_duplicate=False)
@@ -84,9 +87,7 @@ def peft_keys(model: nn.Module, keys) -> dict[str, str]:
     for key in keys:
         owner, _, local = key.rpartition(".")
         layer_class = layers.get(owner)
-        out[key] = (
-            layer_class.peft_key(owner, local) if layer_class is not None else PEFT_PREFIX + key
-        )
+        out[key] = layer_class.peft_key(owner, local) if layer_class is not None else prefix + key
     return out
 
 
@@ -99,6 +100,7 @@ def check_save_directory(directory: str | Path, overwrite: bool = False) -> Path
 
     Raises:
         FileExistsError: an adapter is there and ``overwrite`` is False, or the path is a file.
+        NotADirectoryError: the nearest existing parent is a file.
         PermissionError: the directory (or the nearest existing parent) is not writable.
     """
     directory = Path(directory)
@@ -113,6 +115,8 @@ def check_save_directory(directory: str | Path, overwrite: bool = False) -> Path
     nearest = directory
     while not nearest.exists():
         nearest = nearest.parent
+    if not nearest.is_dir():
+        raise NotADirectoryError(f"cannot create {directory}: {nearest} is a file")
     if not os.access(nearest, os.W_OK | os.X_OK):
         raise PermissionError(f"cannot write to {directory}: {nearest} is not writable")
     return directory

@@ -13,7 +13,6 @@ from torch import nn
 
 from lightning_peft.distributed import clean_name
 from lightning_peft.methods import AdapterLayer, method_for
-from lightning_peft.methods.base import PEFT_PREFIX
 from lightning_peft.quantization import keep_standard_layout, parameter_count
 from lightning_peft.targeting import TargetPlan, plan_targets
 
@@ -133,8 +132,9 @@ def plan_injection(model: nn.Module, config) -> InjectionPlan:
     state = InjectionState(config, targets.names, save_names)
     for name, param in _base_parameters(model, state, adapted):
         if not param.is_floating_point():  # e.g. a bitsandbytes layer's packed weight
+            saved = getattr(config, "modules_to_save", None)
             raise ValueError(
-                f"{name!r} would train in full (modules_to_save={config.modules_to_save!r}, "
+                f"{name!r} would train in full (modules_to_save={saved!r}, "
                 f"bias={getattr(config, 'bias', 'none')!r}) but it is a {param.dtype} tensor "
                 "(quantized), which cannot train: keep its module float, or leave it out"
             )
@@ -189,7 +189,8 @@ def mark_trainable(model: nn.Module, state: InjectionState) -> None:
 def inject_adapters(model: nn.Module, config) -> InjectionReport:
     """Adapt the target modules of ``model`` in place and freeze everything else.
 
-    LoRA/DoRA: each target ``nn.Linear``/``Conv1D`` becomes a ``LoRALinear`` sharing its
+    LoRA/DoRA: each target ``nn.Linear``/``Conv1D`` becomes a ``LoRALinear``, each
+    ``nn.Conv1d/2d/3d`` a ``LoRAConv``, each ``nn.Embedding`` a ``LoRAEmbedding``, sharing its
     parameters. Adapters: each target gets a ``BottleneckAdapter`` on its output. What stays
     trainable: the adapters, ``modules_to_save``, and biases as ``config.bias`` says.
 
@@ -241,6 +242,7 @@ def planned_tensors(model: nn.Module, config) -> dict[str, tuple[int, ...]]:
     config)``, from the layer classes' declarations (``adapter_shapes``, ``peft_key``, the
     placement), computed on the model before injection. Raises as ``plan_injection``."""
     plan = plan_injection(model, config)
+    prefix = method_for(config).file_prefix
     shapes: dict[str, tuple[int, ...]] = {}
     replaced: dict[str, type[AdapterLayer]] = {}  # targets whose layer takes their place
     for name, layer_class in plan.targets.targets:
@@ -257,7 +259,7 @@ def planned_tensors(model: nn.Module, config) -> dict[str, tuple[int, ...]]:
         if owner in replaced:  # the layer will hold the base's tensor under the same local name
             shapes[replaced[owner].peft_key(owner, local)] = tuple(param.shape)
         else:
-            shapes[PEFT_PREFIX + name] = tuple(param.shape)
+            shapes[prefix + name] = tuple(param.shape)
     return shapes
 
 

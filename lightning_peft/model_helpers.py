@@ -20,17 +20,47 @@ def merge_adapters(model: nn.Module) -> int:
 
     Raises:
         ValueError: the model has a layer that cannot merge (e.g. a bottleneck adapter, which is
-            non-linear); nothing is merged then.
+            non-linear; a LoRA on a grouped convolution; a layer whose weight another module
+            shares, as tied embeddings do), naming it; nothing is merged then.
     """
-    layers = [layer for _, layer in adapter_layers(model)]
-    for layer in layers:
-        if not layer.mergeable:
-            raise ValueError(
-                f"{type(layer).__name__} adapters are non-linear and cannot be merged into weights"
-            )
-    for layer in layers:
+    layers = list(adapter_layers(model))
+    owners = _parameter_owners(model)
+    for path, layer in layers:
+        reason = layer.merge_refusal() or _shared_weight_refusal(path, layer, owners)
+        if reason is not None:
+            raise ValueError(f"{path or 'the model'}: {reason}")
+    for _, layer in layers:
         layer.merge()
     return len(layers)
+
+
+def _parameter_owners(model: nn.Module) -> dict[int, list[str]]:
+    """``{id(parameter): [every "<module path>.<name>" that holds it]}``."""
+    owners: dict[int, list[str]] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        for name, param in module._parameters.items():
+            if param is not None:
+                owners.setdefault(id(param), []).append(f"{path}.{name}" if path else name)
+    return owners
+
+
+def _shared_weight_refusal(path: str, layer: AdapterLayer, owners: dict) -> str | None:
+    """A merge writes the base tensors the layer holds in place: refuse when a module outside
+    the layer holds one of them too (tied weights), since the merge would change it as well."""
+    if layer.merged:
+        return None
+    adapter = set(layer.adapter_parameter_names())
+    for name, param in layer._parameters.items():
+        if param is None or name in adapter:
+            continue
+        here = f"{path}.{name}" if path else name
+        others = [owner for owner in owners.get(id(param), []) if owner != here]
+        if others:
+            return (
+                f"its {name} is also {others[0]!r} (tied weights), which merging would change "
+                "too; keep the adapter unmerged, or untie the weights first"
+            )
+    return None
 
 
 def unmerge_adapters(model: nn.Module) -> int:

@@ -8,7 +8,8 @@
   ``<layers_pattern>.<index>.``) index is listed;
 - each target goes to the first layer class of the config's method that adapts it; a target no
   class adapts is refused by name, and so is a module whose parent never calls it (the
-  ``out_proj`` of ``nn.MultiheadAttention``): ``all-linear`` skips those, saying why.
+  ``out_proj`` of ``nn.MultiheadAttention``, which LoRA adapts through the attention module
+  itself): ``all-linear`` skips those, saying why.
 """
 
 from __future__ import annotations
@@ -77,7 +78,8 @@ def never_called_reason(model: nn.Module, name: str) -> str | None:
         return (
             f"the {child} of nn.MultiheadAttention {parent_name or '(the model)'!r}, whose forward "
             f"reads {child}.weight directly and never calls the module: an adapter there would "
-            "never act (adapting MultiheadAttention itself is not supported yet)"
+            "never act (target the nn.MultiheadAttention itself: LoRA adapts its in_proj and "
+            "out_proj)"
         )
     return None
 

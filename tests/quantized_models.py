@@ -73,6 +73,10 @@ class QuantizedSmallModel(nn.Module):
     def forward(self, x):
         return self.head(torch.tanh(self.proj_nobias(torch.tanh(self.proj(x)))))
 
+    @staticmethod
+    def example_input() -> torch.Tensor:
+        return torch.randn(4, 11, generator=torch.Generator().manual_seed(3))
+
 
 def no_cpu_packing(model: nn.Module) -> nn.Module:
     """Keep bitsandbytes' layers in their standard layout in eval mode (as adapted layers do):

@@ -235,7 +235,7 @@ def test_load_that_does_not_fit_changes_nothing(tmp_path, damage, match):
     elif damage == "wrong_shape":
         weights[key] = torch.zeros(3, 3)
     elif damage == "unknown_method":
-        config["peft_type"] = "IA3"
+        config["peft_type"] = "LOHA"  # a peft method this package does not have
     elif damage == "no_weights":
         (directory / "adapter_model.safetensors").unlink()
     if damage != "no_weights":

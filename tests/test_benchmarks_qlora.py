@@ -23,5 +23,7 @@ def test_qlora_benchmark_writes_its_figures(tmp_path, capsys):
     for step in result["steps"].values():
         assert 0 < step["q1_ms"] <= step["median_ms"] <= step["q3_ms"]
     assert set(result["ratios"]) == set(qlora.RATIOS)
+    kept = [row["kept"] for row in result["requantized_merge"]]
+    assert kept == sorted(kept) and kept[0] < 0.5  # a small update mostly rounds away
     assert result["metadata"]["bitsandbytes"] and result["metadata"]["threads"] == 1
     assert "| QLoRA ours / peft |" in capsys.readouterr().out

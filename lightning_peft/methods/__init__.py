@@ -19,9 +19,11 @@ from torch import nn
 
 from lightning_peft.methods.base import AdapterLayer, ChildHook, Method, Replace
 from lightning_peft.methods.bottleneck import BOTTLENECK
+from lightning_peft.methods.ia3 import IA3
 from lightning_peft.methods.lora import LORA
+from lightning_peft.methods.prompt_tuning import PROMPT_TUNING
 
-METHODS: tuple[Method, ...] = (LORA, BOTTLENECK)
+METHODS: tuple[Method, ...] = (LORA, BOTTLENECK, IA3, PROMPT_TUNING)
 
 
 def method_for(config: object) -> Method:

@@ -143,7 +143,8 @@ class AdapterLayer(nn.Module):
 
     Class-level declarations (used before injection, by the fit checks and the file format):
 
-    - ``placement``: ``REPLACE`` or a ``ChildHook``.
+    - ``placement``: ``REPLACE``, a ``ChildHook``, or a method's own object with the same five
+      methods (prompt tuning's ``PromptPlacement``).
     - ``adapts(module)``: whether this class adapts ``module`` (dispatch, tried in order).
     - ``check(module, config, name)``: raise ``ValueError`` naming ``name`` for a config that
       cannot go there (before the model is touched).
@@ -151,17 +152,20 @@ class AdapterLayer(nn.Module):
       layer built on ``module`` holds; local names are relative to the layer.
     - ``saved_names``: local name -> key suffix in a PEFT file (default: the local name);
       ``peft_key(layer_path, local_name)`` builds the whole key from it.
-    - ``mergeable``: whether the update folds into the base weight.
+    - ``mergeable``: whether the update folds into the base weight; ``why_not_mergeable`` says
+      why not (a mergeable layer may still refuse one merge: ``merge_refusal()``).
     - ``fast_names``: the local names LoRA+ trains at a higher learning rate ("B" factors).
     - ``build(module, config, name)``: the layer for ``module``.
 
     Instance: ``adapter_parameter_names()`` (the keys of ``adapter_shapes``), ``disabled``,
-    ``merged``, ``merge()`` / ``unmerge()``, ``base_layer``, ``unwrap()`` (``REPLACE`` only),
-    ``describe()`` for the report. Adapter parameters keep their dtype through ``model.to(dtype)``.
+    ``merged``, ``merge()`` / ``unmerge()``, ``merge_refusal()``, ``base_layer``, ``unwrap()``
+    (``REPLACE`` only), ``describe()`` for the report. Adapter parameters keep their dtype
+    through ``model.to(dtype)``.
     """
 
     placement: ClassVar[Replace | ChildHook] = REPLACE
     mergeable: ClassVar[bool] = False
+    why_not_mergeable: ClassVar[str] = "are non-linear and cannot be merged into weights"
     saved_names: ClassVar[Mapping[str, str]] = {}
     fast_names: ClassVar[tuple[str, ...]] = ()
 
@@ -214,8 +218,16 @@ class AdapterLayer(nn.Module):
         """The base module, holding its own parameters again (``REPLACE`` layers)."""
         raise NotImplementedError
 
+    def merge_refusal(self) -> str | None:
+        """Why this layer cannot merge (checked for every layer before any layer merges), or
+        None. A mergeable class may refuse for one instance (a grouped convolution, a
+        ``lora_bias`` on a layer without a bias)."""
+        if not self.mergeable:
+            return f"{type(self).__name__} adapters {self.why_not_mergeable}"
+        return None
+
     def merge(self) -> None:
-        raise ValueError(f"{type(self).__name__} is non-linear and cannot be merged into weights")
+        raise ValueError(self.merge_refusal())
 
     def unmerge(self) -> None:
         """Nothing to undo for a layer that never merges."""
@@ -267,6 +279,9 @@ class Method:
             only").
         select: ``(model, config) -> [module names]`` for a method whose targets are not chosen
             by ``target_modules`` (prompt tuning: the input embedding); None for peft's rules.
+        file_prefix: the prefix of the model's own saved tensors (``modules_to_save``, trained
+            biases) in a PEFT file: ``base_model.model.`` for peft's tuners, ``base_model.`` for
+            its prompt-learning methods.
     """
 
     name: str
@@ -277,6 +292,7 @@ class Method:
     read_config: Callable[[dict, Path], Any]
     scope: str
     select: Callable[[nn.Module, Any], list[str]] | None = None
+    file_prefix: str = PEFT_PREFIX
 
     @property
     def mergeable(self) -> bool:

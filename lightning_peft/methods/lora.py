@@ -4,9 +4,13 @@
 ``LoRALinear`` adapts a frozen ``nn.Linear`` or transformers ``Conv1D``; it is a thin module over
 ``kernels.lora_linear`` / ``kernels.dora_linear``. It registers the base layer's own ``weight``
 and ``bias`` under the same names, so the frozen state-dict keys do not change; the adapter adds
-``lora_A`` (r, in), ``lora_B`` (out, r) and whatever its variant adds (DoRA: ``lora_magnitude``
-(out,)). What differs between LoRA and DoRA lives in a variant object (peft's ``LoraVariant``):
-its extra tensors, init, forward, merge and unmerge; the layer never branches on the variant.
+``lora_A`` (r, in), ``lora_B`` (out, r), ``lora_bias`` (out,) with ``lora_bias=True`` (B's bias,
+``y += s·b_B``) and whatever its variant adds (DoRA: ``lora_magnitude`` (out,)). Convolutions and
+embeddings have their own layer classes (``lora_conv``, ``lora_embedding``), and so has
+``nn.MultiheadAttention`` (``lora_mha``), also in ``LORA.layers``. What differs between LoRA and
+DoRA lives in a variant object (peft's
+``LoraVariant``): its extra tensors, init, forward, merge and unmerge; the layer never branches on
+the variant.
 GPT-2's ``Conv1D`` stores its weight as (in, out) (``fan_in_fan_out``); the ops get a
 transposed view, never a copy.
 """
@@ -22,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kernels import dora_linear, dora_weight_norm, lora_linear, weight_row_sq_norm
-from lightning_peft.config import INIT_CHOICES, PEFT_INITS_NOT_HERE, LoRAConfig
+from lightning_peft.config import INIT_CHOICES, PEFT_INITS_NOT_HERE, REWRITES_BASE, LoRAConfig
 from lightning_peft.methods.base import (
     AdapterLayer,
     Method,
@@ -30,6 +34,10 @@ from lightning_peft.methods.base import (
     is_linear_like,
     quantized_reason,
 )
+from lightning_peft.methods.lora_common import add_lora_bias, init_lora_bias, lora_bias_refusal
+from lightning_peft.methods.lora_conv import LoRAConv
+from lightning_peft.methods.lora_embedding import LoRAEmbedding
+from lightning_peft.methods.lora_mha import LoRAMultiheadAttention
 
 # -- variants -----------------------------------------------------------------------------------
 
@@ -248,7 +256,6 @@ INITS = {
     "pissa": _init_pissa,
     "olora": _init_olora,
 }
-REWRITES_BASE = ("pissa", "olora")  # inits that replace W by its residual
 assert set(INITS) == set(INIT_CHOICES)
 
 
@@ -284,6 +291,7 @@ class LoRALinear(AdapterLayer):
     saved_names: ClassVar[dict[str, str]] = {
         "lora_A": "lora_A.weight",
         "lora_B": "lora_B.weight",
+        "lora_bias": "lora_B.bias",
         "lora_magnitude": "lora_magnitude_vector",
         "weight": "base_layer.weight",
         "bias": "base_layer.bias",
@@ -299,6 +307,7 @@ class LoRALinear(AdapterLayer):
         dropout: float = 0.0,
         use_rslora: bool = False,
         use_dora: bool = False,
+        lora_bias: bool = False,
         init_lora_weights: bool | str = True,
         adapter_dtype: torch.dtype = torch.float32,
         backend: str = "auto",
@@ -312,6 +321,8 @@ class LoRALinear(AdapterLayer):
             )
         if r < 1:
             raise ValueError(f"rank r must be >= 1, got {r}")
+        if lora_bias and use_dora:
+            raise ValueError("lora_bias is not supported with DoRA (as in peft)")
         self.fan_in_fan_out = is_conv1d(base)
         self.weight = base.weight
         self.bias = base.bias
@@ -325,6 +336,9 @@ class LoRALinear(AdapterLayer):
         factory = {"device": self.weight.device, "dtype": adapter_dtype}
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **factory))
+        self.lora_bias = (
+            nn.Parameter(torch.empty(self.out_features, **factory)) if lora_bias else None
+        )
         self.merged = False
         self.disabled = False
         self.variant.create(self, adapter_dtype)
@@ -366,6 +380,7 @@ class LoRALinear(AdapterLayer):
         return {
             "lora_A": (rank, in_features),
             "lora_B": (out_features, rank),
+            **({"lora_bias": (out_features,)} if config.lora_bias else {}),
             **variant_for(config.use_dora).extra_shapes(out_features, in_features),
         }
 
@@ -379,6 +394,7 @@ class LoRALinear(AdapterLayer):
             dropout=config.lora_dropout,
             use_rslora=config.use_rslora,
             use_dora=config.use_dora,
+            lora_bias=config.lora_bias,
             init_lora_weights=config.init_lora_weights,
             adapter_dtype=getattr(torch, config.adapter_dtype),
             backend=config.backend,
@@ -391,7 +407,8 @@ class LoRALinear(AdapterLayer):
         return isinstance(self.variant, DoRAVariant)
 
     def adapter_parameter_names(self) -> list[str]:
-        return ["lora_A", "lora_B", *self.variant.parameter_names]
+        bias = ["lora_bias"] if self.lora_bias is not None else []
+        return ["lora_A", "lora_B", *bias, *self.variant.parameter_names]
 
     def adapter_buffer_names(self) -> list[str]:
         return list(self.variant.buffer_names)
@@ -419,6 +436,8 @@ class LoRALinear(AdapterLayer):
         """Initialise A, B (and the variant's tensors) as peft does; ``"pissa"`` and ``"olora"``
         also replace W by its residual."""
         INITS[init_lora_weights](self)
+        if self.lora_bias is not None:
+            init_lora_bias(self.lora_bias, init_lora_weights, self.r)
         self.variant.init(self)
 
     # -- forward --------------------------------------------------------------------------------
@@ -433,7 +452,7 @@ class LoRALinear(AdapterLayer):
         # detach(): W is frozen; under FSDP1 (use_orig_params) it arrives as a view of a flat
         # parameter that requires grad because the adapters in the same unit do.
         weight = self.weight_out_in().detach().to(dtype)
-        bias = None if self.bias is None else self.bias.to(dtype)
+        bias = add_lora_bias(self.bias, self.lora_bias, self.scaling, dtype)
         args = (x.to(dtype), weight, bias, self.lora_A.to(dtype), self.lora_B.to(dtype))
         with torch.autocast(x.device.type, enabled=False):
             return self.variant.forward(self, args, dtype)
@@ -446,15 +465,24 @@ class LoRALinear(AdapterLayer):
         dtype = torch.promote_types(self.lora_A.dtype, torch.float32)
         return self.scaling * (self.lora_B.to(dtype) @ self.lora_A.to(dtype))
 
+    def merge_refusal(self) -> str | None:
+        return lora_bias_refusal(self)
+
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold the adapter into W (``W ← W + sBA``; DoRA ``W ← (m/n) ⊙ (W + sBA)``)."""
+        """Fold the adapter into W (``W ← W + sBA``; DoRA ``W ← (m/n) ⊙ (W + sBA)``) and
+        ``lora_bias`` into the bias (``b ← b + s·b_B``)."""
         if self.merged:
             return
+        reason = self.merge_refusal()
+        if reason is not None:
+            raise ValueError(reason)
         weight = self.weight_out_in()
         wide = weight.to(torch.promote_types(weight.dtype, torch.float32))
         weight.copy_(self.variant.merge(self, wide))
         self.variant.weight_changed(self)
+        if self.lora_bias is not None:
+            self.bias.add_((self.lora_bias * self.scaling).to(self.bias.dtype))
         self.merged = True
 
     @torch.no_grad()
@@ -466,6 +494,8 @@ class LoRALinear(AdapterLayer):
         wide = weight.to(torch.promote_types(weight.dtype, torch.float32))
         weight.copy_(self.variant.unmerge(self, wide))
         self.variant.weight_changed(self)
+        if self.lora_bias is not None:
+            self.bias.sub_((self.lora_bias * self.scaling).to(self.bias.dtype))
         self.merged = False
 
     def extra_repr(self) -> str:
@@ -488,6 +518,7 @@ _PEFT_LORA_FIELDS = (
     "use_rslora",
     "use_dora",
     "init_lora_weights",
+    "lora_bias",
     "modules_to_save",
     "layers_to_transform",
     "layers_pattern",
@@ -561,8 +592,11 @@ LORA = Method(
     name="lora",
     peft_type="LORA",
     config_cls=LoRAConfig,
-    layers=(QuantizedLoRALinear, LoRALinear),
+    layers=(QuantizedLoRALinear, LoRALinear, LoRAEmbedding, LoRAConv, LoRAMultiheadAttention),
     write_config=write_lora_config,
     read_config=read_lora_config,
-    scope="LoRA adapts nn.Linear, Conv1D and bitsandbytes' Linear4bit/Linear8bitLt only",
+    scope=(
+        "LoRA adapts nn.Linear, Conv1D, nn.Embedding, nn.Conv1d/2d/3d, nn.MultiheadAttention "
+        "and bitsandbytes' Linear4bit/Linear8bitLt"
+    ),
 )

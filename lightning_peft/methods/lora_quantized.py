@@ -37,11 +37,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kernels import dora_combine, factored_weight_norm, lora_delta
-from lightning_peft.config import LoRAConfig
+from lightning_peft.config import REWRITES_BASE, LoRAConfig
 from lightning_peft.methods.base import AdapterLayer, keep_adapter_dtype
 from lightning_peft.methods.lora import (
     INITS,
-    REWRITES_BASE,
     LoRALinear,
     checked_rank,
     refuse_zero_rows,
@@ -262,6 +261,12 @@ class QuantizedLoRALinear(AdapterLayer):
             raise ValueError(f"target {name!r} is {reason}")
         if config.init_lora_weights in REWRITES_BASE:
             raise ValueError(_rewrite_refusal(config.init_lora_weights, module, repr(name)))
+        if getattr(config, "lora_bias", False):
+            raise ValueError(
+                f"lora_bias=True over {name!r}, a bitsandbytes {type(module).__name__} "
+                f"({quantization_label(module)}), is not supported yet (the adapter branch over "
+                "a quantized base has no bias): use lora_bias=False"
+            )
         (QUANTIZED_DORA if config.use_dora else QUANTIZED_LORA).check(module, config, name)
 
     @classmethod
