@@ -132,8 +132,8 @@ def measure_memory(directory: Path) -> list[dict[str, object]]:
 
 def requantization_loss(directory: Path, rank: int) -> list[dict[str, object]]:
     """What re-quantizing a merged weight (peft's QLoRA merge) keeps of a rank-``rank`` update
-    ΔW of relative size ``|ΔW| / |W|``, on the first attention projection of the model: the
-    share of ΔW realised along ΔW, and the rounding error relative to ``|ΔW|`` (nf4, double
+    ΔW of relative size ``‖ΔW‖ / ‖W‖``, on the first attention projection of the model: the
+    share of ΔW realised along ΔW, and the rounding error relative to ``‖ΔW‖`` (nf4, double
     quantization). Why merging here de-quantizes to float instead."""
     from bitsandbytes.functional import dequantize_4bit, quantize_4bit
 
@@ -281,7 +281,7 @@ def format_tables(result: dict[str, object]) -> str:
         "",
         f"A merge re-quantized to nf4 (peft's QLoRA merge), rank-{meta['rank']} update ΔW:",
         "",
-        "| |ΔW| / |W| | share of ΔW kept | rounding error / |ΔW| |",
+        "| ‖ΔW‖ / ‖W‖ | share of ΔW kept | rounding error / ‖ΔW‖ |",
         "|---:|---:|---:|",
     ]
     lines += [

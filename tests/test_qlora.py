@@ -555,6 +555,14 @@ def test_inits_that_rewrite_the_base_are_refused_by_name(init):
 
 
 @NEEDS_BNB
+def test_lora_bias_over_a_quantized_base_is_refused_by_name():
+    model = QuantizedSmallModel()
+    with pytest.raises(ValueError, match="lora_bias=True over 'proj', a bitsandbytes Linear4bit"):
+        inject_adapters(model, LoRAConfig(r=2, target_modules=["proj"], lora_bias=True))
+    assert type(model.proj) is type(QuantizedSmallModel().proj)
+
+
+@NEEDS_BNB
 def test_dora_over_a_quantized_zero_row_is_refused():
     linear, _ = linear_4bit(16, 6)
     with torch.no_grad():
