@@ -47,7 +47,6 @@ def dora_weight_norm(
     GEMM); everything after it runs in at least float32.
     """
     check_weight_norm_inputs(weight, lora_A, lora_B)
-    dtype = norm_dtype(weight.dtype)
     weight, lora_A, lora_B = weight.detach(), lora_A.detach(), lora_B.detach()
     if weight_sq_norm is None:
         weight_sq_norm = weight_row_sq_norm(weight)
@@ -56,10 +55,35 @@ def dora_weight_norm(
             f"weight_sq_norm must be (out,) = ({weight.shape[0]},), "
             f"got {tuple(weight_sq_norm.shape)}"
         )
-    a = lora_A.to(dtype)
-    b = lora_B.to(dtype)
-    weight_a = (weight @ lora_A.to(weight.dtype).T).to(dtype)  # (out, r)
-    cross = (weight_a * b).sum(dim=1)  # ⟨(W Aᵀ)_i, B_i⟩
+    weight_a = weight @ lora_A.to(weight.dtype).T  # (out, r)
+    return factored_weight_norm(weight_a, weight_sq_norm, lora_A, lora_B, scaling)
+
+
+def factored_weight_norm(
+    weight_a: Tensor,
+    weight_sq_norm: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+) -> Tensor:
+    """``n_i = ‖W_i + s·(B A)_i‖₂`` from the products a caller already has, never from W itself:
+    ``n_i² = ‖W_i‖² + 2s·⟨(W Aᵀ)_i, B_i⟩ + s²·B_i (A Aᵀ) B_iᵀ``.
+
+    Args:
+        weight_a: ``W Aᵀ`` (out, r), however W is stored (a quantized base computes it in
+            row chunks).
+        weight_sq_norm: ``‖W_i‖²`` (out,).
+        lora_A: A (r, in).
+        lora_B: B (out, r).
+        scaling: s.
+
+    Returns:
+        n (out,), detached, in at least float32; squared terms are clamped at 0 before the root.
+    """
+    dtype = torch.promote_types(norm_dtype(weight_a.dtype), norm_dtype(lora_A.dtype))
+    a = lora_A.detach().to(dtype)
+    b = lora_B.detach().to(dtype)
+    cross = (weight_a.detach().to(dtype) * b).sum(dim=1)  # ⟨(W Aᵀ)_i, B_i⟩
     quadratic = ((b @ (a @ a.T)) * b).sum(dim=1)  # B_i (A Aᵀ) B_iᵀ
     sq_norm = weight_sq_norm.to(dtype) + (2.0 * scaling) * cross + (scaling * scaling) * quadratic
     return sq_norm.clamp_min(0.0).sqrt()

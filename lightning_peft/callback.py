@@ -88,6 +88,7 @@ from lightning_peft.methods import method_for
 from lightning_peft.methods.ia3 import IA3Config
 from lightning_peft.methods.prompt_tuning import PromptTuningConfig
 from lightning_peft.model_helpers import adapter_state_dict, merge_adapters
+from lightning_peft.quantization import quantize_for_precision
 from lightning_peft.resume import (
     CheckpointContents,
     check_config,
@@ -249,6 +250,7 @@ class PEFTCallback(Callback):
     def _inject(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         root = self.adapted_module(pl_module)
         try:
+            quantize_for_precision(trainer, pl_module, root, self.config)  # BitsandbytesPrecision
             self.report = inject_adapters(root, self.config)
         except ValueError as error:  # no target matched (naming close matches), or does not fit
             if isinstance(error, InputError):

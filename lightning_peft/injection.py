@@ -13,6 +13,7 @@ from torch import nn
 
 from lightning_peft.distributed import clean_name
 from lightning_peft.methods import AdapterLayer, method_for
+from lightning_peft.quantization import keep_standard_layout, parameter_count
 from lightning_peft.targeting import TargetPlan, plan_targets
 
 STATE_ATTR = "lightning_peft_state"
@@ -127,6 +128,16 @@ def plan_injection(model: nn.Module, config) -> InjectionPlan:
         aliases[name] = paths[id(module)]
         layer_class.placement.check(model, name, aliases[name])
         layer_class.check(module, config, name)
+    adapted = [path for name in targets.names for path in aliases[name]]
+    state = InjectionState(config, targets.names, save_names)
+    for name, param in _base_parameters(model, state, adapted):
+        if not param.is_floating_point():  # e.g. a bitsandbytes layer's packed weight
+            saved = getattr(config, "modules_to_save", None)
+            raise ValueError(
+                f"{name!r} would train in full (modules_to_save={saved!r}, "
+                f"bias={getattr(config, 'bias', 'none')!r}) but it is a {param.dtype} tensor "
+                "(quantized), which cannot train: keep its module float, or leave it out"
+            )
     return InjectionPlan(targets, save_names, aliases)
 
 
@@ -189,6 +200,7 @@ def inject_adapters(model: nn.Module, config) -> InjectionReport:
             model that already has adapters. The model is unchanged then.
     """
     plan = plan_injection(model, config)
+    keep_standard_layout(model)  # bitsandbytes layers: no CPU repacking that drops gradients
     for name, layer_class in plan.targets.targets:  # nothing can fail below this line
         layer = layer_class.build(model.get_submodule(name), config, name)
         layer_class.placement.attach(model, name, layer)
@@ -220,8 +232,8 @@ def injection_report(model: nn.Module) -> InjectionReport:
             target = clean_name(type(layer).placement.target_path(name))
             report.modules.append(AdaptedModule(target, kind, shape, rank, params))
     params = list({id(p): p for p in model.parameters()}.values())
-    report.trainable_params = sum(p.numel() for p in params if p.requires_grad)
-    report.total_params = sum(p.numel() for p in params)
+    report.trainable_params = sum(parameter_count(p) for p in params if p.requires_grad)
+    report.total_params = sum(parameter_count(p) for p in params)  # packed 4-bit: 2 per byte
     return report
 
 

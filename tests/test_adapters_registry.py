@@ -37,6 +37,8 @@ from lightning_peft.methods.lora import LORA, LoRALinear
 from lightning_peft.methods.lora_conv import LoRAConv
 from lightning_peft.methods.lora_embedding import LoRAEmbedding
 from lightning_peft.methods.lora_mha import LoRAMultiheadAttention
+from lightning_peft.methods.lora_quantized import QuantizedLoRALinear
+from quantized_models import QuantizedSmallModel
 from tiny_models import tiny_llama
 
 
@@ -230,6 +232,26 @@ LAYER_CASES = {
                 r=1,
                 target_modules=["attn", "cross"],
                 use_rslora=True,
+                modules_to_save=["head"],
+                init_lora_weights=False,
+            ),
+        },
+    ),
+    # bitsandbytes Linear4bit (nf4, double quantization) layers; skipped without bitsandbytes.
+    QuantizedLoRALinear: (
+        QuantizedSmallModel,
+        {
+            "qlora": LoRAConfig(
+                r=2, target_modules=["proj", "proj_nobias"], init_lora_weights=False
+            ),
+            "qdora": LoRAConfig(
+                r=3, target_modules=["proj", "proj_nobias"], use_dora=True, init_lora_weights=False
+            ),
+            "rslora-lora_only-save-head": LoRAConfig(
+                r=1,
+                target_modules=["proj", "proj_nobias"],
+                use_rslora=True,
+                bias="lora_only",
                 modules_to_save=["head"],
                 init_lora_weights=False,
             ),

@@ -38,10 +38,12 @@ def is_linear_like(module: nn.Module) -> bool:
 
 
 def quantized_reason(module: nn.Module) -> str | None:
-    """Why ``module``'s weight is not a plain float tensor (bitsandbytes, packed ints), or None.
+    """Why ``module`` is no plain float layer (bitsandbytes, packed ints), or None.
 
-    bitsandbytes' ``Linear4bit`` / ``Linear8bitLt`` subclass ``nn.Linear`` but hold packed
+    bitsandbytes' layers subclass ``nn.Linear`` (or ``nn.Embedding``) but may hold packed
     weights; they are recognised by their classes' module names, without importing bitsandbytes.
+    Float layer classes refuse them; the ones adapted over a quantized base (``Linear4bit``,
+    ``Linear8bitLt``: ``methods/lora_quantized.py``) come first in a method's dispatch.
     """
     weight = getattr(module, "weight", None)
     classes = [*type(module).__mro__, type(weight)]
@@ -50,11 +52,7 @@ def quantized_reason(module: nn.Module) -> str | None:
         None,
     )
     if library is not None:
-        return (
-            f"a bitsandbytes {type(module).__name__} holding quantized weights "
-            f"({type(weight).__name__}); adapting quantized layers (QLoRA) is not supported yet: "
-            "load the model without quantization"
-        )
+        return f"a bitsandbytes {type(module).__name__} ({type(weight).__name__} weights)"
     if weight is not None and not weight.is_floating_point():
         return (
             f"a {type(module).__name__} whose weight is {weight.dtype}, not a float tensor "
@@ -308,5 +306,5 @@ class Method:
         """The message for a target no layer class adapts."""
         reason = quantized_reason(module)
         if reason is not None:
-            return f"target {name!r} is {reason}"
+            return f"target {name!r} is {reason}; {self.scope}: narrow target_modules"
         return f"target {name!r} is a {type(module).__name__}; {self.scope}: narrow target_modules"

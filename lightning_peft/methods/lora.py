@@ -88,6 +88,20 @@ class LoRAVariant:
         return merged - layer.delta_weight()
 
 
+def refuse_zero_rows(weight_sq_norm: Tensor, name: str) -> None:
+    """DoRA's refusal of a weight with an all-zero row (``‖W_i‖² = 0``, given (out,)), naming
+    ``name``: the magnitude would start at 0 and ``m/n`` be 0/0 there."""
+    zero_rows = (weight_sq_norm == 0).nonzero().flatten()
+    if len(zero_rows):
+        raise ValueError(
+            f"DoRA cannot adapt {name!r}: row {int(zero_rows[0])} of its weight is all zeros"
+            + (f" ({len(zero_rows)} such rows)" if len(zero_rows) > 1 else "")
+            + ", so the magnitude starts at ‖W_i‖ = 0 and m/‖W_i + s·B_iA‖ is 0/0 (peft's "
+            "DoRA gives NaN there). Exclude the module "
+            f"(exclude_modules=[{name!r}]) or use LoRA"
+        )
+
+
 class DoRAVariant(LoRAVariant):
     """DoRA: ``y = (m/n) ⊙ (x (W + sBA)ᵀ) + b``, ``n = ‖W + sBA‖_row`` held constant in backward.
 
@@ -112,15 +126,7 @@ class DoRAVariant(LoRAVariant):
     def check(self, weight: Tensor, config: LoRAConfig, name: str) -> None:
         if config.init_lora_weights is False or weight.is_meta:  # B random: n_i > 0; no data
             return
-        zero_rows = (weight_row_sq_norm(weight) == 0).nonzero().flatten()
-        if len(zero_rows):
-            raise ValueError(
-                f"DoRA cannot adapt {name!r}: row {int(zero_rows[0])} of its weight is all zeros"
-                + (f" ({len(zero_rows)} such rows)" if len(zero_rows) > 1 else "")
-                + ", so the magnitude starts at ‖W_i‖ = 0 and m/‖W_i + s·B_iA‖ is 0/0 (peft's "
-                "DoRA gives NaN there). Exclude the module "
-                f"(exclude_modules=[{name!r}]) or use LoRA"
-            )
+        refuse_zero_rows(weight_row_sq_norm(weight), name)
 
     def create(self, layer: LoRALinear, adapter_dtype: torch.dtype) -> None:
         weight = layer.weight
@@ -253,6 +259,14 @@ INITS = {
 assert set(INITS) == set(INIT_CHOICES)
 
 
+def checked_rank(config: LoRAConfig, name: str) -> int:
+    """The rank ``config`` gives module ``name`` (``rank_pattern`` included), or ``ValueError``."""
+    rank, _ = config.rank_and_alpha(name)
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank_pattern gives {name!r} rank {rank!r}; ranks must be ints >= 1")
+    return rank
+
+
 # -- the layer ----------------------------------------------------------------------------------
 
 
@@ -344,9 +358,7 @@ class LoRALinear(AdapterLayer):
 
     @classmethod
     def check(cls, module: nn.Module, config: LoRAConfig, name: str) -> None:
-        rank, _ = config.rank_and_alpha(name)
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"rank_pattern gives {name!r} rank {rank!r}; ranks must be ints >= 1")
+        rank = checked_rank(config, name)
         init = config.init_lora_weights
         if init in REWRITES_BASE and rank > min(module.weight.shape):
             raise ValueError(
@@ -573,14 +585,18 @@ def read_lora_config(data: dict, path: Path) -> LoRAConfig:
         raise ValueError(f"{path}: {error}") from None
 
 
+# The quantized layer builds on this module's inits and checks, so it is imported last.
+from lightning_peft.methods.lora_quantized import QuantizedLoRALinear  # noqa: E402
+
 LORA = Method(
     name="lora",
     peft_type="LORA",
     config_cls=LoRAConfig,
-    layers=(LoRALinear, LoRAEmbedding, LoRAConv, LoRAMultiheadAttention),
+    layers=(QuantizedLoRALinear, LoRALinear, LoRAEmbedding, LoRAConv, LoRAMultiheadAttention),
     write_config=write_lora_config,
     read_config=read_lora_config,
     scope=(
-        "LoRA adapts nn.Linear, Conv1D, nn.Embedding, nn.Conv1d/2d/3d and nn.MultiheadAttention"
+        "LoRA adapts nn.Linear, Conv1D, nn.Embedding, nn.Conv1d/2d/3d, nn.MultiheadAttention "
+        "and bitsandbytes' Linear4bit/Linear8bitLt"
     ),
 )
