@@ -1,6 +1,12 @@
-"""Entry point: ``python -m benchmarks [--quick] [--device cpu|cuda] [--threads N] ...``."""
+"""Entry point: ``python -m benchmarks [--quick] ...`` (the layer sweeps) or
+``python -m benchmarks model [...]`` (the whole-model benchmark)."""
 
 import sys
+
+if len(sys.argv) > 1 and sys.argv[1] == "model":
+    from benchmarks.model import main
+
+    sys.exit(main(sys.argv[2:]))
 
 from benchmarks.runner import main
 

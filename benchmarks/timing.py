@@ -104,6 +104,39 @@ def calibrate_inner(timer: SampleTimer, fn: Callable[[], object], min_sample_s: 
     return max(1, min(1000, math.ceil(min_sample_s / once)))
 
 
+def sample_interleaved(
+    functions: Mapping[str, Callable[[], object]],
+    device: torch.device,
+    repeats: int,
+    inner: Mapping[str, int] | None = None,
+    on_sample: Callable[[str], None] | None = None,
+) -> dict[str, list[float]]:
+    """Seconds per call of every function, one sample per round, rounds in a rotated order.
+
+    Sample ``k`` of every name comes from round ``k``: ratios of two names' samples of the same
+    round are *paired* (the same minute of a shared machine). No warm-up here.
+
+    Args:
+        functions: name -> a call to time (it synchronises nothing itself).
+        device: where the work runs (CUDA: event timing).
+        repeats: rounds; each round takes one sample of every function.
+        inner: calls per sample, per name (default 1).
+        on_sample: called with the name after each sample (progress reporting).
+    """
+    names = list(functions)
+    timer = SampleTimer(device)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    with _gc_paused():
+        for round_index in range(repeats):
+            start = round_index % len(names)
+            for name in names[start:] + names[:start]:
+                calls = 1 if inner is None else inner[name]
+                samples[name].append(timer(functions[name], calls))
+                if on_sample is not None:
+                    on_sample(name)
+    return samples
+
+
 def time_interleaved(
     functions: Mapping[str, Callable[[], object]],
     device: torch.device,
@@ -129,12 +162,12 @@ def time_interleaved(
             functions[name]()
     timer.synchronize()
     inner = {name: calibrate_inner(timer, functions[name], min_sample_s) for name in names}
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    with _gc_paused():
-        for round_index in range(repeats):
-            start = round_index % len(names)
-            for name in names[start:] + names[:start]:
-                samples[name].append(timer(functions[name], inner[name]))
-            if on_round is not None:
-                on_round()
+    done = [0]
+
+    def round_done(_name: str) -> None:
+        done[0] += 1
+        if on_round is not None and done[0] % len(names) == 0:
+            on_round()
+
+    samples = sample_interleaved(functions, device, repeats, inner, round_done)
     return {name: TimingStats.of(samples[name], inner[name]) for name in names}
