@@ -47,7 +47,7 @@ from benchmarks.model_variants import (
     write_adapter,
 )
 from benchmarks.progress import progress_bar
-from benchmarks.timing import SampleTimer, sample_interleaved
+from benchmarks.timing import CLOCKS, SampleTimer, sample_interleaved
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -82,12 +82,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per decode")
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--no-decode", action="store_true", help="skip the decoding rounds")
+    parser.add_argument(
+        "--clock",
+        choices=CLOCKS,
+        default="wall",
+        help="wall time, or this process's CPU time (a machine shared with other jobs)",
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder")
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not cuda:
         parser.error("--device cuda: no CUDA device is available")
+    if args.device == "cuda" and args.clock == "cpu":
+        parser.error("--clock cpu times CPU work; CUDA runs are timed with CUDA events")
     if args.model is not None and not (args.model / "config.json").is_file():
         parser.error(f"--model {args.model}: no config.json there (not a transformers directory)")
     for name in ("threads", "batch", "seq", "rank", "new_tokens", "prompt_tokens"):
@@ -186,6 +194,7 @@ def run(args: argparse.Namespace) -> tuple[str, list[Path]]:
             rounds=args.rounds,
             new_tokens=args.new_tokens,
             prompt_tokens=args.prompt_tokens,
+            clock=args.clock,
         )
         print(
             f"{model_name}: {len(train)} training variants and {len(decode_models)} decoding "
@@ -213,7 +222,7 @@ def run(args: argparse.Namespace) -> tuple[str, list[Path]]:
             # --- paired training rounds -------------------------------------------------------
             bar.set_description("training rounds")
             train_samples = sample_interleaved(
-                steps, device, args.rounds, on_sample=lambda _: bar.update()
+                steps, device, args.rounds, on_sample=lambda _: bar.update(), clock=args.clock
             )
             rows = train_rows(train_samples, keys, memory)
 
@@ -225,14 +234,18 @@ def run(args: argparse.Namespace) -> tuple[str, list[Path]]:
                     key: decode_callable(model, prompt, args.new_tokens)
                     for key, (model, _) in decode_models.items()
                 }
-                timer = SampleTimer(device)
+                timer = SampleTimer(device, args.clock)
                 for key, decoder in decoders.items():  # warm-up (caches, allocator)
                     bar.set_description(f"decode warm-up {key}")
                     timer(decoder, 1)
                     bar.update()
                 bar.set_description("decoding rounds")
                 decode_samples = sample_interleaved(
-                    decoders, device, args.rounds, on_sample=lambda _: bar.update()
+                    decoders,
+                    device,
+                    args.rounds,
+                    on_sample=lambda _: bar.update(),
+                    clock=args.clock,
                 )
                 decode_keys = {key: value for key, (_, value) in decode_models.items()}
                 rows += decode_rows(decode_samples, decode_keys, args.new_tokens)

@@ -31,6 +31,8 @@ TRAIN_FIELDS = (
     "x_peft_max",
     "saved_bytes",
     "saved_vs_peft",
+    "saved_beyond_floor",
+    "saved_beyond_floor_vs_peft",
     "peak_bytes",
     "peak_vs_peft",
     "tokens_per_s",
@@ -40,7 +42,7 @@ TRAIN_FIELDS = (
     "x_base_min",
     "x_base_max",
 )
-METADATA_FIELDS = ("date", "device_name", "dtype", "threads", "torch", "peft", "model")
+METADATA_FIELDS = ("date", "device_name", "dtype", "threads", "clock", "torch", "peft", "model")
 
 
 def paired(numerator: Sequence[float], denominator: Sequence[float]) -> tuple[float, float, float]:
@@ -66,9 +68,8 @@ def train_rows(
         memory: variant key -> (saved bytes, peak bytes).
     """
     floor = samples["floor"]
-    peft_of = {
-        (method, p): key for key, (method, p, impl) in keys.items() if impl == "peft"
-    }
+    floor_saved = memory["floor"][0]
+    peft_of = {(method, p): key for key, (method, p, impl) in keys.items() if impl == "peft"}
     rows = []
     for key, times in samples.items():
         method, p, impl = keys[key]
@@ -77,6 +78,7 @@ def train_rows(
         x_peft = paired(times, samples[peft_key]) if peft_key else (None, None, None)
         saved, peak = memory[key]
         peft_memory = memory[peft_key] if peft_key else (None, None)
+        peft_beyond = None if peft_key is None else peft_memory[0] - floor_saved
         rows.append(
             {
                 "kind": "train",
@@ -95,6 +97,8 @@ def train_rows(
                 "x_peft_max": x_peft[2],
                 "saved_bytes": saved,
                 "saved_vs_peft": _ratio(saved, peft_memory[0]),
+                "saved_beyond_floor": saved - floor_saved,
+                "saved_beyond_floor_vs_peft": _ratio(saved - floor_saved, peft_beyond),
                 "peak_bytes": peak,
                 "peak_vs_peft": _ratio(peak, peft_memory[1]),
             }
@@ -140,6 +144,73 @@ def decode_rows(
     return rows
 
 
+# (what, kind, method, dropout_p, implementation, column, bound, "<=" | ">="), per device type.
+# Time ratios are medians of paired rounds; memory ratios are of the saved bytes beyond the floor.
+TARGETS = {
+    "cpu": (
+        ("LoRA step / floor", "train", "lora", 0.0, "ours", "x_floor", 1.10, "<="),
+        ("LoRA step / peft's", "train", "lora", 0.0, "ours", "x_peft", 0.95, "<="),
+        ("DoRA step / floor", "train", "dora", 0.0, "ours", "x_floor", 1.18, "<="),
+        ("DoRA step / peft's", "train", "dora", 0.0, "ours", "x_peft", 0.80, "<="),
+        (
+            "DoRA saved beyond the floor / peft's",
+            "train",
+            "dora",
+            0.0,
+            "ours",
+            "saved_beyond_floor_vs_peft",
+            0.45,
+            "<=",
+        ),
+        (
+            "LoRA p=0.05 saved beyond the floor / peft's",
+            "train",
+            "lora",
+            0.05,
+            "ours",
+            "saved_beyond_floor_vs_peft",
+            0.5,
+            "<=",
+        ),
+        (
+            "unmerged LoRA decoding / base model",
+            "decode",
+            "lora",
+            None,
+            "ours",
+            "x_base",
+            0.9,
+            ">=",
+        ),
+        ("unmerged LoRA decoding / peft's", "decode", "lora", None, "ours", "x_peft", 1.0, ">="),
+    ),
+    "cuda": (
+        ("LoRA step / floor", "train", "lora", 0.0, "ours", "x_floor", 1.08, "<="),
+        ("DoRA step / floor", "train", "dora", 0.0, "ours", "x_floor", 1.12, "<="),
+    ),
+}
+
+
+def target_lines(rows: Sequence[Mapping[str, object]], device_type: str) -> list[str]:
+    """One line per target of ``device_type`` found in ``rows``: the bound, the figure, met?"""
+    lines = []
+    for what, kind, method, p, impl, column, bound, sense in TARGETS.get(device_type, ()):
+        found = [
+            r
+            for r in rows
+            if r["kind"] == kind
+            and r["method"] == method
+            and r["implementation"] == impl
+            and (p is None or float(r["dropout_p"]) == p)
+        ]
+        if not found or found[0].get(column) is None:
+            continue
+        value = float(found[0][column])
+        met = value <= bound if sense == "<=" else value >= bound
+        lines.append(f"target: {what} {sense} {bound:g}: {value:.3f} {'met' if met else 'MISSED'}")
+    return lines
+
+
 def _num(value: object, digits: int) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -168,22 +239,26 @@ def format_table(rows: Sequence[Mapping[str, object]], metadata: Mapping[str, ob
         f"alpha={metadata['alpha']:g}); batch {metadata['batch']}x{metadata['seq']} tokens, "
         f"{metadata['dtype']}, {metadata['device_name']}, {metadata['threads']} threads, "
         f"torch {metadata['torch']}, peft {metadata['peft']}, {metadata['date']}",
-        f"{metadata['rounds']} paired rounds, interleaved in a rotated order; ratios are the "
-        "median [min-max] of the per-round ratios.",
+        f"{metadata['rounds']} paired rounds, interleaved in a rotated order, {metadata['clock']} "
+        "clock; ratios are the median [min-max] of the per-round ratios.",
+        "saved: tensors kept for backward (shared storages once, parameters excluded); >floor: "
+        "what the adapters add to the floor's; peak: allocated above the step's start.",
         "",
         "training step (forward + causal-LM loss + backward)",
         f"  {'adapter':<12}{'impl':<16}{'median s':>9}  {'x floor':<24}{'x peft':<24}"
-        f"{'saved MiB':>11}{'/peft':>7}{'peak MiB':>11}{'/peft':>7}",
+        f"{'saved MiB':>11}{'/peft':>7}{'>floor':>8}{'/peft':>7}{'peak MiB':>10}{'/peft':>7}",
     ]
     for row in rows:
         if row["kind"] != "train":
             continue
         adapter = "-" if row["method"] == "-" else f"{row['method'].upper()} p={row['dropout_p']:g}"
+        beyond = row["saved_beyond_floor"] / MIB
         lines.append(
             f"  {adapter:<12}{IMPL_LABELS[row['implementation']]:<16}"
             f"{row['median_s']:>9.3f}  {_spread(row, 'x_floor'):<24}{_spread(row, 'x_peft'):<24}"
             f"{row['saved_bytes'] / MIB:>11.1f}{_num(row['saved_vs_peft'], 3):>7}"
-            f"{row['peak_bytes'] / MIB:>11.1f}{_num(row['peak_vs_peft'], 3):>7}"
+            f"{beyond:>8.1f}{_num(row['saved_beyond_floor_vs_peft'], 3):>7}"
+            f"{row['peak_bytes'] / MIB:>10.1f}{_num(row['peak_vs_peft'], 3):>7}"
         )
     decode = [row for row in rows if row["kind"] == "decode"]
     if decode:
@@ -202,6 +277,7 @@ def format_table(rows: Sequence[Mapping[str, object]], metadata: Mapping[str, ob
             )
     for note in metadata.get("checks", []):
         lines.append(f"check: {note}")
+    lines += target_lines(rows, str(metadata["device"]))
     return "\n".join(lines)
 
 

@@ -128,6 +128,7 @@ def build_ours(base: nn.Module, spec: AdapterSpec, adapter_dir: Path) -> nn.Modu
 def build_peft(base: nn.Module, spec: AdapterSpec, adapter_dir: Path) -> nn.Module:
     """peft on a weight-sharing copy of ``base``, holding the same adapter values as ours."""
     import peft
+    from peft.tuners.tuners_utils import cast_adapter_dtype
     from safetensors.torch import load_file
 
     model = shared_copy(base)
@@ -139,6 +140,8 @@ def build_peft(base: nn.Module, spec: AdapterSpec, adapter_dir: Path) -> nn.Modu
         use_dora=spec.method == "dora",
     )
     model = peft.inject_adapter_in_model(config, model)
+    # float16/bfloat16 bases get float32 adapters, as peft.get_peft_model gives them
+    cast_adapter_dtype(model, adapter_name="default")
     tensors = load_file(adapter_dir / "adapter_model.safetensors")
     tensors = {key.removeprefix(PEFT_KEY_PREFIX): value for key, value in tensors.items()}
     result = peft.set_peft_model_state_dict(model, tensors)
