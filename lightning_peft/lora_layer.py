@@ -153,35 +153,42 @@ class LoRALinear(nn.Module):
     # -- forward --------------------------------------------------------------------------------
 
     def forward(self, x: Tensor) -> Tensor:
-        """x (..., in) -> (..., out)."""
-        if self.disabled or self.merged:
-            return F.linear(x, self.weight_out_in(), self.bias)
-        dtype = x.dtype
-        if torch.is_autocast_enabled(x.device.type):
-            dtype = torch.get_autocast_dtype(x.device.type)
+        """x (..., in) -> (..., out).
+
+        The adapters keep their own dtype (float32 on a bfloat16 base: ``kernels`` runs the
+        adapter branch in it); under autocast ``kernels`` casts the base operands, as
+        ``F.linear`` would.
+        """
         # detach(): W is frozen; under FSDP1 (use_orig_params) it arrives as a view of a flat
         # parameter that requires grad because the adapters in the same unit do.
-        weight = self.weight_out_in().detach().to(dtype)
-        bias = None if self.bias is None else self.bias.to(dtype)
-        args = (x.to(dtype), weight, bias, self.lora_A.to(dtype), self.lora_B.to(dtype))
-        with torch.autocast(x.device.type, enabled=False):
-            if not self.use_dora:
-                return lora_linear(
-                    *args,
-                    self.scaling,
-                    self.dropout_p,
-                    training=self.training,
-                    backend=self.backend,
-                )
-            return dora_linear(
-                *args,
-                self.lora_magnitude.to(dtype),
+        weight = self.weight_out_in().detach()
+        if self.disabled or self.merged:
+            return F.linear(x, weight, self.bias)
+        if not self.use_dora:
+            return lora_linear(
+                x,
+                weight,
+                self.bias,
+                self.lora_A,
+                self.lora_B,
                 self.scaling,
                 self.dropout_p,
                 training=self.training,
                 backend=self.backend,
-                weight_sq_norm=self._weight_sq_norm(),
             )
+        return dora_linear(
+            x,
+            weight,
+            self.bias,
+            self.lora_A,
+            self.lora_B,
+            self.lora_magnitude,
+            self.scaling,
+            self.dropout_p,
+            training=self.training,
+            backend=self.backend,
+            weight_sq_norm=self._weight_sq_norm(),
+        )
 
     # -- merge ----------------------------------------------------------------------------------
 

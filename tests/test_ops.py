@@ -107,26 +107,24 @@ def test_gradcheck_torch_lora_float64():
     assert torch.autograd.gradcheck(fn, args)
 
 
+@pytest.mark.parametrize("path", ["eager", "custom_op"])
 @pytest.mark.parametrize("p", [0.0, 0.4])
 @pytest.mark.parametrize("method", ["lora", "dora"])
-def test_gradcheck_torch_ops_float64(method, p):
-    """gradcheck the registered ops with the seed (and the DoRA norm, a constant) held fixed."""
+def test_gradcheck_torch_ops_float64(method, p, path):
+    """gradcheck both ways into the torch backend, the seed (and DoRA's norm) held fixed."""
     from kernels import dora_weight_norm, ops
 
     inputs = make_inputs(method, 6, 7, 5, 2, dtype=torch.float64)
     x, w, b, a, bb = (inputs[k] for k in ("x", "weight", "bias", "lora_A", "lora_B"))
     seed = torch.tensor([1234]) if p else None
-    if method == "lora":
+    norm = dora_weight_norm(w, a, bb, 0.5) if method == "dora" else None
 
-        def fn(x, b, a, bb):
-            return ops.lora_forward(x, w, b, a, bb, 0.5, p, seed, "torch")[0]
+    def fn(x, b, a, bb, m=None):
+        if path == "eager":
+            return ops.adapter_linear(
+                x, w, b, a, bb, m, norm, scaling=0.5, dropout_p=p, seed=seed, backend="torch"
+            )
+        return ops.adapter_linear_op(x, w, b, a, bb, m, norm, 0.5, p, seed, "torch")[0]
 
-        args = (x, b, a, bb)
-    else:
-        norm = dora_weight_norm(w, a, bb, 0.5)
-
-        def fn(x, b, a, bb, m):
-            return ops.dora_forward(x, w, b, a, bb, m, norm, 0.5, p, seed, "torch")[0]
-
-        args = (x, b, a, bb, inputs["magnitude"])
+    args = (x, b, a, bb) + ((inputs["magnitude"],) if method == "dora" else ())
     assert torch.autograd.gradcheck(fn, args)
