@@ -82,6 +82,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per decode")
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--no-decode", action="store_true", help="skip the decoding rounds")
+    parser.add_argument("--no-train", action="store_true", help="skip the training rounds")
     parser.add_argument(
         "--clock",
         choices=CLOCKS,
@@ -105,6 +106,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.rounds = 2 if args.quick else 8
     if args.rounds < 1:
         parser.error("--rounds must be >= 1")
+    if args.no_train and args.no_decode:
+        parser.error("--no-train and --no-decode leave nothing to measure")
     if any(not 0.0 <= p < 1.0 for p in args.dropouts):
         parser.error("--dropouts must lie in [0, 1)")
     if args.quick:
@@ -195,6 +198,8 @@ def run(args: argparse.Namespace) -> tuple[str, list[Path]]:
             new_tokens=args.new_tokens,
             prompt_tokens=args.prompt_tokens,
             clock=args.clock,
+            # the targets are set for SmolLM2-135M at 4x128 tokens, r=16: not for --quick
+            targets=not args.quick,
         )
         print(
             f"{model_name}: {len(train)} training variants and {len(decode_models)} decoding "
@@ -202,12 +207,14 @@ def run(args: argparse.Namespace) -> tuple[str, list[Path]]:
             f"{metadata['threads']} threads",
             flush=True,
         )
-        total = len(train) * (args.rounds + 1) + len(decode_models) * (args.rounds + 1)
+        trained = {} if args.no_train else train
+        total = len(trained) * (args.rounds + 1) + len(decode_models) * (args.rounds + 1)
         bar = progress_bar(total, not args.no_progress)
+        rows: list[dict[str, object]] = []
         try:
             # --- warm-up step of every variant: saved bytes, peak memory, loss ----------------
             steps, memory, losses = {}, {}, {}
-            for key, (model, floor) in train.items():
+            for key, (model, floor) in trained.items():
                 bar.set_description(f"memory {key}")
                 forward_loss, step = training_callables(model, ids, floor)
                 excluded = [*model.parameters(), *model.buffers()]
@@ -220,11 +227,12 @@ def run(args: argparse.Namespace) -> tuple[str, list[Path]]:
             metadata["checks"] = _check_losses(losses, specs, dtype)
 
             # --- paired training rounds -------------------------------------------------------
-            bar.set_description("training rounds")
-            train_samples = sample_interleaved(
-                steps, device, args.rounds, on_sample=lambda _: bar.update(), clock=args.clock
-            )
-            rows = train_rows(train_samples, keys, memory)
+            if steps:
+                bar.set_description("training rounds")
+                train_samples = sample_interleaved(
+                    steps, device, args.rounds, on_sample=lambda _: bar.update(), clock=args.clock
+                )
+                rows += train_rows(train_samples, keys, memory)
 
             # --- decoding ---------------------------------------------------------------------
             if decode_models:

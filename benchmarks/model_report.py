@@ -243,14 +243,16 @@ def format_table(rows: Sequence[Mapping[str, object]], metadata: Mapping[str, ob
         "clock; ratios are the median [min-max] of the per-round ratios.",
         "saved: tensors kept for backward (shared storages once, parameters excluded); >floor: "
         "what the adapters add to the floor's; peak: allocated above the step's start.",
-        "",
-        "training step (forward + causal-LM loss + backward)",
-        f"  {'adapter':<12}{'impl':<16}{'median s':>9}  {'x floor':<24}{'x peft':<24}"
-        f"{'saved MiB':>11}{'/peft':>7}{'>floor':>8}{'/peft':>7}{'peak MiB':>10}{'/peft':>7}",
     ]
-    for row in rows:
-        if row["kind"] != "train":
-            continue
+    train = [row for row in rows if row["kind"] == "train"]
+    if train:
+        lines += [
+            "",
+            "training step (forward + causal-LM loss + backward)",
+            f"  {'adapter':<12}{'impl':<16}{'median s':>9}  {'x floor':<24}{'x peft':<24}"
+            f"{'saved MiB':>11}{'/peft':>7}{'>floor':>8}{'/peft':>7}{'peak MiB':>10}{'/peft':>7}",
+        ]
+    for row in train:
         adapter = "-" if row["method"] == "-" else f"{row['method'].upper()} p={row['dropout_p']:g}"
         beyond = row["saved_beyond_floor"] / MIB
         lines.append(
@@ -277,7 +279,8 @@ def format_table(rows: Sequence[Mapping[str, object]], metadata: Mapping[str, ob
             )
     for note in metadata.get("checks", []):
         lines.append(f"check: {note}")
-    lines += target_lines(rows, str(metadata["device"]))
+    if metadata.get("targets", True):
+        lines += target_lines(rows, str(metadata["device"]))
     return "\n".join(lines)
 
 

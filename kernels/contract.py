@@ -20,12 +20,13 @@ tensor when ``dropout_p > 0`` (dropout keeps ``x[i, k]`` with probability ``1 �
 
 Dropout state. What backward needs to redo dropout is a tensor whose meaning is the backend's
 own: the torch backend's bool keep-mask ``(M, in)``, the triton backend's Philox seed ``(1,)``
-(it regenerates the mask). Without dropout it is empty. ``dropout_state_spec`` gives its shape
-and dtype ahead of time (for ``torch.compile``'s fake tensors).
+(it regenerates the mask). Without dropout it is None (an empty tensor inside the custom ops,
+which cannot return None). ``dropout_state_spec`` gives its shape and dtype ahead of time (for
+``torch.compile``'s fake tensors).
 
 What backward reads for DoRA's ``grad_m = Σ_rows grad_y ⊙ base / n`` (base the pre-scale
 output): ``Forward.base``, an (M, out) tensor whose exact meaning is the backend's own (the
-triton kernels keep base, the torch backend its dense part ``x̃ Wᵀ``), or, when it is empty,
+triton kernels keep base, the torch backend its dense part ``x̃ Wᵀ``), or, when it is None,
 the output y: without dropout ``base = (y − b) / c`` with ``c = m / n``, so
 ``grad_m = Σ_rows grad_y ⊙ (y − b) / m``, and the output, which its consumer usually saves
 anyway, is all DoRA keeps beyond LoRA's tensors. ``dora_keeps_base`` says which, ahead of time.
@@ -44,8 +45,8 @@ class Forward(NamedTuple):
 
     y: Tensor  # (M, out), compute dtype
     u: Tensor  # (M, r) = dropout(x) Aᵀ, adapter dtype: saved for grad_B
-    dropout_state: Tensor  # backend-defined (see the module docstring); empty without dropout
-    base: Tensor  # DoRA: the (M, out) tensor backward reads for grad_m, or empty (then y)
+    dropout_state: Tensor | None  # backend-defined (see the module docstring); None: no dropout
+    base: Tensor | None  # DoRA: the (M, out) tensor backward reads for grad_m; None: y (or LoRA)
 
 
 class Saved(NamedTuple):
@@ -112,5 +113,10 @@ class Backend(Protocol):
 
 
 def empty(like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    """The empty tensor that stands for "none" where a tensor must be returned."""
+    """The empty tensor that stands for None where a tensor must be returned (custom ops)."""
     return like.new_empty(0, dtype=dtype)
+
+
+def present(tensor: Tensor | None) -> Tensor | None:
+    """``tensor``, or None for None and for the empty tensor that stands for it."""
+    return tensor if tensor is not None and tensor.numel() else None

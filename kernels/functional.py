@@ -28,11 +28,6 @@ def _draw_seed(device: torch.device) -> Tensor:
     return torch.randint(0, 2**31 - 1, (1,), device=device, dtype=torch.int64)
 
 
-def _as_rows(x: Tensor) -> Tensor:
-    """``x (..., in)`` as a contiguous 2-D ``(M, in)`` view (a copy only when needed)."""
-    return x.reshape(-1, x.shape[-1]).contiguous()
-
-
 def _autocast_dtype(x: Tensor) -> torch.dtype | None:
     """The autocast dtype for ``x``'s device when autocast is on there, else None."""
     if not isinstance(x, Tensor):
@@ -61,7 +56,10 @@ def _adapter_linear(
     backend: str,
     weight_sq_norm: Tensor | None,
 ) -> Tensor:
-    """LoRA (``magnitude`` None) or DoRA: checks, backend choice, dropout seed, then the op."""
+    """LoRA (``magnitude`` None) or DoRA: checks, backend choice, dropout seed, then the op.
+
+    Kept lean: a decoding step calls this for every adapted layer, once per token.
+    """
     autocast = _autocast_dtype(x)
     if autocast is not None:
         with torch.autocast(x.device.type, enabled=False):
@@ -91,20 +89,21 @@ def _adapter_linear(
     weight_norm = None
     if magnitude is not None:
         weight_norm = dora_weight_norm(weight, lora_A, lora_B, scaling, weight_sq_norm)
+    rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     y = ops.adapter_linear(
-        _as_rows(x),
+        rows if rows.is_contiguous() else rows.contiguous(),
         weight,
         bias,
         lora_A,
         lora_B,
         magnitude,
         weight_norm,
-        scaling=float(scaling),
+        scaling=scaling,
         dropout_p=dropout_p,
         seed=seed,
         backend=backend,
     )
-    return y.view(*x.shape[:-1], weight.shape[0])
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], weight.shape[0])
 
 
 def lora_linear(

@@ -27,7 +27,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from kernels.contract import Grads, Saved, empty
+from kernels.contract import Grads, Saved, empty, present
 
 _NAMESPACE = "lightning_peft"
 
@@ -53,12 +53,15 @@ def backend_module(name: str) -> ModuleType:
     return BACKENDS[name]()
 
 
-def _saved(inputs: tuple, y: Tensor, u: Tensor, state: Tensor, base: Tensor) -> tuple:
-    """The tensors to save, in ``Saved`` order (Nones kept: ``save_for_backward`` takes them)."""
+def _saved(inputs: tuple, y: Tensor, u: Tensor, state: Tensor | None, base: Tensor | None) -> tuple:
+    """The tensors to save, in ``Saved`` order (Nones kept: ``save_for_backward`` takes them).
+
+    ``state`` and ``base`` may be the empty tensors that stand for None in the custom ops.
+    """
     x, weight, bias, lora_A, lora_B, magnitude, weight_norm = inputs
-    dora_out = None if magnitude is None else (base if base.numel() else y)
-    dropout_state = state if state.numel() else None
-    return (x, weight, bias, lora_A, lora_B, magnitude, weight_norm, u, dropout_state, dora_out)
+    base = present(base)
+    dora_out = None if magnitude is None else (y if base is None else base)
+    return (x, weight, bias, lora_A, lora_B, magnitude, weight_norm, u, present(state), dora_out)
 
 
 def _grads_in_input_order(grads, needs_grad_x: bool, needs_grad_bias: bool) -> tuple:
@@ -131,8 +134,8 @@ def adapter_linear(
             lora_B,
             magnitude,
             weight_norm,
-            scaling,
-            dropout_p,
+            float(scaling),
+            float(dropout_p),
             seed,
             backend,
         )[0]
@@ -177,9 +180,15 @@ def adapter_linear_op(
         x, weight, bias, lora_A, lora_B, magnitude, weight_norm,
         scaling=scaling, dropout_p=dropout_p, seed=seed,
     )  # fmt: skip
-    # a custom op may not return one of its inputs: the dropout state may be the seed itself
-    state = out.dropout_state.clone() if out.dropout_state is seed else out.dropout_state
-    return out.y, out.u, state, out.base
+    # custom ops return no None (empty tensors stand for it) and none of their inputs (the
+    # dropout state may be the seed itself)
+    impl = backend_module(backend)
+    state = out.dropout_state
+    if state is None:
+        state = empty(x, impl.dropout_state_spec(tuple(x.shape), dropout_p)[1])
+    elif state is seed:
+        state = state.clone()
+    return out.y, out.u, state, empty(x) if out.base is None else out.base
 
 
 @adapter_linear_op.register_fake

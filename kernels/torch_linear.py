@@ -26,20 +26,33 @@ grad_B needs anyway; for the dense part ``x̃ Wᵀ`` there are two ways:
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from kernels.contract import Forward, Grads, Saved, empty
+from kernels.contract import Forward, Grads, Saved
 
 MIN_RECOVERABLE_SCALE = 2.0**-7
 
 
 def keep_mask(seed: Tensor, shape: tuple[int, ...], dropout_p: float) -> Tensor:
-    """Bool keep-mask of ``shape``, True with probability ``1 − p``, from a generator seeded by
-    ``seed``."""
+    """Bool keep-mask of ``shape``: True with probability ``1 − p`` (p rounded to 1/65536).
+
+    Drawn from a generator seeded by ``seed``, 16 random bits per element: 64-bit words from the
+    generator, each read as four 16-bit lanes compared with ``p·2¹⁶``. A quarter of the draws of
+    ``torch.rand(shape) >= p`` (twice as fast on the CPU, where the mask of a 512×576 input took
+    as long as a rank-16 GEMM over it).
+    """
     generator = torch.Generator(device=seed.device)
     generator.manual_seed(int(seed.item()))
-    return torch.rand(shape, generator=generator, device=seed.device) >= dropout_p
+    numel = math.prod(shape)
+    words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=seed.device)
+    words.random_(-(2**63), 2**63 - 1, generator=generator)  # all 64 bits uniform
+    # lanes are uniform over int16: lane + 2¹⁵ >= round(p·2¹⁶) keeps with probability 1 − p
+    threshold = min(round(dropout_p * 65536), 65535) - 32768
+    return (words.view(torch.int16)[:numel] >= threshold).view(shape)
 
 
 def dropout_state_spec(
@@ -99,14 +112,14 @@ def forward(
         no dropout:  ``y = c ⊙ (x Wᵀ + s·u Bᵀ) + b``
         dropout:     ``y = (x − x̃) Wᵀ + c ⊙ (x̃ Wᵀ + s·u Bᵀ) + b``  (peft's definition)
     """
-    keep = keep_mask(seed, tuple(x.shape), dropout_p) if seed is not None else None
-    state = keep if keep is not None else empty(x, torch.bool)
-    x_dropped = _dropped(x, keep, dropout_p)
-    u = x_dropped.to(lora_A.dtype) @ lora_A.T
+    keep = None if seed is None else keep_mask(seed, tuple(x.shape), dropout_p)
+    x_dropped = x if keep is None else _dropped(x, keep, dropout_p)
+    u = F.linear(x_dropped.to(lora_A.dtype), lora_A)
     if magnitude is None:
-        y = torch.addmm(bias, x, weight.T) if bias is not None else x @ weight.T
-        _add_low_rank(y, u, lora_B.T, scaling)
-        return Forward(y, u, state, empty(x))
+        y = F.linear(x, weight, bias)
+        if u.dtype == y.dtype:
+            return Forward(y.addmm_(u, lora_B.T, alpha=scaling), u, keep, None)
+        return Forward(_add_low_rank(y, u, lora_B.T, scaling), u, keep, None)
 
     column_scale = _column_scale(magnitude, weight_norm)
     dense = x_dropped @ weight.T
@@ -114,7 +127,7 @@ def forward(
         dense.addmm_(u, lora_B.T, alpha=scaling)
         scale = column_scale.to(x.dtype)
         y = dense.mul_(scale) if bias is None else torch.addcmul(bias, dense, scale, out=dense)
-        return Forward(y, u, state, empty(x))
+        return Forward(y, u, keep, None)
     # y = [(x − x̃) Wᵀ] + c ⊙ x̃ Wᵀ + s·u (c ⊙ B)ᵀ + b, the scale folded into B's rows
     scaled_b = (lora_B * column_scale[:, None].to(lora_B.dtype)).T
     if u.dtype == x.dtype:
@@ -124,13 +137,13 @@ def forward(
             else (x - x_dropped) @ weight.T
         )
         y.addcmul_(dense, column_scale.to(x.dtype))
-        return Forward(y.addmm_(u, scaled_b, alpha=scaling), u, state, dense)
+        return Forward(y.addmm_(u, scaled_b, alpha=scaling), u, keep, dense)
     wide = (u @ scaled_b).mul_(scaling).addcmul_(dense, column_scale.to(u.dtype))
     if keep is not None:
         wide += (x - x_dropped) @ weight.T
     if bias is not None:
         wide += bias
-    return Forward(wide.to(x.dtype), u, state, dense)
+    return Forward(wide.to(x.dtype), u, keep, dense)
 
 
 def _adapter_grads(

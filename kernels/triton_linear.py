@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.contract import Forward, Grads, Saved, empty
+from kernels.contract import Forward, Grads, Saved
 from kernels.triton_common import (
     DY_CONFIGS,
     GEMM_CONFIGS,
@@ -608,7 +608,7 @@ def forward(
     )
 
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    base = torch.empty((M, N), device=x.device, dtype=x.dtype) if dora else empty(x)
+    base = torch.empty((M, N), device=x.device, dtype=x.dtype) if dora else None
     _fused_linear_fwd_kernel[
         lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)
     ](
@@ -643,8 +643,7 @@ def forward(
         GROUP_M=GROUP_M,
         **meta,
     )
-    state = seed if has_dropout else empty(x, torch.int64)
-    return Forward(y, u, state, base)
+    return Forward(y, u, seed if has_dropout else None, base)
 
 
 def backward(

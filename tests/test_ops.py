@@ -3,7 +3,15 @@
 import pytest
 import torch
 
-from reference import NEEDS_TRITON, call, grads_of, make_inputs, max_rel_error, reference_with_grads
+from reference import (
+    NEEDS_TRITON,
+    call,
+    grads_of,
+    keep_mask_of,
+    make_inputs,
+    max_rel_error,
+    reference_with_grads,
+)
 
 BACKENDS = ["naive", "torch", pytest.param("triton", marks=NEEDS_TRITON)]
 # Scale-free error bounds per dtype: a few hundred ulps of the accumulation length used here.
@@ -128,3 +136,47 @@ def test_gradcheck_torch_ops_float64(method, p, path):
 
     args = (x, b, a, bb) + ((inputs["magnitude"],) if method == "dora" else ())
     assert torch.autograd.gradcheck(fn, args)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=NEEDS_TRITON)])
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_float32_adapters_on_bf16_base_are_as_accurate_as_peft_math(method, backend, p):
+    """bf16 x, W, b with float32 A, B, m: every output within 2x the error of the peft-like
+    ``naive`` path (adapter branch in float32) against float64 on exactly the same values."""
+    inputs = make_inputs(method, 37, 70, 45, 8)
+    for name in ("x", "weight", "bias"):  # bf16 base: its values are exact in the reference
+        inputs[name] = inputs[name].detach().bfloat16().requires_grad_(inputs[name].requires_grad)
+    exact = {
+        k: (v.detach().double().requires_grad_(v.requires_grad) if torch.is_tensor(v) else v)
+        for k, v in inputs.items()
+    }
+    grad_y = torch.randn(37, 45, generator=torch.Generator().manual_seed(3)).bfloat16()
+
+    def run(backend_name, values):
+        torch.manual_seed(11)  # the same dropout mask for every backend of one kind
+        y = call(method, values, backend_name, p)
+        return y, grads_of(y, values, grad_y.to(y.dtype))
+
+    keep = None
+    if p:
+        from kernels.functional import _draw_seed
+
+        torch.manual_seed(11)
+        keep = keep_mask_of(backend, _draw_seed(torch.device("cpu")), (37, 70), p)
+    ref_y, ref_grads = reference_with_grads(method, exact, grad_y.double(), keep, p)
+    y, grads = run(backend, inputs)
+    assert y.dtype == torch.bfloat16
+    for name in ("lora_A", "lora_B", "magnitude"):
+        if name in grads:
+            assert grads[name].dtype == torch.float32, name
+    if p:  # naive draws its own mask: compare with the reference's bound instead
+        assert max_rel_error(y, ref_y) < 1e-2
+        for name, grad in grads.items():
+            assert max_rel_error(grad, ref_grads[name]) < 1e-2, name
+        return
+    naive_y, naive_grads = run("naive", inputs)
+    assert max_rel_error(y, ref_y) <= 2 * max_rel_error(naive_y, ref_y) + 1e-6
+    for name, grad in grads.items():
+        ours = max_rel_error(grad, ref_grads[name])
+        assert ours <= 2 * max_rel_error(naive_grads[name], ref_grads[name]) + 1e-6, name
