@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 MIB = 2**20
+METHOD_NAMES = {"lora": "LoRA", "dora": "DoRA", "-": "-"}
 TRAIN_FIELDS = (
     "kind",
     "method",
@@ -253,7 +254,9 @@ def format_table(rows: Sequence[Mapping[str, object]], metadata: Mapping[str, ob
             f"{'saved MiB':>11}{'/peft':>7}{'>floor':>8}{'/peft':>7}{'peak MiB':>10}{'/peft':>7}",
         ]
     for row in train:
-        adapter = "-" if row["method"] == "-" else f"{row['method'].upper()} p={row['dropout_p']:g}"
+        adapter = (
+            "-" if row["method"] == "-" else f"{METHOD_NAMES[row['method']]} p={row['dropout_p']:g}"
+        )
         beyond = row["saved_beyond_floor"] / MIB
         lines.append(
             f"  {adapter:<12}{IMPL_LABELS[row['implementation']]:<16}"
@@ -271,7 +274,7 @@ def format_table(rows: Sequence[Mapping[str, object]], metadata: Mapping[str, ob
             f"  {'adapter':<12}{'impl':<16}{'tokens/s':<26}{'x base':<24}{'x peft':<24}",
         ]
         for row in decode:
-            adapter = "-" if row["method"] == "-" else row["method"].upper()
+            adapter = "-" if row["method"] == "-" else METHOD_NAMES[row["method"]]
             lines.append(
                 f"  {adapter:<12}{IMPL_LABELS[row['implementation']]:<16}"
                 f"{_spread(row, 'tokens_per_s', 2):<26}{_spread(row, 'x_base'):<24}"
@@ -335,7 +338,7 @@ def plot(
                 high.append(row["x_floor_max"] - row["x_floor"])
         left.bar(xs, ys, width, yerr=[low, high], capsize=3, label=IMPL_LABELS[impl])
     left.axhline(1.0, color="grey", linewidth=1, label="floor (no adapters)")
-    left.set_xticks(range(len(configs)), [f"{m.upper()} p={p:g}" for m, p in configs])
+    left.set_xticks(range(len(configs)), [f"{METHOD_NAMES[m]} p={p:g}" for m, p in configs])
     left.set_ylim(bottom=0.9)
     left.set_ylabel("training step / floor (paired rounds)")
     left.set_title(
@@ -346,7 +349,7 @@ def plot(
     if decode:
         labels = [f"{IMPL_LABELS[r['implementation']]}" for r in decode]
         labels = [
-            label if r["method"] == "-" else f"{r['method'].upper()} {label}"
+            label if r["method"] == "-" else f"{METHOD_NAMES[r['method']]} {label}"
             for label, r in zip(labels, decode, strict=True)
         ]
         rates = [r["tokens_per_s"] for r in decode]

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 METHODS = ("lora", "dora")
+METHOD_NAMES = {"lora": "LoRA", "dora": "DoRA"}
 PEFT_KEY_PREFIX = "base_model.model."
 
 # SmolLM2-135M-Instruct's shape (its config.json without the tokenizer fields), for
@@ -75,7 +76,7 @@ class AdapterSpec:
     alpha: float = 32.0
 
     def label(self) -> str:
-        return f"{self.method.upper()} p={self.dropout_p:g}"
+        return f"{METHOD_NAMES[self.method]} p={self.dropout_p:g}"
 
 
 def load_base_model(

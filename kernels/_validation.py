@@ -87,8 +87,12 @@ def check_adapter_inputs(
         ValueError: mismatched shapes, ``r == 0``, tensors on different devices, a ``weight``
             that requires grad, or ``dropout_p`` / ``scaling`` out of range.
     """
-    if _all_fine(x, weight, bias, lora_A, lora_B, scaling, dropout_p, magnitude):
-        return
+    if not _all_fine(x, weight, bias, lora_A, lora_B, scaling, dropout_p, magnitude):
+        _name_the_problem(x, weight, bias, lora_A, lora_B, scaling, dropout_p, magnitude)
+
+
+def _name_the_problem(x, weight, bias, lora_A, lora_B, scaling, dropout_p, magnitude) -> None:
+    """The detailed checks of ``check_adapter_inputs``: raise naming the first problem."""
     base = {"x": x, "weight": weight}
     if bias is not None:
         base["bias"] = bias

@@ -28,16 +28,6 @@ def _draw_seed(device: torch.device) -> Tensor:
     return torch.randint(0, 2**31 - 1, (1,), device=device, dtype=torch.int64)
 
 
-def _autocast_dtype(x: Tensor) -> torch.dtype | None:
-    """The autocast dtype for ``x``'s device when autocast is on there, else None."""
-    if not isinstance(x, Tensor):
-        return None  # the checks will name the problem
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return None
-
-
 def _cast(tensor, dtype: torch.dtype):
     """``tensor.to(dtype)``; anything else (None, a bad argument) passes through to the checks."""
     return tensor.to(dtype) if isinstance(tensor, Tensor) else tensor
@@ -60,8 +50,8 @@ def _adapter_linear(
 
     Kept lean: a decoding step calls this for every adapted layer, once per token.
     """
-    autocast = _autocast_dtype(x)
-    if autocast is not None:
+    if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
+        autocast = torch.get_autocast_dtype(x.device.type)
         with torch.autocast(x.device.type, enabled=False):
             return _adapter_linear(
                 x.to(autocast),
