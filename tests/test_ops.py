@@ -180,3 +180,23 @@ def test_float32_adapters_on_bf16_base_are_as_accurate_as_peft_math(method, back
     for name, grad in grads.items():
         ours = max_rel_error(grad, ref_grads[name])
         assert ours <= 2 * max_rel_error(naive_grads[name], ref_grads[name]) + 1e-6, name
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_dora_magnitude_gradient_where_magnitude_is_zero(bias):
+    """Without dropout the torch backend recovers base from y: ``grad_m = Σ g ⊙ (y − b) / m``.
+    Columns with m ≈ 0 (y holds nothing of base there) recompute their base column instead."""
+    inputs = make_inputs("dora", 37, 70, 45, 3, bias=bias)
+    with torch.no_grad():
+        inputs["magnitude"][[0, 7, 44]] = 0.0
+        inputs["magnitude"][3] = 1e-6
+    check_against_reference("dora", inputs, "torch")
+
+
+def test_dora_output_modified_in_place_is_an_error_not_a_wrong_gradient():
+    """The torch backend keeps y for grad_m: an in-place change of y must raise in backward."""
+    inputs = make_inputs("dora", 9, 20, 11, 2)
+    y = call("dora", inputs, "torch")
+    y.mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
