@@ -86,13 +86,14 @@ def load_base_model(
     import transformers
 
     transformers.logging.set_verbosity_error()
+    # loaded in its stored dtype, then cast: the keyword for the dtype changed across
+    # transformers releases (torch_dtype -> dtype)
     if model_dir is not None:
-        model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
     else:
         torch.manual_seed(0)
-        config = transformers.LlamaConfig(**shape)
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.to(device)
+        model = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(**shape))
+    model.to(device=device, dtype=dtype)
     model.requires_grad_(False)
     return model
 
