@@ -28,7 +28,10 @@ test: $(VENV)/.installed
 demo: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 $(VENV)/bin/lightning-peft fit
 
+# The whole-model benchmark (SmolLM2-135M: floor / lightning-peft / peft, ~5 min on 2 cores),
+# then the per-layer sweeps.
 bench: $(VENV)/.installed
+	$(PY) -m benchmarks model
 	$(PY) -m benchmarks
 
 lint: $(VENV)/.installed

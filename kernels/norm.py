@@ -43,8 +43,9 @@ def dora_weight_norm(
         n (out,) in float32, or float64 for float64 inputs; squared terms are clamped at 0
         before the square root.
 
-    The (out, in)·(in, r) product ``W Aᵀ`` runs in W's dtype (fp32 accumulation inside the
-    GEMM); everything after it runs in at least float32.
+    The (out, in)·(in, r) product ``W Aᵀ`` runs in the wider of W's and A's dtypes (fp32
+    accumulation inside the GEMM): float32 adapters on a bfloat16 W are not rounded to
+    bfloat16. Everything after it runs in at least float32.
     """
     check_weight_norm_inputs(weight, lora_A, lora_B)
     weight, lora_A, lora_B = weight.detach(), lora_A.detach(), lora_B.detach()
@@ -55,7 +56,8 @@ def dora_weight_norm(
             f"weight_sq_norm must be (out,) = ({weight.shape[0]},), "
             f"got {tuple(weight_sq_norm.shape)}"
         )
-    weight_a = weight @ lora_A.to(weight.dtype).T  # (out, r)
+    product_dtype = torch.promote_types(weight.dtype, lora_A.dtype)
+    weight_a = weight.to(product_dtype) @ lora_A.to(product_dtype).T  # (out, r)
     return factored_weight_norm(weight_a, weight_sq_norm, lora_A, lora_B, scaling)
 
 
@@ -78,12 +80,14 @@ def factored_weight_norm(
         scaling: s.
 
     Returns:
-        n (out,), detached, in at least float32; squared terms are clamped at 0 before the root.
+        n (out,), detached, in at least float32 (the wider of ``weight_a``'s and A's);
+        squared terms are clamped at 0 before the root.
     """
     dtype = torch.promote_types(norm_dtype(weight_a.dtype), norm_dtype(lora_A.dtype))
     a = lora_A.detach().to(dtype)
     b = lora_B.detach().to(dtype)
-    cross = (weight_a.detach().to(dtype) * b).sum(dim=1)  # ⟨(W Aᵀ)_i, B_i⟩
-    quadratic = ((b @ (a @ a.T)) * b).sum(dim=1)  # B_i (A Aᵀ) B_iᵀ
-    sq_norm = weight_sq_norm.to(dtype) + (2.0 * scaling) * cross + (scaling * scaling) * quadratic
-    return sq_norm.clamp_min(0.0).sqrt()
+    # 2s·⟨B_i, (W Aᵀ)_i + (s/2)·(B A Aᵀ)_i⟩ = 2s⟨(W Aᵀ)_i, B_i⟩ + s²·B_i (A Aᵀ) B_iᵀ
+    half_quadratic = torch.addmm(weight_a.detach().to(dtype), b, a @ a.T, alpha=0.5 * scaling)
+    sq_norm = torch.linalg.vecdot(b, half_quadratic).mul_(2.0 * scaling)
+    sq_norm += weight_sq_norm.to(dtype)
+    return sq_norm.clamp_min_(0.0).sqrt_()

@@ -69,10 +69,15 @@ class LoRAVariant:
     def weight_changed(self, layer: LoRALinear) -> None:
         """W changed in place (merge, unmerge, a state-dict load): refresh what depends on it."""
 
-    def forward(self, layer: LoRALinear, args: tuple, dtype: torch.dtype) -> Tensor:
-        """``args = (x, W, b, A, B)`` already in ``dtype``, W as (out, in)."""
+    def forward(self, layer: LoRALinear, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """``x`` (..., in), W (out, in) detached, ``bias`` (out,) or None, all in the base's
+        dtype; the adapter tensors stay in theirs (``kernels`` runs the branch in the wider)."""
         return lora_linear(
-            *args,
+            x,
+            weight,
+            bias,
+            layer.lora_A,
+            layer.lora_B,
             layer.scaling,
             layer.dropout_p,
             training=layer.training,
@@ -163,10 +168,14 @@ class DoRAVariant(LoRAVariant):
             weight, lora_A, lora_B, layer.scaling, self.cached_weight_sq_norm(layer)
         )
 
-    def forward(self, layer: LoRALinear, args: tuple, dtype: torch.dtype) -> Tensor:
+    def forward(self, layer: LoRALinear, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return dora_linear(
-            *args,
-            layer.lora_magnitude.to(dtype),
+            x,
+            weight,
+            bias,
+            layer.lora_A,
+            layer.lora_B,
+            layer.lora_magnitude,
             layer.scaling,
             layer.dropout_p,
             training=layer.training,
@@ -443,19 +452,21 @@ class LoRALinear(AdapterLayer):
     # -- forward --------------------------------------------------------------------------------
 
     def forward(self, x: Tensor) -> Tensor:
-        """x (..., in) -> (..., out)."""
-        if self.disabled or self.merged:
-            return F.linear(x, self.weight_out_in(), self.bias)
-        dtype = x.dtype
-        if torch.is_autocast_enabled(x.device.type):
-            dtype = torch.get_autocast_dtype(x.device.type)
+        """x (..., in) -> (..., out).
+
+        The adapters keep their own dtype (float32 on a bfloat16 base: ``kernels`` runs the
+        adapter branch in it); under autocast ``kernels`` casts the base operands, as
+        ``F.linear`` would.
+        """
         # detach(): W is frozen; under FSDP1 (use_orig_params) it arrives as a view of a flat
         # parameter that requires grad because the adapters in the same unit do.
-        weight = self.weight_out_in().detach().to(dtype)
-        bias = add_lora_bias(self.bias, self.lora_bias, self.scaling, dtype)
-        args = (x.to(dtype), weight, bias, self.lora_A.to(dtype), self.lora_B.to(dtype))
-        with torch.autocast(x.device.type, enabled=False):
-            return self.variant.forward(self, args, dtype)
+        weight = self.weight_out_in().detach()
+        if self.disabled or self.merged:
+            return F.linear(x, weight, self.bias)
+        bias = self.bias
+        if self.lora_bias is not None:
+            bias = add_lora_bias(bias, self.lora_bias, self.scaling, weight.dtype)
+        return self.variant.forward(self, x, weight, bias)
 
     # -- merge ----------------------------------------------------------------------------------
 
