@@ -45,6 +45,7 @@ def _adapter_linear(
     training: bool,
     backend: str,
     weight_sq_norm: Tensor | None,
+    weight_norm: Tensor | None = None,
 ) -> Tensor:
     """LoRA (``magnitude`` None) or DoRA: checks, backend choice, dropout seed, then the op.
 
@@ -65,6 +66,7 @@ def _adapter_linear(
                 training,
                 backend,
                 weight_sq_norm,
+                weight_norm,
             )
     check_adapter_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, magnitude)
     backend = resolve_backend(backend, x.device)
@@ -76,9 +78,14 @@ def _adapter_linear(
         )
     dropout_p = float(dropout_p) if training else 0.0
     seed = _draw_seed(x.device) if dropout_p > 0 else None
-    weight_norm = None
-    if magnitude is not None:
+    if magnitude is None:
+        weight_norm = None
+    elif weight_norm is None:
         weight_norm = dora_weight_norm(weight, lora_A, lora_B, scaling, weight_sq_norm)
+    elif weight_norm.shape != (weight.shape[0],):
+        raise ValueError(
+            f"weight_norm must be (out,) = ({weight.shape[0]},), got {tuple(weight_norm.shape)}"
+        )
     rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     y = ops.adapter_linear(
         rows if rows.is_contiguous() else rows.contiguous(),
@@ -147,6 +154,7 @@ def dora_linear(
     training: bool = True,
     backend: str = "auto",
     weight_sq_norm: Tensor | None = None,
+    weight_norm: Tensor | None = None,
 ) -> Tensor:
     """DoRA linear layer, with ``n_i = ‖W_i + scaling·(B A)_i‖₂`` a constant in backward.
 
@@ -165,6 +173,9 @@ def dora_linear(
         magnitude: m (out,), A's dtype.
         weight_sq_norm: optional cached ``‖W_i‖²`` (out,) (see ``kernels.norm``); W is frozen,
             so a layer computes it once.
+        weight_norm: optional precomputed ``n`` (out,) from ``dora_weight_norm`` for these W,
+            A, B and scaling (e.g. cached while decoding, when A and B do not change); it then
+            replaces the norm's computation, and ``weight_sq_norm`` is not read.
 
     Returns:
         y (..., out) in x's dtype (the autocast dtype under autocast).
@@ -181,4 +192,5 @@ def dora_linear(
         training,
         backend,
         weight_sq_norm,
+        weight_norm,
     )

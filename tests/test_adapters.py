@@ -111,6 +111,33 @@ def test_dora_norm_cache_follows_weight_changes():
     torch.testing.assert_close(layer(x), fresh(x))
 
 
+def test_dora_inference_norm_is_reused_only_while_w_a_b_are_unchanged():
+    """Forwards without autograd (decoding) reuse DoRA's norm; any change to W, A or B, or a
+    recorded forward in between, makes the next one recompute it: outputs always equal a fresh
+    layer's with the same tensors."""
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(12, 9), r=3, lora_alpha=3, use_dora=True, init_lora_weights=False)
+    x = torch.randn(2, 5, 12)
+
+    def fresh_output():
+        fresh = LoRALinear(nn.Linear(12, 9), r=3, lora_alpha=3, use_dora=True)
+        fresh.load_state_dict(layer.state_dict())
+        return fresh(x)
+
+    with torch.no_grad():
+        first = layer(x)
+        cached = layer._inference_norm[1]
+        assert layer(x) is not first and layer._inference_norm[1] is cached  # reused
+        for tensor in (layer.lora_A, layer.lora_B, layer.weight):
+            tensor.mul_(1.25)
+            changed = layer(x)
+            torch.testing.assert_close(changed, fresh_output(), rtol=0, atol=0)
+            assert not torch.equal(changed, first)
+            first = changed
+    layer(x).sum().backward()  # a recorded forward drops the cached norm
+    assert layer._inference_norm is None
+
+
 def test_pissa_residual_and_factors():
     linear = nn.Linear(16, 12)
     original = linear.weight.detach().clone()

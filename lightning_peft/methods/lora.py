@@ -119,6 +119,11 @@ class DoRAVariant(LoRAVariant):
 
     A weight row of zeros is refused at injection: DoRA's magnitude starts at ``‖W_i‖ = 0`` and
     ``m/n`` is 0/0 there (peft's DoRA gives NaN); no epsilon is added.
+
+    The norm n itself is recomputed by every forward that autograd records (A and B change every
+    step); forwards without autograd (decoding, evaluation) reuse it until W, A or B change
+    (their data pointers and version counters), and a recorded forward drops it, since a sharded
+    strategy may refill A and B in place between steps without a version bump.
     """
 
     name = "DoRA"
@@ -140,6 +145,7 @@ class DoRAVariant(LoRAVariant):
         )
         layer.register_buffer("weight_sq_norm", None, persistent=False)
         layer._merged_norm = None  # the norm merge() used, for unmerge()
+        layer._inference_norm = None  # (key of W, A, B, n) for forwards without autograd
         layer._weight_key = None  # (data pointer, version) of W when weight_sq_norm was computed
         layer.register_load_state_dict_post_hook(_weight_loaded)
 
@@ -162,11 +168,27 @@ class DoRAVariant(LoRAVariant):
 
     def weight_norm(self, layer: LoRALinear) -> Tensor:
         """n = ‖W + sBA‖_row (out,) in at least float32."""
-        weight = layer.weight_out_in()
-        lora_A, lora_B = layer.lora_A.to(weight.dtype), layer.lora_B.to(weight.dtype)
         return dora_weight_norm(
-            weight, lora_A, lora_B, layer.scaling, self.cached_weight_sq_norm(layer)
+            layer.weight_out_in(),
+            layer.lora_A,
+            layer.lora_B,
+            layer.scaling,
+            self.cached_weight_sq_norm(layer),
         )
+
+    def inference_weight_norm(self, layer: LoRALinear) -> Tensor | None:
+        """n for a forward that autograd does not record, reused until W, A or B change; None
+        (the op computes n) for a recorded forward or under ``torch.compile``."""
+        if torch.compiler.is_compiling():
+            return None
+        if torch.is_grad_enabled():
+            layer._inference_norm = None
+            return None
+        tensors = (layer.weight, layer.lora_A, layer.lora_B)
+        key = tuple((t.data_ptr(), t._version) for t in tensors)
+        if layer._inference_norm is None or layer._inference_norm[0] != key:
+            layer._inference_norm = (key, self.weight_norm(layer))
+        return layer._inference_norm[1]
 
     def forward(self, layer: LoRALinear, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return dora_linear(
@@ -181,6 +203,7 @@ class DoRAVariant(LoRAVariant):
             training=layer.training,
             backend=layer.backend,
             weight_sq_norm=self.cached_weight_sq_norm(layer),
+            weight_norm=self.inference_weight_norm(layer),
         )
 
     def merge(self, layer: LoRALinear, weight: Tensor) -> Tensor:
