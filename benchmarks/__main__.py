@@ -1,7 +1,17 @@
-"""Entry point: ``python -m benchmarks [--quick] [--device cpu|cuda] [--threads N] ...``."""
+"""Entry point: ``python -m benchmarks [--quick] ...`` (the layer sweeps) or
+``python -m benchmarks model [...]`` (the whole-model benchmark),
+``python -m benchmarks qlora [...]`` (the QLoRA figures) or
+``python -m benchmarks profile [...]`` (one layer's time, op by op)."""
 
+import importlib
 import sys
 
-from benchmarks.runner import main
+SUBCOMMANDS = {
+    "model": "benchmarks.model",
+    "qlora": "benchmarks.qlora",
+    "profile": "benchmarks.layer_profile",
+}
 
-sys.exit(main())
+if len(sys.argv) > 1 and sys.argv[1] in SUBCOMMANDS:
+    sys.exit(importlib.import_module(SUBCOMMANDS[sys.argv[1]]).main(sys.argv[2:]))
+sys.exit(importlib.import_module("benchmarks.runner").main())

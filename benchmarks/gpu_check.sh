@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU check, in one go on a CUDA machine (no network): the CUDA-marked tests, then the GPU sweep.
+# GPU check, in one go on a CUDA machine (no network): the CUDA-marked tests, the GPU layer sweep,
+# then the whole-model benchmark in bfloat16.
 #
 #   benchmarks/gpu_check.sh OUTDIR
 #
@@ -8,8 +9,15 @@
 #   pytest_cuda.log    python -m pytest -q -m cuda tests/
 #   bench_stdout.txt   the sweep's table; bench_progress.log its progress bar
 #   <date>_cuda-*.csv / .json / _lora.png / _dora.png   the sweep's results
-# Bounded by `timeout`: 150 s for the tests and 300 s for the sweep (8 minutes in all, at most).
-# Exit status: 0 when both steps pass, else the first failing step's status (124: timed out).
+#   model_stdout.txt   the whole-model table (bf16, batch 4x128, LoRA/DoRA r=16 on all linear
+#                      layers: floor / lightning-peft / peft, decoding); model_progress.log
+#   <date>_cuda-*_model.csv / .json / .png   its results
+# The whole-model benchmark uses the embedded SmolLM2-135M when it loads here, else the same
+# shape with random weights (speed does not depend on the values); it needs transformers and
+# lightning (peft too for its columns) and says so when they are missing.
+# Bounded by `timeout`: 120 s for the tests, 180 s for the sweep, 150 s for the whole-model
+# benchmark (about 8 minutes in all, at most).
+# Exit status: 0 when every step passes, else the first failing step's status (124: timed out).
 set -u -o pipefail
 
 if [[ $# -ne 1 ]]; then
@@ -41,12 +49,32 @@ timeout 150 "$PYTHON" -m pytest -q -m cuda tests/ 2>&1 | tee "$OUT/pytest_cuda.l
 tests_status=$?
 
 echo "== GPU sweep (progress: $OUT/bench_progress.log)"
-timeout 300 "$PYTHON" -m benchmarks --device cuda --out "$OUT" \
+timeout 180 "$PYTHON" -m benchmarks --device cuda --out "$OUT" \
     >"$OUT/bench_stdout.txt" 2>"$OUT/bench_progress.log"
 bench_status=$?
 if [[ $bench_status -ne 0 ]]; then
     echo "-- sweep failed (status $bench_status); last lines of its stderr:"
     tail -n 30 "$OUT/bench_progress.log"
+fi
+
+echo "== whole-model benchmark, bf16 (progress: $OUT/model_progress.log)"
+model_args=()
+if ! timeout 60 "$PYTHON" -c "import transformers, lightning" >>"$OUT/model_progress.log" 2>&1; then
+    echo "-- transformers or lightning does not import here: whole-model benchmark skipped"
+    model_status=3
+else
+    if ! timeout 120 "$PYTHON" -c "from lightning_peft.embedded import smollm2_path; smollm2_path()" \
+        >>"$OUT/model_progress.log" 2>&1; then
+        echo "-- the embedded SmolLM2 is not available: its shape with random weights"
+        model_args=(--random-weights)
+    fi
+    timeout 150 "$PYTHON" -m benchmarks model --device cuda --dtype bfloat16 --out "$OUT" \
+        "${model_args[@]}" >"$OUT/model_stdout.txt" 2>>"$OUT/model_progress.log"
+    model_status=$?
+    if [[ $model_status -ne 0 ]]; then
+        echo "-- whole-model benchmark failed (status $model_status); last lines of its stderr:"
+        tail -n 30 "$OUT/model_progress.log"
+    fi
 fi
 
 if [[ $tests_status -eq 5 ]]; then
@@ -55,8 +83,12 @@ fi
 echo "== CUDA tests: status $tests_status ($(tail -n 1 "$OUT/pytest_cuda.log"))"
 echo "== GPU sweep: status $bench_status"
 cat "$OUT/bench_stdout.txt"
+echo "== whole-model benchmark: status $model_status"
+[[ -f "$OUT/model_stdout.txt" ]] && cat "$OUT/model_stdout.txt"
 
-if [[ $tests_status -ne 0 ]]; then
-    exit "$tests_status"
-fi
-exit "$bench_status"
+for status in "$tests_status" "$bench_status" "$model_status"; do
+    if [[ $status -ne 0 ]]; then
+        exit "$status"
+    fi
+done
+exit 0

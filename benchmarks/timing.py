@@ -67,11 +67,25 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-class SampleTimer:
-    """Times ``inner`` calls of a function on one device; returns seconds per call."""
+CLOCKS = ("wall", "cpu")
 
-    def __init__(self, device: torch.device) -> None:
+
+class SampleTimer:
+    """Times ``inner`` calls of a function on one device; returns seconds per call.
+
+    ``clock="cpu"`` (CPU devices only) counts the CPU time of this process
+    (``time.process_time``) instead of wall time: on a machine shared with other jobs it leaves
+    out the time the scheduler gave to them (at one torch thread it is the compute time; with
+    more, OpenMP threads that spin while waiting add to it).
+    """
+
+    def __init__(self, device: torch.device, clock: str = "wall") -> None:
+        if clock not in CLOCKS:
+            raise ValueError(f"clock must be one of {CLOCKS}, got {clock!r}")
         self.cuda = device.type == "cuda"
+        if self.cuda and clock == "cpu":
+            raise ValueError("clock='cpu' times CPU work; CUDA samples are timed with events")
+        self.now = time.process_time if clock == "cpu" else time.perf_counter
 
     def synchronize(self) -> None:
         if self.cuda:
@@ -87,10 +101,10 @@ class SampleTimer:
             end.record()
             end.synchronize()
             return start.elapsed_time(end) / 1e3 / inner
-        start_s = time.perf_counter()
+        start_s = self.now()
         for _ in range(inner):
             fn()
-        return (time.perf_counter() - start_s) / inner
+        return (self.now() - start_s) / inner
 
 
 def calibrate_inner(timer: SampleTimer, fn: Callable[[], object], min_sample_s: float) -> int:
@@ -102,6 +116,41 @@ def calibrate_inner(timer: SampleTimer, fn: Callable[[], object], min_sample_s: 
         return 1
     once = max(timer(fn, 1), 1e-7)
     return max(1, min(1000, math.ceil(min_sample_s / once)))
+
+
+def sample_interleaved(
+    functions: Mapping[str, Callable[[], object]],
+    device: torch.device,
+    repeats: int,
+    inner: Mapping[str, int] | None = None,
+    on_sample: Callable[[str], None] | None = None,
+    clock: str = "wall",
+) -> dict[str, list[float]]:
+    """Seconds per call of every function, one sample per round, rounds in a rotated order.
+
+    Sample ``k`` of every name comes from round ``k``: ratios of two names' samples of the same
+    round are *paired* (the same minute of a shared machine). No warm-up here.
+
+    Args:
+        functions: name -> a call to time (it synchronises nothing itself).
+        device: where the work runs (CUDA: event timing).
+        repeats: rounds; each round takes one sample of every function.
+        inner: calls per sample, per name (default 1).
+        on_sample: called with the name after each sample (progress reporting).
+        clock: "wall" or "cpu" (see ``SampleTimer``).
+    """
+    names = list(functions)
+    timer = SampleTimer(device, clock)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    with _gc_paused():
+        for round_index in range(repeats):
+            start = round_index % len(names)
+            for name in names[start:] + names[:start]:
+                calls = 1 if inner is None else inner[name]
+                samples[name].append(timer(functions[name], calls))
+                if on_sample is not None:
+                    on_sample(name)
+    return samples
 
 
 def time_interleaved(
@@ -129,12 +178,12 @@ def time_interleaved(
             functions[name]()
     timer.synchronize()
     inner = {name: calibrate_inner(timer, functions[name], min_sample_s) for name in names}
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    with _gc_paused():
-        for round_index in range(repeats):
-            start = round_index % len(names)
-            for name in names[start:] + names[:start]:
-                samples[name].append(timer(functions[name], inner[name]))
-            if on_round is not None:
-                on_round()
+    done = [0]
+
+    def round_done(_name: str) -> None:
+        done[0] += 1
+        if on_round is not None and done[0] % len(names) == 0:
+            on_round()
+
+    samples = sample_interleaved(functions, device, repeats, inner, round_done)
     return {name: TimingStats.of(samples[name], inner[name]) for name in names}

@@ -4,7 +4,67 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor
+
+_FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# (x dtype, adapter dtype) pairs allowed: the adapters in x's dtype or a wider one
+_ADAPTER_DTYPES = {
+    (x, adapter)
+    for x in _FLOATING
+    for adapter in _FLOATING
+    if torch.promote_types(x, adapter) == adapter
+}
+
+
+def _all_fine(x, weight, bias, lora_A, lora_B, scaling, dropout_p, magnitude) -> bool:
+    """True only if every check of ``check_adapter_inputs`` passes, in a few microseconds.
+
+    The common case of every call (a decoding step runs this 200 times per token); anything it
+    does not recognise sends the caller to the detailed checks, which name the problem.
+    """
+    try:
+        if not (
+            isinstance(x, Tensor)
+            and isinstance(weight, Tensor)
+            and isinstance(lora_A, Tensor)
+            and isinstance(lora_B, Tensor)
+        ):
+            return False
+        dtype, adapter_dtype, device = x.dtype, lora_A.dtype, x.device
+        out_features, in_features = weight.shape
+        rank, a_in = lora_A.shape
+        fine = (
+            (dtype, adapter_dtype) in _ADAPTER_DTYPES
+            and weight.dtype == dtype
+            and lora_B.dtype == adapter_dtype
+            and x.shape[-1] == in_features == a_in
+            and rank > 0
+            and lora_B.shape == (out_features, rank)
+            and not weight.requires_grad
+            and weight.device == device
+            and lora_A.device == device
+            and lora_B.device == device
+            and 0.0 <= dropout_p < 1.0
+            and math.isfinite(scaling)
+        )
+        if fine and bias is not None:
+            fine = (
+                isinstance(bias, Tensor)
+                and bias.dtype == dtype
+                and bias.shape == (out_features,)
+                and bias.device == device
+            )
+        if fine and magnitude is not None:
+            fine = (
+                isinstance(magnitude, Tensor)
+                and magnitude.dtype == adapter_dtype
+                and magnitude.shape == (out_features,)
+                and magnitude.device == device
+            )
+        return fine
+    except (AttributeError, TypeError, ValueError, IndexError):
+        return False
 
 
 def check_adapter_inputs(
@@ -19,26 +79,52 @@ def check_adapter_inputs(
 ) -> None:
     """Check the arguments of ``lora_linear`` / ``dora_linear``.
 
+    Dtypes: ``x``, ``weight``, ``bias`` share one; ``lora_A``, ``lora_B``, ``magnitude`` share
+    another, equal to it or wider.
+
     Raises:
         TypeError: a non-tensor argument, a non-floating ``x``, or mismatched dtypes.
         ValueError: mismatched shapes, ``r == 0``, tensors on different devices, a ``weight``
             that requires grad, or ``dropout_p`` / ``scaling`` out of range.
     """
-    named = {"x": x, "weight": weight, "lora_A": lora_A, "lora_B": lora_B}
+    if not _all_fine(x, weight, bias, lora_A, lora_B, scaling, dropout_p, magnitude):
+        _name_the_problem(x, weight, bias, lora_A, lora_B, scaling, dropout_p, magnitude)
+
+
+def _name_the_problem(x, weight, bias, lora_A, lora_B, scaling, dropout_p, magnitude) -> None:
+    """The detailed checks of ``check_adapter_inputs``: raise naming the first problem."""
+    base = {"x": x, "weight": weight}
     if bias is not None:
-        named["bias"] = bias
+        base["bias"] = bias
+    adapter = {"lora_A": lora_A, "lora_B": lora_B}
     if magnitude is not None:
-        named["magnitude"] = magnitude
+        adapter["magnitude"] = magnitude
+    named = base | adapter
     for name, tensor in named.items():
         if not isinstance(tensor, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
-    for name, tensor in named.items():
+    for name, tensor in base.items():
         if tensor.dtype != x.dtype:
             raise TypeError(
                 f"{name} has dtype {tensor.dtype} but x has {x.dtype}; cast them to one dtype"
             )
+    adapter_dtype = lora_A.dtype
+    for name, tensor in adapter.items():
+        if tensor.dtype != adapter_dtype:
+            raise TypeError(
+                f"{name} has dtype {tensor.dtype} but lora_A has {adapter_dtype}; the adapter "
+                "tensors share one dtype"
+            )
+    if not adapter_dtype.is_floating_point or (
+        torch.promote_types(x.dtype, adapter_dtype) != adapter_dtype
+    ):
+        raise TypeError(
+            f"the adapters have dtype {adapter_dtype}, narrower than x's {x.dtype}; they must "
+            "have x's dtype or a wider one (e.g. float32 adapters on a bfloat16 base)"
+        )
+    for name, tensor in named.items():
         if tensor.device != x.device:
             raise ValueError(f"{name} is on {tensor.device} but x is on {x.device}")
 

@@ -22,9 +22,14 @@ def lora_linear(
     dropout_p: float = 0.0,
     training: bool = True,
 ) -> Tensor:
-    """``y = x Wᵀ + b + s·(dropout(x) Aᵀ) Bᵀ``. Shapes: x (..., in) -> y (..., out)."""
-    x_dropped = F.dropout(x, dropout_p, training)
-    return F.linear(x, weight, bias) + F.linear(F.linear(x_dropped, lora_A), lora_B) * scaling
+    """``y = x Wᵀ + b + s·(dropout(x) Aᵀ) Bᵀ``. Shapes: x (..., in) -> y (..., out).
+
+    Wider adapters (float32 on a bfloat16 base) take x cast to their dtype; the sum is cast
+    back to x's dtype once, as peft does.
+    """
+    x_dropped = F.dropout(x, dropout_p, training).to(lora_A.dtype)
+    lora = F.linear(F.linear(x_dropped, lora_A), lora_B) * scaling
+    return (F.linear(x, weight, bias) + lora).to(x.dtype)
 
 
 def dora_weight_norm_direct(
@@ -48,18 +53,21 @@ def dora_linear(
     """DoRA with the norm detached (DoRA paper §4.3), as `peft` defines it.
 
     Dropout off: ``y = c ⊙ (x Wᵀ + s·(x Aᵀ) Bᵀ) + b`` with ``c = m / ‖W + sBA‖_row``.
+    Wider adapters: the adapter branch and the DoRA scaling in their dtype, cast back once.
     Dropout on: ``y = x Wᵀ + b + (c − 1) ⊙ (x̃ Wᵀ) + c ⊙ s·(x̃ Aᵀ) Bᵀ``, ``x̃ = dropout(x)``.
     """
-    norm = dora_weight_norm_direct(weight, lora_A, lora_B, scaling).detach()
+    wide = lora_A.dtype
+    norm = dora_weight_norm_direct(weight.to(wide), lora_A, lora_B, scaling).detach()
     column_scale = magnitude / norm
     if training and dropout_p > 0:
         x_dropped = F.dropout(x, dropout_p, training)
-        lora = F.linear(F.linear(x_dropped, lora_A), lora_B) * scaling
-        return (
+        lora = F.linear(F.linear(x_dropped.to(wide), lora_A), lora_B) * scaling
+        y = (
             F.linear(x, weight, bias)
             + (column_scale - 1) * F.linear(x_dropped, weight)
             + column_scale * lora
         )
-    lora = F.linear(F.linear(x, lora_A), lora_B) * scaling
+        return y.to(x.dtype)
+    lora = F.linear(F.linear(x.to(wide), lora_A), lora_B) * scaling
     y = column_scale * (F.linear(x, weight) + lora)
-    return y if bias is None else y + bias
+    return (y if bias is None else y + bias).to(x.dtype)

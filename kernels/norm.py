@@ -43,11 +43,11 @@ def dora_weight_norm(
         n (out,) in float32, or float64 for float64 inputs; squared terms are clamped at 0
         before the square root.
 
-    The (out, in)·(in, r) product ``W Aᵀ`` runs in W's dtype (fp32 accumulation inside the
-    GEMM); everything after it runs in at least float32.
+    The (out, in)·(in, r) product ``W Aᵀ`` runs in the wider of W's and A's dtypes (fp32
+    accumulation inside the GEMM): float32 adapters on a bfloat16 W are not rounded to
+    bfloat16. Everything after it runs in at least float32.
     """
     check_weight_norm_inputs(weight, lora_A, lora_B)
-    dtype = norm_dtype(weight.dtype)
     weight, lora_A, lora_B = weight.detach(), lora_A.detach(), lora_B.detach()
     if weight_sq_norm is None:
         weight_sq_norm = weight_row_sq_norm(weight)
@@ -56,10 +56,38 @@ def dora_weight_norm(
             f"weight_sq_norm must be (out,) = ({weight.shape[0]},), "
             f"got {tuple(weight_sq_norm.shape)}"
         )
-    a = lora_A.to(dtype)
-    b = lora_B.to(dtype)
-    weight_a = (weight @ lora_A.to(weight.dtype).T).to(dtype)  # (out, r)
-    cross = (weight_a * b).sum(dim=1)  # ⟨(W Aᵀ)_i, B_i⟩
-    quadratic = ((b @ (a @ a.T)) * b).sum(dim=1)  # B_i (A Aᵀ) B_iᵀ
-    sq_norm = weight_sq_norm.to(dtype) + (2.0 * scaling) * cross + (scaling * scaling) * quadratic
-    return sq_norm.clamp_min(0.0).sqrt()
+    product_dtype = torch.promote_types(weight.dtype, lora_A.dtype)
+    weight_a = weight.to(product_dtype) @ lora_A.to(product_dtype).T  # (out, r)
+    return factored_weight_norm(weight_a, weight_sq_norm, lora_A, lora_B, scaling)
+
+
+def factored_weight_norm(
+    weight_a: Tensor,
+    weight_sq_norm: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+) -> Tensor:
+    """``n_i = ‖W_i + s·(B A)_i‖₂`` from the products a caller already has, never from W itself:
+    ``n_i² = ‖W_i‖² + 2s·⟨(W Aᵀ)_i, B_i⟩ + s²·B_i (A Aᵀ) B_iᵀ``.
+
+    Args:
+        weight_a: ``W Aᵀ`` (out, r), however W is stored (a quantized base computes it in
+            row chunks).
+        weight_sq_norm: ``‖W_i‖²`` (out,).
+        lora_A: A (r, in).
+        lora_B: B (out, r).
+        scaling: s.
+
+    Returns:
+        n (out,), detached, in at least float32 (the wider of ``weight_a``'s and A's);
+        squared terms are clamped at 0 before the root.
+    """
+    dtype = torch.promote_types(norm_dtype(weight_a.dtype), norm_dtype(lora_A.dtype))
+    a = lora_A.detach().to(dtype)
+    b = lora_B.detach().to(dtype)
+    # 2s·⟨B_i, (W Aᵀ)_i + (s/2)·(B A Aᵀ)_i⟩ = 2s⟨(W Aᵀ)_i, B_i⟩ + s²·B_i (A Aᵀ) B_iᵀ
+    half_quadratic = torch.addmm(weight_a.detach().to(dtype), b, a @ a.T, alpha=0.5 * scaling)
+    sq_norm = torch.linalg.vecdot(b, half_quadratic).mul_(2.0 * scaling)
+    sq_norm += weight_sq_norm.to(dtype)
+    return sq_norm.clamp_min_(0.0).sqrt_()

@@ -1,50 +1,129 @@
 """``PEFTCallback``: adapters for any LightningModule, with adapter-only checkpoints.
 
 Lightning's hook order in ``fit`` is ``Callback.setup`` -> ``LightningModule.setup`` ->
-``configure_model`` -> checkpoint restore -> the strategy wraps the model -> optimizers. The
-callback injects in ``setup`` when the target layers already exist, else right after the
-user's ``configure_model`` (the pattern for large and FSDP2 models), always before a
-checkpoint is restored, the model is wrapped or the optimizer is built; never twice.
+``configure_model`` -> checkpoint restore (sharded strategies: after the optimizers) -> the
+strategy wraps the model -> ``configure_optimizers`` -> ``on_fit_start`` -> ``on_train_start``
+-> the steps.
+
+Injection. The callback injects in ``setup`` when the target layers exist then (a model built in
+``__init__``), else right after the user's ``configure_model`` (a model built in
+``LightningModule.setup`` or ``configure_model``, the pattern for large and FSDP2 models),
+always before a checkpoint is restored, the model is wrapped or the optimizer is built; never
+twice. Lightning calls ``configure_model`` only when ``is_overridden`` says so, which looks
+through ``functools.wraps``: the callback's step is a plain function, so it is called whether or
+not the LightningModule defines ``configure_model``. Should no adapter be in the model anyway
+when the optimizers are built, ``on_fit_start`` raises before any step.
+
+Checks before any work. ``setup`` refuses what can be known early: a ``save_adapter_to`` that
+cannot be written or already holds an adapter, a ``ckpt_path`` that is missing, unreadable or
+truncated, or was trained with another adapter method or config; then injection refuses a config
+that does not fit the model, and a checkpoint whose tensors do not fit it. The model is untouched
+when these raise (but for the last, which needs the adapters in place). The same checkpoint checks
+run again when Lightning loads the checkpoint (``on_load_checkpoint``), so they hold even if the
+early reading of ``ckpt_path`` finds nothing.
+
+Exact resume. A checkpoint holds each process's random states (torch CPU and current CUDA
+generator, numpy, Python, the training DataLoaders' generators: ``random_state``). The callback
+restores them when Lightning loads the checkpoint, before the training loop creates its first
+DataLoader iterator (the DataLoaders' own generators at ``on_train_start``). Resuming from a
+checkpoint written at the end of an epoch then reproduces an uninterrupted run bit for bit, with
+dropout and shuffling (tested for LoRA, DoRA and adapters), under these conditions:
+
+- ``max_epochs`` bounds the run, not ``max_steps``: with ``max_steps`` set, Lightning 2.6 resumes
+  an end-of-epoch checkpoint inside the finished epoch and trains one batch there (with
+  ``max_epochs`` also set it then stops an epoch early); the callback warns;
+- the same number of processes (each restores its own states; with another number none are
+  restored, with a warning);
+- no hook draws random numbers between the restore and the first batch that the uninterrupted
+  run did not draw (e.g. in ``on_fit_start`` or ``on_train_start``); with a DataLoader's own
+  ``generator`` and ``num_workers > 0``, the first resumed epoch's worker seeds differ (its
+  iterator exists before the generator can be restored);
+- deterministic kernels (CPU; on GPUs ``torch.use_deterministic_algorithms``).
+
+Mid-epoch resumption (a checkpoint from ``every_n_train_steps``, or an interruption): Lightning
+restores the loop counters, the optimizer and the model, and the position inside the epoch only
+for DataLoaders that implement ``state_dict``/``load_state_dict`` (e.g. torchdata's
+``StatefulDataLoader``). A plain ``DataLoader`` restarts from the first batch of the epoch while
+the batch index continues: the first ``k`` batches are trained again and the last ``k`` are not
+seen in that epoch (Lightning warns); a shuffling sampler draws a new order at that restart.
+Such a resumed run trains, but it is not the uninterrupted run. The random states are
+restored all the same.
+
+Adapters that never act. After the first backward pass, adapters whose parameters received no
+gradient (a module whose ``forward`` is bypassed, an expert no token reached) are named in a
+warning; if no adapter received one, the run cannot train them and the callback raises. A warning,
+not an error, for some: modules may be legitimately unused in a step (a mixture of experts).
+Under DDP and FSDP every rank decides on the gradients summed over the ranks (a module counts as
+acting if it did on any rank). FSDP1's flat parameters may give a bypassed adapter a zero
+gradient rather than none; there it may go unnoticed. DeepSpeed moves gradients into its own
+partitions, and manual optimization may step before every backward pass: no check there.
 """
 
 from __future__ import annotations
 
-import functools
+import inspect
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
-from torch import nn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_peft import random_state
 from lightning_peft.config import AdapterConfig, LoRAConfig
 from lightning_peft.distributed import (
     clean_name,
     fsdp2_shard,
     full_state_dict,
     is_sharded_strategy,
+    strategy_is,
 )
-from lightning_peft.hf_format import save_adapter
+from lightning_peft.errors import InputError
+from lightning_peft.hf_format import check_save_directory, save_adapter
 from lightning_peft.injection import find_injection, inject_adapters, injection_report
+from lightning_peft.methods import method_for
+from lightning_peft.methods.ia3 import IA3Config
+from lightning_peft.methods.prompt_tuning import PromptTuningConfig
 from lightning_peft.model_helpers import adapter_state_dict, merge_adapters
+from lightning_peft.quantization import quantize_for_precision
+from lightning_peft.resume import (
+    CheckpointContents,
+    check_config,
+    check_tensors,
+    config_differences,
+    loaded_contents,
+    read_checkpoint,
+)
 from lightning_peft.targeting import select_targets
+
+FALLBACK_NAME = "peft_adapter_fallback"
+_UNSET = object()  # the callback has not replaced configure_model
+_ABSENT = object()  # it has, and the LightningModule had no instance attribute of that name
 
 
 class PEFTCallback(Callback):
-    """Fine-tune any LightningModule with LoRA, DoRA or bottleneck adapters.
+    """Fine-tune any LightningModule with LoRA, DoRA, bottleneck adapters, IA³ or prompt tuning.
 
     The base model is frozen, only adapters (plus ``modules_to_save`` and chosen biases) train,
-    checkpoints hold only those tensors, and resuming with ``trainer.fit(..., ckpt_path=...)``
-    restores them and the optimizer state (the callback sets ``strict_loading = False``).
+    checkpoints hold only those tensors and the adapter config, and resuming with
+    ``trainer.fit(..., ckpt_path=...)`` restores them, the optimizer state and the random
+    states (the callback sets ``strict_loading = False``; it checks the checkpoint itself).
+    See the module docstring for when injection happens, what is checked before any work, and
+    what an exact resume needs.
 
     Args:
-        config: a ``LoRAConfig`` or ``AdapterConfig``.
-        merge_on_train_end: merge LoRA/DoRA into the base weights when training ends
+        config: the config of a registered method (``LoRAConfig``, ``AdapterConfig``,
+            ``IA3Config``, ``PromptTuningConfig``).
+        merge_on_train_end: merge LoRA/DoRA/IA³ into the base weights when training ends
             (single device and DDP; refused under sharded strategies).
         save_adapter_to: write the Hugging Face PEFT-format adapter directory here when
-            training ends (rank zero; full tensors gathered under FSDP/FSDP2).
+            training ends (rank zero; full tensors gathered under FSDP/FSDP2). Checked before
+            training; should writing fail anyway, the adapter goes to
+            ``<log dir>/peft_adapter_fallback`` and the error names it.
+        overwrite: allow ``save_adapter_to`` to hold an adapter already (replaced at the end).
         verbose: print the table of adapted modules on rank zero.
         module: the attribute path of the submodule to adapt (e.g. ``"model"``). By default the
             single transformers model held by the LightningModule if there is one (so that saved
@@ -52,6 +131,17 @@ class PEFTCallback(Callback):
         fsdp2_layer_cls: with ``ModelParallelStrategy``, the block class(es) to shard with FSDP2
             after injection (e.g. ``LlamaDecoderLayer``); the user's ``configure_model`` then only
             builds the model. Users who shard themselves call ``inject_adapters`` first.
+
+    Raises (from ``trainer.fit``, before the first optimizer step; ``InputError`` is a
+    ``ValueError``):
+        InputError: no module matches the targets (naming close matches), the config does not
+            fit the model, ``save_adapter_to`` is not writable or holds an adapter, ``ckpt_path``
+            is missing, unreadable, or trained with another method, config or model, the model
+            already has adapters of another config, ``merge_on_train_end`` under a sharded
+            strategy, the optimizers hold no adapter, or no adapter received a gradient in the
+            first step.
+        RuntimeError: (at the end) the adapter could not be written to ``save_adapter_to``; the
+            message names the fallback directory it was written to.
 
     Example::
 
@@ -62,130 +152,470 @@ class PEFTCallback(Callback):
 
     def __init__(
         self,
-        config: LoRAConfig | AdapterConfig,
+        config: LoRAConfig | AdapterConfig | IA3Config | PromptTuningConfig,
         *,
         merge_on_train_end: bool = False,
         save_adapter_to: str | Path | None = None,
+        overwrite: bool = False,
         verbose: bool = True,
         module: str | None = None,
         fsdp2_layer_cls: type | tuple[type, ...] | None = None,
     ) -> None:
-        if not isinstance(config, (LoRAConfig, AdapterConfig)):
-            raise TypeError(
-                f"config must be a LoRAConfig or AdapterConfig, got {type(config).__name__}"
-            )
-        if merge_on_train_end and isinstance(config, AdapterConfig):
+        method = method_for(config)  # TypeError for a config of no registered method
+        if merge_on_train_end and not method.mergeable:
+            layer = next(cls for cls in method.layers if not cls.mergeable)
             raise ValueError(
-                "merge_on_train_end: bottleneck adapters are non-linear and cannot merge"
+                f"merge_on_train_end: {layer.__name__} adapters {layer.why_not_mergeable}"
             )
         self.config = config
         self.merge_on_train_end = merge_on_train_end
         self.save_adapter_to = Path(save_adapter_to) if save_adapter_to is not None else None
+        self.overwrite = overwrite
         self.verbose = verbose
         self.module = module
         self.fsdp2_layer_cls = fsdp2_layer_cls
         self.report = None
+        self._trainer: pl.Trainer | None = None
+        self._reset_run_state()
+
+    def _reset_run_state(self) -> None:
+        """What one ``fit``/``validate`` call tracks."""
+        self._checkpoint: CheckpointContents | None = None  # read from ckpt_path in setup
+        self._states_to_restore: dict[str, Any] | None = None  # this process's, for the loaders
+        self._gradients_checked = False
+        self._training_done = False
+        self._replaced_configure_model: Any = _UNSET
 
     # -- injection ------------------------------------------------------------------------------
 
     def adapted_module(self, pl_module: pl.LightningModule) -> nn.Module:
         """The module that gets the adapters (see ``module`` in the class docstring)."""
         if self.module is not None:
-            return pl_module.get_submodule(self.module)
+            try:
+                return pl_module.get_submodule(self.module)
+            except AttributeError as error:
+                raise InputError(f"PEFTCallback(module={self.module!r}): {error}") from None
         hf_models = [c for c in pl_module.children() if _is_transformers_model(c)]
         return hf_models[0] if len(hf_models) == 1 else pl_module
 
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._trainer = trainer
+        self._reset_run_state()
+        if stage == "fit":
+            self._check_fit_options(trainer)
+        ckpt_path = _requested_ckpt_path(trainer)
+        if ckpt_path is not None and "://" not in ckpt_path:  # remote paths: checked on load
+            deepspeed = strategy_is(trainer.strategy, "DeepSpeedStrategy")
+            self._checkpoint = read_checkpoint(ckpt_path, self.state_key, deepspeed)
+            if self._checkpoint is not None:
+                check_config(self._checkpoint, self.config, resuming=stage == "fit")
+        pl_module.strict_loading = False  # checkpoints hold only the trained tensors
+        if find_injection(pl_module) is not None:
+            self._adopt_injection(pl_module)  # setup runs on every fit/validate: inject once
+            return
+        try:
+            select_targets(self.adapted_module(pl_module), self.config)
+        except ValueError:
+            # The targets do not exist yet (or never will: then configure_model raises).
+            self._inject_after_configure_model(trainer, pl_module)
+            return
+        self._inject(trainer, pl_module)
+
+    def _inject_after_configure_model(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule
+    ) -> None:
+        """Make the LightningModule's ``configure_model`` inject after the user's own (which
+        may be Lightning's empty default): an instance attribute, removed when it has run."""
+        user_configure_model = pl_module.configure_model
+        self._replaced_configure_model = pl_module.__dict__.get("configure_model", _ABSENT)
+
+        def configure_model() -> None:  # no functools.wraps: is_overridden must see a new function
+            self._restore_configure_model(pl_module)
+            user_configure_model()
+            if find_injection(pl_module) is None:
+                self._inject(trainer, pl_module)
+            else:  # the user's configure_model injected (e.g. to shard themselves)
+                self._adopt_injection(pl_module)
+
+        pl_module.configure_model = configure_model
+
+    def _restore_configure_model(self, pl_module: pl.LightningModule) -> None:
+        replaced, self._replaced_configure_model = self._replaced_configure_model, _UNSET
+        if replaced is _ABSENT:
+            pl_module.__dict__.pop("configure_model", None)
+        elif replaced is not _UNSET:
+            pl_module.configure_model = replaced
+
     def _inject(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if find_injection(pl_module) is None:
-            root = self.adapted_module(pl_module)
+        root = self.adapted_module(pl_module)
+        try:
+            quantize_for_precision(trainer, pl_module, root, self.config)  # BitsandbytesPrecision
             self.report = inject_adapters(root, self.config)
-            if self.fsdp2_layer_cls is not None and is_sharded_strategy(trainer.strategy):
-                fsdp2_shard(root, self.fsdp2_layer_cls, mesh=_data_parallel_mesh(pl_module))
-        else:
-            self.report = injection_report(pl_module)
+        except ValueError as error:  # no target matched (naming close matches), or does not fit
+            if isinstance(error, InputError):
+                raise
+            raise InputError(str(error)) from error
+        self._check_checkpoint_tensors(pl_module, with_shapes=True)
+        if self.fsdp2_layer_cls is not None and is_sharded_strategy(trainer.strategy):
+            fsdp2_shard(root, self.fsdp2_layer_cls, mesh=_data_parallel_mesh(pl_module))
         if self.verbose:
             rank_zero_info(f"PEFTCallback ({self.report.method}):\n{self.report}")
 
-    @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def _adopt_injection(self, pl_module: pl.LightningModule) -> None:
+        """The model has adapters already: keep them if they are this config's."""
+        config = find_injection(pl_module)[2].config
+        differences = config_differences(
+            config.method, config.to_dict(), self.config, source="the model"
+        )
+        if differences:
+            raise InputError(
+                "the model already has adapters of another configuration ("
+                + "; ".join(differences[:4])
+                + "): remove them with unload(model) first, or pass the model's configuration"
+            )
+        self._check_checkpoint_tensors(pl_module, with_shapes=True)
+        self.report = injection_report(pl_module)
+
+    def _check_checkpoint_tensors(self, pl_module: pl.LightningModule, with_shapes: bool) -> None:
+        if self._checkpoint is None:
+            return
+        trained = trained_tensors(pl_module)
+        shapes = {k: tuple(p.shape) if with_shapes else None for k, p in trained.items()}
+        check_tensors(self._checkpoint, shapes, _model_keys(pl_module))
+
+    def _check_fit_options(self, trainer: pl.Trainer) -> None:
         if self.merge_on_train_end and is_sharded_strategy(trainer.strategy):
-            raise ValueError(
+            raise InputError(
                 f"merge_on_train_end is not supported under {type(trainer.strategy).__name__}: "
                 "the base weights are sharded. Save the adapter (save_adapter_to=...) and merge "
                 "it into an unsharded model with load_adapter + merge_adapters"
             )
-        pl_module.strict_loading = False  # checkpoints hold only the adapters
-        if find_injection(pl_module) is not None:
-            return  # setup runs again on every fit/validate: never inject twice
-        if not getattr(pl_module.configure_model, "_peft_wrapped", False):
-            pl_module.configure_model = self._after_configure_model(trainer, pl_module)
-        try:
-            select_targets(self.adapted_module(pl_module), self.config)
-        except ValueError:
-            return  # the layers do not exist yet: inject after configure_model
-        self._inject(trainer, pl_module)
+        if self.save_adapter_to is not None:
+            try:
+                check_save_directory(self.save_adapter_to, self.overwrite)
+            except OSError as error:
+                raise InputError(f"save_adapter_to: {error}") from error
 
-    def _after_configure_model(self, trainer: pl.Trainer, pl_module: pl.LightningModule):
-        user_configure_model = pl_module.configure_model
-
-        @functools.wraps(user_configure_model)
-        def configure_model() -> None:
-            user_configure_model()
-            if find_injection(pl_module) is None:
-                self._inject(trainer, pl_module)
-
-        configure_model._peft_wrapped = True
-        return configure_model
+    # -- before the first step ------------------------------------------------------------------
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.report is None:
-            return
-        metrics = {
-            "peft/trainable_params": float(self.report.trainable_params),
-            "peft/trainable_fraction": self.report.trainable_fraction,
-        }
-        if trainer.is_global_zero:
+        if find_injection(pl_module) is None:
+            self._restore_configure_model(pl_module)
+            try:
+                select_targets(self.adapted_module(pl_module), self.config)
+            except ValueError as error:
+                raise InputError(str(error)) from error
+            targets = getattr(self.config, "target_modules", None)
+            what = f"target_modules={targets!r}" if targets is not None else "its targets"
+            raise InputError(
+                f"PEFTCallback: the model has no adapters when training starts although {what} "
+                "match modules now: they were built after configure_model. Build the model in "
+                "__init__, setup or configure_model"
+            )
+        self._check_optimizers(trainer, pl_module)
+        if trainer.is_global_zero and self.report is not None:
+            metrics = {
+                "peft/trainable_params": float(self.report.trainable_params),
+                "peft/trainable_fraction": self.report.trainable_fraction,
+            }
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=0)
 
+    def _check_optimizers(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Every adapter parameter must be in an optimizer (built after injection)."""
+        groups = [group for optimizer in trainer.optimizers for group in optimizer.param_groups]
+        in_optimizers = {id(p) for group in groups for p in group["params"]}
+        parameters = {clean_name(n): p for n, p in pl_module.named_parameters()}
+        if not in_optimizers & {id(p) for p in parameters.values()}:
+            return  # the strategy's optimizer holds copies (DeepSpeed's flat partitions)
+        adapters = [k for k in adapter_state_dict(pl_module) if k in parameters]
+        left_out = [k for k in adapters if id(parameters[k]) not in in_optimizers]
+        if not left_out:
+            return
+        message = (
+            f"the optimizers hold {len(adapters) - len(left_out)} of the {len(adapters)} adapter "
+            f"parameters (not {', '.join(left_out[:3])}{', ...' if len(left_out) > 3 else ''}): "
+            "build them in configure_optimizers from self.parameters(); the adapters are "
+            "injected before it runs"
+        )
+        if len(left_out) == len(adapters):
+            raise InputError(f"PEFTCallback: nothing would train: {message}")
+        rank_zero_warn(f"PEFTCallback: {message}")
+
+    def _restore_random_states(self, trainer: pl.Trainer, states: list[dict] | None) -> None:
+        """This process's random states from the checkpoint, right away (before the training
+        loop draws from them); its DataLoaders' generators at ``on_train_start``."""
+        if states is None:
+            return
+        if len(states) != trainer.world_size:
+            rank_zero_warn(
+                f"PEFTCallback: the checkpoint holds the random states of {len(states)} "
+                f"processes, this run has {trainer.world_size}: they are not restored, so "
+                "dropout and shuffling differ from an uninterrupted run"
+            )
+            return
+        self._states_to_restore = states[trainer.global_rank]
+        self._warn_skipped(random_state.restore(self._states_to_restore))
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        state, self._states_to_restore = self._states_to_restore, None
+        if state is not None:
+            self._warn_skipped(random_state.restore_loaders(state, trainer.train_dataloader))
+
+    @staticmethod
+    def _warn_skipped(skipped: list[str]) -> None:
+        if skipped:
+            rank_zero_warn(f"PEFTCallback: random states not restored: {'; '.join(skipped)}")
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self._gradients_checked:
+            return
+        self._gradients_checked = True
+        # Manual optimization may step before every backward pass has run; DeepSpeed frees .grad.
+        if pl_module.automatic_optimization and not strategy_is(
+            trainer.strategy, "DeepSpeedStrategy"
+        ):
+            self._check_gradients(trainer, pl_module)
+
+    def _check_gradients(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Name the adapters that received no gradient in this first step (summed over the
+        processes); raise if none did."""
+        groups = adapter_parameters_by_module(pl_module)
+        if not groups:
+            return
+        acted = torch.tensor(
+            [float(any(p.grad is not None for p in params)) for params in groups.values()],
+            device=pl_module.device,
+        )
+        acted = trainer.strategy.reduce(acted, reduce_op="sum")  # every rank calls this hook
+        idle = [name for name, count in zip(groups, acted.tolist(), strict=True) if count == 0]
+        if not idle:
+            return
+        names = ", ".join(idle[:5]) + (", ..." if len(idle) > 5 else "")
+        if len(idle) == len(groups):
+            raise InputError(
+                f"PEFTCallback: none of the {len(groups)} adapters received a gradient in the "
+                f"first step ({names}): the forward pass never calls these modules (it may read "
+                "their weights directly, as nn.MultiheadAttention does with out_proj); choose "
+                "other target_modules"
+            )
+        rank_zero_warn(
+            f"PEFTCallback: {len(idle)} of the {len(groups)} adapters received no gradient in the "
+            f"first step: {names}. Fine if those modules were merely unused by this batch (e.g. "
+            "experts no token reached); if their forward is bypassed they never train (and DDP "
+            "needs find_unused_parameters=True)"
+        )
+
     # -- checkpoints ----------------------------------------------------------------------------
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint records of this callback: read back in ``on_load_checkpoint``."""
+        return {
+            "method": self.config.method,
+            "config": self.config.to_dict(),
+            "random_states": self._gather_random_states(),
+        }
+
+    def _gather_random_states(self) -> list[dict[str, Any]]:
+        """Each process's random states, by global rank (a collective: Lightning builds a
+        checkpoint on every process)."""
+        trainer = self._trainer
+        loaders = trainer.train_dataloader if trainer is not None and trainer.training else None
+        local = random_state.capture(random_state.loader_generators(loaders))
+        if trainer is None or trainer.world_size == 1 or not torch.distributed.is_initialized():
+            return [local]
+        gathered: list[Any] = [None] * trainer.world_size
+        torch.distributed.all_gather_object(gathered, local)
+        return gathered
 
     @override
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        checkpoint["lightning_peft"] = {
-            "method": self.config.method,
-            "config": self.config.to_dict(),
-        }
         if is_sharded_strategy(trainer.strategy) and not _full_checkpoint(trainer.strategy):
             return  # sharded checkpoints are loaded in place: they keep the frozen keys too
-        # The adapters, plus whatever else trains: e.g. a task head the LightningModule holds
-        # outside the adapted transformers model.
-        keep = set(adapter_state_dict(pl_module))
-        keep |= {name for name, p in pl_module.named_parameters() if p.requires_grad}
-        keep = {clean_name(name) for name in keep}  # FSDP1 wrappers rename, its state dict not
+        keep = set(trained_tensors(pl_module))
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        contents = loaded_contents(checkpoint, trainer.ckpt_path, self.state_key)
+        check_config(contents, self.config, resuming=trainer.state.fn == "fit")
+        trained = dict.fromkeys(trained_tensors(pl_module))  # shapes: checked before wrapping
+        check_tensors(contents, trained, _model_keys(pl_module))
+        if trainer.state.fn == "fit":
+            self._restore_random_states(trainer, contents.peft_state.get("random_states"))
+            _warn_if_resumed_inside_a_finished_epoch(trainer, checkpoint)
 
     # -- end of training ------------------------------------------------------------------------
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._finish(trainer, pl_module)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._training_done:
+            return
+        # Lightning skips the training loop, on_train_end included, when the restored run had
+        # already reached its limits (or limit_train_batches=0): the end work happens here.
+        if self.save_adapter_to is not None or self.merge_on_train_end:
+            rank_zero_warn(
+                "PEFTCallback: no training step ran in this fit (the checkpoint's run had already "
+                "reached the trainer's limits, or there are no training batches); the adapter "
+                "is saved or merged as it is"
+            )
+        self._finish(trainer, pl_module)
+
+    def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._training_done = True
         if self.save_adapter_to is not None:
-            state = full_state_dict(trainer.strategy, pl_module)  # a collective on sharded runs
-            try:
-                if trainer.is_global_zero:
-                    save_adapter(pl_module, self.save_adapter_to, state_dict=state)
-                    rank_zero_info(f"PEFTCallback: adapter written to {self.save_adapter_to}")
-            finally:  # should rank zero fail, the other ranks must not wait here forever
-                trainer.strategy.barrier("peft_save_adapter")
+            self._save_adapter(trainer, pl_module)
         if self.merge_on_train_end:
             merge_adapters(pl_module)
 
+    def _save_adapter(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        run_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a broadcast: every rank
+        state = full_state_dict(trainer.strategy, pl_module)  # a collective on sharded runs
+        try:
+            if trainer.is_global_zero:
+                _save_or_fall_back(pl_module, self.save_adapter_to, state, run_dir, self.overwrite)
+        finally:  # should rank zero fail, the other ranks must not wait here forever
+            trainer.strategy.barrier("peft_save_adapter")
+
+    # -- clean-up -------------------------------------------------------------------------------
+
     @override
-    def state_dict(self) -> dict[str, Any]:
-        return {"method": self.config.method, "config": self.config.to_dict()}
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._restore_configure_model(pl_module)
+
+    @override
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self._restore_configure_model(pl_module)
+
+
+def trained_tensors(pl_module: nn.Module) -> dict[str, Tensor]:
+    """``{state_dict key: tensor}`` of what the callback checkpoints: the adapters (with
+    ``modules_to_save`` and trained biases) and any other trainable parameter, e.g. a task head
+    the LightningModule holds outside the adapted model."""
+    trainable = {
+        clean_name(n): p  # FSDP1 wrappers rename parameters, not state dict keys
+        for n, p in pl_module.named_parameters(remove_duplicate=False)
+        if p.requires_grad
+    }
+    return dict(sorted({**trainable, **adapter_state_dict(pl_module)}.items()))
+
+
+def adapter_parameters_by_module(pl_module: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """``{adapted module name: its adapter parameters}`` (names as in ``pl_module``), leaving
+    out the module's own weight and bias."""
+    found = find_injection(pl_module)
+    if found is None:
+        return {}
+    prefix = f"{found[0]}." if found[0] else ""
+    modules = [prefix + m.name for m in injection_report(pl_module).modules]
+    parameters = {clean_name(n): p for n, p in pl_module.named_parameters(remove_duplicate=False)}
+    groups: dict[str, list[nn.Parameter]] = {name: [] for name in modules}
+    for key in adapter_state_dict(pl_module):
+        owner = max((m for m in modules if key.startswith(f"{m}.")), key=len, default=None)
+        own_weight = owner is not None and key[len(owner) + 1 :] in ("weight", "bias")
+        if owner is not None and not own_weight and key in parameters:
+            groups[owner].append(parameters[key])
+    return {name: params for name, params in groups.items() if params}
+
+
+def _save_or_fall_back(
+    pl_module: nn.Module, directory: Path, state: dict[str, Tensor], run_dir: Path, overwrite: bool
+) -> None:
+    """``save_adapter`` to ``directory``; if that fails, to a new directory in ``run_dir``, and
+    raise naming both: the trained adapter is never lost."""
+    try:
+        save_adapter(pl_module, directory, state_dict=state, overwrite=overwrite)
+        rank_zero_info(f"PEFTCallback: adapter written to {directory}")
+        return
+    except Exception as error:
+        failure = error
+    fallback = _new_path(run_dir / FALLBACK_NAME)
+    try:
+        save_adapter(pl_module, fallback, state_dict=state)
+    except Exception as second:
+        raise RuntimeError(
+            f"PEFTCallback could not write the trained adapter to {directory} ({failure}) nor "
+            f"to {fallback} ({second}): it exists only in memory; save it with "
+            "save_adapter(model, directory)"
+        ) from failure
+    raise RuntimeError(
+        f"PEFTCallback could not write the trained adapter to {directory} ({failure}); it was "
+        f"written to {fallback} instead"
+    ) from failure
+
+
+def _new_path(path: Path) -> Path:
+    candidate, n = path, 0
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}-{n}")
+    return candidate
+
+
+def _warn_if_resumed_inside_a_finished_epoch(trainer: pl.Trainer, checkpoint: dict) -> None:
+    """With ``max_steps`` set, Lightning 2.6 resumes a checkpoint written at the end of an epoch
+    (its last batch done, the epoch not yet counted complete) inside that epoch: it trains one
+    more batch there from a fresh iterator, and with ``max_epochs`` it then stops an epoch
+    early."""
+    fit_loop = (checkpoint.get("loops") or {}).get("fit_loop") or {}
+    epochs = (fit_loop.get("epoch_progress") or {}).get("current") or {}
+    last_batch = (fit_loop.get("epoch_loop.batch_progress") or {}).get("is_last_batch")
+    if (
+        trainer.max_steps != -1
+        and last_batch
+        and epochs.get("completed", 0) < epochs.get("processed", 0)
+    ):
+        rank_zero_warn(
+            "PEFTCallback: this checkpoint ends an epoch and max_steps is set: Lightning then "
+            "resumes inside the finished epoch and trains one more batch there (with max_epochs "
+            "also set, it stops an epoch early). Bound the run with max_epochs alone for an "
+            "exact continuation"
+        )
+
+
+def _model_keys(pl_module: nn.Module) -> set[str]:
+    """Every parameter and buffer name, as state dicts key them."""
+    names = [n for n, _ in pl_module.named_parameters(remove_duplicate=False)]
+    names += [n for n, _ in pl_module.named_buffers(remove_duplicate=False)]
+    return {clean_name(n) for n in names}
+
+
+def _requested_ckpt_path(trainer: pl.Trainer) -> str | None:
+    """The ``ckpt_path`` the running ``fit``/``validate``/... will load, or None.
+
+    Lightning resolves it before ``setup`` but keeps it in a local variable of
+    ``Trainer._run`` until it loads the checkpoint, after ``setup``: read there, it lets the
+    callback refuse a bad checkpoint before the model is touched. If it is not found there
+    (another Lightning version), the same checks run in ``on_load_checkpoint``.
+    """
+    run_code = getattr(getattr(type(trainer), "_run", None), "__code__", None)
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            if frame.f_code is run_code and frame.f_locals.get("self") is trainer:
+                path = frame.f_locals.get("ckpt_path")
+                return None if path is None else str(path)
+            frame = frame.f_back
+    finally:
+        del frame
+    return None
 
 
 def _is_transformers_model(module: nn.Module) -> bool:

@@ -36,6 +36,7 @@ from lightning_peft.callback import PEFTCallback
 from lightning_peft.config import ALL_LINEAR, AdapterConfig, LoRAConfig
 from lightning_peft.curves import CurveRecorder
 from lightning_peft.errors import InputError
+from lightning_peft.hf_format import CONFIG_NAME, WEIGHTS_NAME
 from lightning_peft.targeting import select_targets
 from lightning_peft.tasks import FineTuneTask, check_model_dir, default_model_path
 from lightning_peft.text_data import TASKS, TextData
@@ -43,7 +44,6 @@ from lightning_peft.text_data import TASKS, TextData
 METHODS = ("lora", "dora", "adapter")
 SHORTCUTS = {"--model": "--model.model_path", "--data": "--data.path"}
 DEFAULT_OUTPUT_DIR = "runs/lightning-peft"
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 REGEX_PREFIX = "re:"
 # Default targets per task. Classification: the attention projections of the usual encoder
 # families (names absent from a model are simply not matched); the LLM tasks: all-linear.
@@ -180,7 +180,7 @@ def check_output_dir(output_dir: str | Path, overwrite: bool) -> Path:
     """
     output_dir = Path(output_dir)
     adapter = output_dir / "adapter"
-    held = [name for name in ADAPTER_FILES if (adapter / name).exists()]
+    held = [name for name in (CONFIG_NAME, WEIGHTS_NAME) if (adapter / name).exists()]
     if held and not overwrite:
         raise InputError(
             f"{adapter} already holds an adapter ({held[0]}); pass --overwrite to replace it, "
@@ -360,7 +360,10 @@ class PEFTCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         self.peft_callback = PEFTCallback(
-            self.peft_config, save_adapter_to=self.output_dir / "adapter", verbose=False
+            self.peft_config,
+            save_adapter_to=self.output_dir / "adapter",
+            overwrite=self._config().overwrite,  # checked before the run: refused or asked for
+            verbose=False,
         )
         self.curves = CurveRecorder()
         extra = [
@@ -444,7 +447,7 @@ class PEFTCLI(LightningCLI):
     @rank_zero_only
     def _write_outputs(self, after: dict[str, float], seconds: float) -> None:
         adapter = self.output_dir / "adapter"
-        written = (adapter / "adapter_config.json").is_file()
+        written = (adapter / CONFIG_NAME).is_file()
         if written and getattr(self.model, "head", None) is not None:
             from safetensors.torch import save_file
 

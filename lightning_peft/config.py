@@ -14,7 +14,62 @@ from typing import Any, ClassVar
 
 ALL_LINEAR = "all-linear"
 BIAS_CHOICES = ("none", "all", "lora_only")
-INIT_CHOICES = (True, False, "gaussian", "pissa")
+INIT_CHOICES = (True, False, "gaussian", "pissa", "olora")
+REWRITES_BASE = ("pissa", "olora")  # inits that replace W by its residual (linear layers only)
+# peft's other inits, and why they are not available for new adapters here.
+PEFT_INITS_NOT_HERE = {
+    "eva": "initialises A from activations over a data set",
+    "orthogonal": "draws orthogonal random A and B",
+    "corda": "rewrites the base weight from activation statistics of a data set",
+    "loftq": "quantizes the base weight and fits A and B to the quantization error",
+    "lora_ga": "rewrites the base weight from gradients of a data set",
+    "mica": "is a LoRA variant with B frozen",
+    "pissa_niter_": "computes PiSSA with a randomized SVD, which draws from the global RNG",
+}
+# task_type -> modules trained in full, as peft's task models add them to modules_to_save.
+TASK_HEADS = {
+    "SEQ_CLS": ["classifier", "score"],
+    "TOKEN_CLS": ["classifier", "score"],
+    "QUESTION_ANS": ["qa_outputs"],
+    "CAUSAL_LM": [],
+    "SEQ_2_SEQ_LM": [],
+    "FEATURE_EXTRACTION": [],
+}
+# peft ``LoraConfig`` fields that do not change the adapted model: accepted and not kept
+# (metadata, runtime options, settings of inits that are refused when they would matter; peft
+# itself decides ``fan_in_fan_out`` from the layer type, as this package does).
+PEFT_IGNORED_FIELDS = (
+    "peft_type",
+    "auto_mapping",
+    "peft_version",
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+    "fan_in_fan_out",
+    "megatron_core",
+    "qalora_group_size",
+    "loftq_config",
+    "eva_config",
+    "corda_config",
+    "lora_ga_config",
+    "runtime_config",
+)
+# peft ``LoraConfig`` fields that would change the adapted model, with the value that does not:
+# any other value is refused by name until the feature exists here.
+PEFT_UNSUPPORTED_FIELDS = {
+    "target_parameters": None,
+    "trainable_token_indices": None,
+    "layer_replication": None,
+    "megatron_config": None,
+    "use_qalora": False,
+    "use_bdlora": None,
+    "velora_config": None,
+    "alora_invocation_tokens": None,
+    "monteclora_config": None,
+    "arrow_config": None,
+    "kasa_config": None,
+    "ensure_weight_tying": False,
+}
 ACTIVATION_CHOICES = ("relu", "gelu", "silu", "tanh", "identity")
 
 
@@ -73,7 +128,12 @@ def _check_patterns(name: str, patterns: dict, kind: type) -> dict:
 
 @dataclass
 class LoRAConfig:
-    """LoRA / rsLoRA / DoRA / PiSSA configuration with peft's field names and defaults.
+    """LoRA / rsLoRA / DoRA / PiSSA / OLoRA configuration with peft's field names and defaults.
+
+    ``LoRAConfig(**peft.LoraConfig(...).to_dict())`` works whenever the peft config uses only
+    what this package has: the fields in ``PEFT_IGNORED_FIELDS`` do not change the adapted model
+    and are accepted (kept as given, not compared, not in ``to_dict()``); those in
+    ``PEFT_UNSUPPORTED_FIELDS`` are refused by name unless they hold peft's default.
 
     Args:
         r: rank (>= 1).
@@ -89,13 +149,22 @@ class LoRAConfig:
         use_dora: weight-decomposed LoRA (Liu et al. 2024).
         init_lora_weights: ``True`` (A kaiming-uniform, B zero), ``"gaussian"`` (A ~ N(0, 1/r),
             B zero), ``"pissa"`` (A, B from the top-r SVD of W; W becomes its residual),
-            ``False`` (A and B both random: for tests).
+            ``"olora"`` (A, B from the QR decomposition of W; W becomes its residual),
+            ``False`` (A and B both random: for tests). Embeddings: A zero, B ~ N(0, 1) for
+            ``True`` and ``"gaussian"`` (peft's); PiSSA and OLoRA are for linear layers.
+        lora_bias: a trainable bias on B (``y += s·b_B``), starting at zero; peft's rules: not
+            with DoRA, only with ``init_lora_weights`` True or False, not on embeddings, and a
+            layer without a bias of its own cannot merge it.
         modules_to_save: modules (names as ``target_modules`` lists) trained and saved in full.
         layers_to_transform: layer indices (an int or a list) to adapt, read from the first
             ``<name>.<index>.`` in a module's path (or ``layers_pattern``'s).
         layers_pattern: the name before the layer index, e.g. ``"layers"``.
         rank_pattern / alpha_pattern: ``{regex: value}`` overriding ``r`` / ``lora_alpha`` for
             matching modules (peft's rule: ``(.*\\.)?(regex)$``, first match wins).
+        task_type: as peft's: ``"SEQ_CLS"`` and ``"TOKEN_CLS"`` add ``classifier`` and ``score``
+            to ``modules_to_save``, ``"QUESTION_ANS"`` adds ``qa_outputs`` (so ``all-linear``
+            leaves the head out of LoRA and trains it in full); the LM and feature-extraction
+            types change nothing.
         adapter_dtype: the dtype the adapter weights are kept in (default float32).
         backend: the ``kernels`` backend ("auto" | "naive" | "torch" | "triton").
     """
@@ -109,29 +178,71 @@ class LoRAConfig:
     use_rslora: bool = False
     use_dora: bool = False
     init_lora_weights: bool | str = True
+    lora_bias: bool = False
     modules_to_save: list[str] | None = None
     layers_to_transform: list[int] | int | None = None
     layers_pattern: list[str] | str | None = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    task_type: str | None = None
     adapter_dtype: str = "float32"
     backend: str = "auto"
+    # peft's other fields (see the class docstring): accepted, inert, left out of to_dict().
+    peft_type: Any = field(default="LORA", repr=False, compare=False)
+    auto_mapping: Any = field(default=None, repr=False, compare=False)
+    peft_version: Any = field(default=None, repr=False, compare=False)
+    base_model_name_or_path: Any = field(default=None, repr=False, compare=False)
+    revision: Any = field(default=None, repr=False, compare=False)
+    inference_mode: Any = field(default=False, repr=False, compare=False)
+    fan_in_fan_out: Any = field(default=False, repr=False, compare=False)
+    megatron_core: Any = field(default="megatron.core", repr=False, compare=False)
+    qalora_group_size: Any = field(default=16, repr=False, compare=False)
+    loftq_config: Any = field(default=None, repr=False, compare=False)
+    eva_config: Any = field(default=None, repr=False, compare=False)
+    corda_config: Any = field(default=None, repr=False, compare=False)
+    lora_ga_config: Any = field(default=None, repr=False, compare=False)
+    runtime_config: Any = field(default=None, repr=False, compare=False)
+    target_parameters: Any = field(default=None, repr=False, compare=False)
+    trainable_token_indices: Any = field(default=None, repr=False, compare=False)
+    layer_replication: Any = field(default=None, repr=False, compare=False)
+    megatron_config: Any = field(default=None, repr=False, compare=False)
+    use_qalora: Any = field(default=False, repr=False, compare=False)
+    use_bdlora: Any = field(default=None, repr=False, compare=False)
+    velora_config: Any = field(default=None, repr=False, compare=False)
+    alora_invocation_tokens: Any = field(default=None, repr=False, compare=False)
+    monteclora_config: Any = field(default=None, repr=False, compare=False)
+    arrow_config: Any = field(default=None, repr=False, compare=False)
+    kasa_config: Any = field(default=None, repr=False, compare=False)
+    ensure_weight_tying: Any = field(default=False, repr=False, compare=False)
 
     method: ClassVar[str] = "lora"
 
     def __post_init__(self) -> None:
+        _check_peft_fields({name: getattr(self, name) for name in PEFT_ONLY_FIELDS})
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
             raise ValueError(f"r must be an integer >= 1, got {self.r!r}")
         if not isinstance(self.lora_alpha, (int, float)) or not math.isfinite(self.lora_alpha):
             raise ValueError(f"lora_alpha must be a finite number, got {self.lora_alpha!r}")
         if not 0.0 <= float(self.lora_dropout) < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        self.task_type = _check_task_type(self.task_type)
+        heads = TASK_HEADS[self.task_type] if self.task_type else []
+        if heads:  # as peft's task models do, before any module is matched
+            self.modules_to_save = [*(self.modules_to_save or []), *heads]
         _check_shared(self)
-        init = self.init_lora_weights
-        if not (isinstance(init, bool) or init in INIT_CHOICES):
+        self.init_lora_weights = _check_init(self.init_lora_weights)
+        _check_lora_bias(self)
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ValueError(
-                f"init_lora_weights must be one of {INIT_CHOICES}, got {self.init_lora_weights!r}"
+                "layers_to_transform cannot be used when target_modules is a str (a regex or "
+                "'all-linear'), as in peft: put the layer index in the regex, or list the names"
             )
+        if isinstance(self.target_modules, str) and self.layers_pattern is not None:
+            raise ValueError(
+                "layers_pattern cannot be used when target_modules is a str, as in peft"
+            )
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("layers_pattern needs layers_to_transform, as in peft")
         if self.layers_to_transform is not None:
             layers = self.layers_to_transform
             layers = [layers] if isinstance(layers, int) else list(layers)
@@ -158,7 +269,61 @@ class LoRAConfig:
         return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields that define the adapters (peft's inert fields left out)."""
+        return {k: v for k, v in asdict(self).items() if k not in PEFT_ONLY_FIELDS}
+
+
+PEFT_ONLY_FIELDS = (*PEFT_IGNORED_FIELDS, *PEFT_UNSUPPORTED_FIELDS)
+
+
+def _check_peft_fields(values: dict[str, Any]) -> None:
+    peft_type = values["peft_type"]
+    if str(getattr(peft_type, "value", peft_type)) != "LORA":
+        raise ValueError(f"peft_type={peft_type!r}: a LoRAConfig describes LORA adapters")
+    for name, default in PEFT_UNSUPPORTED_FIELDS.items():
+        value = values[name]
+        if value != default and value not in ([], {}, ()):
+            raise ValueError(
+                f"{name}={value!r} is not supported here (it would change the adapted model); "
+                f"leave it at peft's default {default!r}"
+            )
+
+
+def _check_lora_bias(config: LoRAConfig) -> None:
+    """peft's rules for ``lora_bias`` (``LoraConfig.__post_init__``)."""
+    if not isinstance(config.lora_bias, bool):
+        raise ValueError(f"lora_bias must be True or False, got {config.lora_bias!r}")
+    if not config.lora_bias:
+        return
+    if config.init_lora_weights not in (True, False):
+        raise ValueError(
+            "lora_bias=True is only supported with init_lora_weights=True or False (as in "
+            f"peft), got init_lora_weights={config.init_lora_weights!r}"
+        )
+    if config.use_dora:
+        raise ValueError("lora_bias=True is not supported with DoRA (as in peft): use_dora=False")
+
+
+def _check_task_type(task_type: Any) -> str | None:
+    if task_type is None:
+        return None
+    task_type = str(getattr(task_type, "value", task_type))
+    if task_type not in TASK_HEADS:
+        raise ValueError(f"task_type must be None or one of {tuple(TASK_HEADS)}, got {task_type!r}")
+    return task_type
+
+
+def _check_init(init: Any) -> bool | str:
+    if isinstance(init, bool) or init in INIT_CHOICES:
+        return init
+    if isinstance(init, str):
+        for name, why in PEFT_INITS_NOT_HERE.items():
+            if init == name or (name.endswith("_") and init.startswith(name)):
+                raise ValueError(
+                    f"init_lora_weights={init!r} is not available here (peft's {init!r} {why}); "
+                    f"init_lora_weights must be one of {INIT_CHOICES}"
+                )
+    raise ValueError(f"init_lora_weights must be one of {INIT_CHOICES}, got {init!r}")
 
 
 def _pattern_value(patterns: dict, module_name: str, default):

@@ -1,7 +1,10 @@
 """Adapters in the Hugging Face PEFT format: ``adapter_config.json`` and the weights file
 ``adapter_model.safetensors``.
 
-Key mapping (``<p>`` a module path in the injected model):
+Keys: every saved tensor ``<k>`` (a model state-dict key) is written as
+``base_model.model.<k>``, except the tensors of an adapter layer at path ``<p>``, written as
+``base_model.model.<p>.<suffix>`` with the suffix its class declares (``saved_names``), e.g. for
+LoRA:
 
 =================================  ====================================================
 here                               PEFT file
@@ -9,99 +12,134 @@ here                               PEFT file
 ``<p>.lora_A`` / ``<p>.lora_B``    ``base_model.model.<p>.lora_A.weight`` / ``.lora_B.weight``
 ``<p>.lora_magnitude`` (DoRA)      ``base_model.model.<p>.lora_magnitude_vector``
 ``<p>.bias`` of an adapted layer   ``base_model.model.<p>.base_layer.bias``
-any other saved tensor ``<k>``     ``base_model.model.<k>`` (modules_to_save, other biases)
 =================================  ====================================================
 
-Bottleneck adapters have no PEFT counterpart: they are written in the same layout with
-``"peft_type": "LIGHTNING_BOTTLENECK"``, which only this package reads.
+The same declarations give the keys and shapes a directory must hold before anything is
+injected (``planned_tensors``), so a load checks the whole file before touching the model.
+A tensor the model holds in two places (a module in two containers) is written once, under its
+first name, as peft writes it. Bottleneck adapters have no PEFT counterpart: they are written in
+the same layout with ``"peft_type": "LIGHTNING_BOTTLENECK"``, which only this package reads.
+
+Writes are atomic per file: both files go to temporary names first, an existing config is
+removed before the new weights replace the old ones, and the config (what makes a directory an
+adapter) is renamed into place last. An interrupted save leaves the old adapter, or a directory
+without ``adapter_config.json``, never new weights under an old config.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
-from dataclasses import fields
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from lightning_peft.config import AdapterConfig, LoRAConfig
-from lightning_peft.injection import find_injection, inject_adapters, modules_to_save_names
-from lightning_peft.lora_layer import LoRALinear
+from lightning_peft.distributed import clean_name
+from lightning_peft.injection import (
+    find_injection,
+    inject_adapters,
+    planned_tensors,
+)
+from lightning_peft.methods import METHODS, AdapterLayer, method_for, method_for_peft_type
+from lightning_peft.methods.base import PEFT_PREFIX
+from lightning_peft.methods.bottleneck import BOTTLENECK_TYPE
 from lightning_peft.model_helpers import adapter_state_dict
-from lightning_peft.targeting import select_targets
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-PREFIX = "base_model.model."
-BOTTLENECK_TYPE = "LIGHTNING_BOTTLENECK"
-# peft fields that change the math; any other value than these defaults cannot be loaded here.
-_UNSUPPORTED_PEFT_FIELDS = {
-    "lora_bias": False,
-    "layer_replication": None,
-    "target_parameters": None,
-    "trainable_token_indices": None,
-    "use_qalora": False,
-    "use_bdlora": None,
-}
-_PEFT_LORA_FIELDS = (
-    "r",
-    "lora_alpha",
-    "lora_dropout",
-    "target_modules",
-    "exclude_modules",
-    "bias",
-    "use_rslora",
-    "use_dora",
-    "init_lora_weights",
-    "modules_to_save",
-    "layers_to_transform",
-    "layers_pattern",
-    "rank_pattern",
-    "alpha_pattern",
-)
+PREFIX = PEFT_PREFIX
+ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME)
+__all__ = [
+    "BOTTLENECK_TYPE",
+    "CONFIG_NAME",
+    "PREFIX",
+    "WEIGHTS_NAME",
+    "check_save_directory",
+    "load_adapter",
+    "peft_key",
+    "peft_keys",
+    "read_config",
+    "save_adapter",
+]
 
 
-def _peft_key(model: nn.Module, key: str) -> str:
-    module_name, _, param = key.rpartition(".")
-    module = model.get_submodule(module_name)
-    if isinstance(module, LoRALinear):
-        if param in ("lora_A", "lora_B"):
-            return f"{PREFIX}{module_name}.{param}.weight"
-        if param == "lora_magnitude":
-            return f"{PREFIX}{module_name}.lora_magnitude_vector"
-        if param == "bias":
-            return f"{PREFIX}{module_name}.base_layer.bias"
-    return PREFIX + key
+def peft_key(model: nn.Module, key: str) -> str:
+    """The PEFT-file key of the state-dict key ``key`` (relative to the injected ``model``)."""
+    return peft_keys(model, [key])[key]
 
 
-def _config_json(model: nn.Module, config: LoRAConfig | AdapterConfig, targets: list[str]) -> dict:
-    if isinstance(config, AdapterConfig):
-        return {"peft_type": BOTTLENECK_TYPE, **config.to_dict(), "target_modules": targets}
-    name_or_path = getattr(getattr(model, "config", None), "name_or_path", None) or None
-    data = {name: getattr(config, name) for name in _PEFT_LORA_FIELDS}
-    data.update(
-        peft_type="LORA",
-        task_type=None,
-        inference_mode=True,
-        base_model_name_or_path=name_or_path,
-        # The exact modules adapted: peft matches a listed full name directly.
-        target_modules=targets,
-        layers_to_transform=None,
-        layers_pattern=None,
-        fan_in_fan_out=any(
-            model.get_submodule(t).fan_in_fan_out
-            for t in targets
-            if isinstance(model.get_submodule(t), LoRALinear)
-        ),
-    )
-    return data
+def peft_keys(model: nn.Module, keys) -> dict[str, str]:
+    """``{key: PEFT-file key}``: a tensor ``<p>.<name>`` of the adapter layer at ``<p>`` is
+    written as its class's ``peft_key(<p>, name)``, anything else as ``<prefix><key>`` with the
+    method's ``file_prefix`` (``base_model.model.``; prompt learning ``base_model.``)."""
+    found = find_injection(model)
+    prefix = method_for(found[2].config).file_prefix if found is not None else PEFT_PREFIX
+    layers = {
+        clean_name(path): type(module)
+        for path, module in model.named_modules(remove_duplicate=False)
+        if isinstance(module, AdapterLayer)
+    }
+    out = {}
+    for key in keys:
+        owner, _, local = key.rpartition(".")
+        layer_class = layers.get(owner)
+        out[key] = layer_class.peft_key(owner, local) if layer_class is not None else prefix + key
+    return out
+
+
+def check_save_directory(directory: str | Path, overwrite: bool = False) -> Path:
+    """Check that ``save_adapter`` can write to ``directory``, before any work is done.
+
+    A missing or empty directory, or one without an adapter in it, is fine (it is created; other
+    files in it are left alone). One that holds an adapter (``adapter_config.json`` or
+    ``adapter_model.safetensors``) needs ``overwrite=True``.
+
+    Raises:
+        FileExistsError: an adapter is there and ``overwrite`` is False, or the path is a file.
+        NotADirectoryError: the nearest existing parent is a file.
+        PermissionError: the directory (or the nearest existing parent) is not writable.
+    """
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise FileExistsError(f"{directory} is a file, not an adapter directory")
+    existing = [name for name in ADAPTER_FILES if (directory / name).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(
+            f"{directory} already holds an adapter ({existing[0]}); pass overwrite=True to "
+            "replace it, or choose another directory"
+        )
+    nearest = directory
+    while not nearest.exists():
+        nearest = nearest.parent
+    if not nearest.is_dir():
+        raise NotADirectoryError(f"cannot create {directory}: {nearest} is a file")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write to {directory}: {nearest} is not writable")
+    return directory
+
+
+def _without_aliases(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """safetensors refuses tensors that share memory (views of one storage, e.g. FSDP1's flat
+    parameters): clone all but the first of each group, as peft does."""
+    seen: set[tuple] = set()
+    out = {}
+    for key, tensor in tensors.items():
+        storage = (tensor.device, tensor.untyped_storage().data_ptr())
+        out[key] = tensor.clone() if storage in seen else tensor
+        seen.add(storage)
+    return out
 
 
 def save_adapter(
-    model: nn.Module, directory: str | Path, state_dict: Mapping[str, Tensor] | None = None
+    model: nn.Module,
+    directory: str | Path,
+    state_dict: Mapping[str, Tensor] | None = None,
+    *,
+    overwrite: bool = False,
 ) -> Path:
     """Write the adapters of ``model`` to ``directory`` in the Hugging Face PEFT format.
 
@@ -113,95 +151,75 @@ def save_adapter(
         directory: where to write; created if needed.
         state_dict: full tensors keyed as ``model.state_dict()`` (e.g. gathered from the ranks
             of a sharded model); by default the model's own tensors.
+        overwrite: replace an adapter already in ``directory`` (by default that is an error,
+            raised before anything is written).
 
     Returns:
         the directory.
+
+    Raises:
+        ValueError: the model has no adapters. FileExistsError / PermissionError: see
+        ``check_save_directory``. Nothing is written then.
     """
     found = find_injection(model)
     if found is None:
         raise ValueError("the model has no adapters to save (inject_adapters was not called on it)")
+    directory = check_save_directory(directory, overwrite)
     prefix, root, state = found
     prefix = f"{prefix}." if prefix else ""
+    live = adapter_state_dict(root)
+    names = peft_keys(root, live)
     tensors = {}
-    for key, tensor in adapter_state_dict(root).items():
+    for key, tensor in live.items():
         if state_dict is not None:
             tensor = state_dict[prefix + key]
-        tensors[_peft_key(root, key)] = tensor.detach().contiguous().cpu()
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt"})
-    config = _config_json(root, state.config, state.targets)
-    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        tensors[names[key]] = tensor.detach().contiguous().cpu()
+    config = method_for(state.config).write_config(root, state.config, state.targets)
+    _write_atomically(directory, _without_aliases(tensors), config)
     return directory
 
 
-def read_config(directory: Path) -> LoRAConfig | AdapterConfig:
-    """The config of an adapter directory (written here or by ``peft``)."""
-    path = directory / CONFIG_NAME
+def _write_atomically(directory: Path, tensors: dict[str, Tensor], config: dict) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    suffix = f".tmp-{os.getpid()}"
+    weights_tmp = directory / f".{WEIGHTS_NAME}{suffix}"
+    config_tmp = directory / f".{CONFIG_NAME}{suffix}"
+    try:
+        save_file(tensors, weights_tmp, metadata={"format": "pt"})
+        config_tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (directory / CONFIG_NAME).unlink(missing_ok=True)  # no old config over new weights
+        os.replace(weights_tmp, directory / WEIGHTS_NAME)
+        os.replace(config_tmp, directory / CONFIG_NAME)
+    finally:
+        weights_tmp.unlink(missing_ok=True)
+        config_tmp.unlink(missing_ok=True)
+
+
+def read_config(directory: str | Path):
+    """The config of an adapter directory (written here or by ``peft``).
+
+    Raises:
+        FileNotFoundError: no ``adapter_config.json``.
+        ValueError: the file is not a JSON object, names an unknown method, or asks for
+            something this package cannot load with peft's numbers (each named).
+    """
+    path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: not an adapter directory")
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got a JSON {type(data).__name__}")
     peft_type = data.get("peft_type")
-    if peft_type == BOTTLENECK_TYPE:
-        names = {f.name for f in fields(AdapterConfig)}
-        return AdapterConfig(**{k: v for k, v in data.items() if k in names})
-    if peft_type != "LORA":
+    method = method_for_peft_type(peft_type)
+    if method is None:
+        known = ", ".join(m.peft_type for m in METHODS)
         raise ValueError(
-            f"{path}: unknown adapter method peft_type={peft_type!r}; this package loads LORA "
-            f"(LoRA, rsLoRA, DoRA) and {BOTTLENECK_TYPE}"
+            f"{path}: unknown adapter method peft_type={peft_type!r}; this package loads {known}"
         )
-    for name, default in _UNSUPPORTED_PEFT_FIELDS.items():
-        if data.get(name, default) not in (default, [], {}):
-            raise ValueError(f"{path}: {name}={data[name]!r} is not supported here")
-    kwargs = {k: data[k] for k in _PEFT_LORA_FIELDS if k in data and data[k] is not None}
-    kwargs.setdefault("target_modules", data.get("target_modules"))
-    init = kwargs.get("init_lora_weights", True)
-    if not (isinstance(init, bool) or init in ("gaussian", "pissa")):
-        kwargs["init_lora_weights"] = True  # other inits only set the starting point
-    return LoRAConfig(**kwargs)
-
-
-def _expected_shapes(model: nn.Module, config: LoRAConfig | AdapterConfig) -> dict:
-    """{PEFT key: shape} that an adapter for ``config`` on the (not yet injected) ``model``
-    holds: the same keys ``save_adapter`` writes after ``inject_adapters(model, config)``."""
-    from lightning_peft.bottleneck import CHILD_NAME, output_features
-
-    targets = select_targets(model, config)
-    shapes: dict[str, tuple[int, ...]] = {}
-    lora_targets = set()
-    for name in targets:
-        module = model.get_submodule(name)
-        if isinstance(config, AdapterConfig):
-            features, hidden = output_features(module), config.bottleneck_dim
-            base = f"{PREFIX}{name}.{CHILD_NAME}"
-            shapes |= {
-                f"{base}.down.weight": (hidden, features),
-                f"{base}.down.bias": (hidden,),
-                f"{base}.up.weight": (features, hidden),
-                f"{base}.up.bias": (features,),
-            }
-            continue
-        lora_targets.add(name)
-        rank, _ = config.rank_and_alpha(name)
-        out_f, in_f = module.weight.shape[::-1] if hasattr(module, "nf") else module.weight.shape
-        shapes[f"{PREFIX}{name}.lora_A.weight"] = (rank, in_f)
-        shapes[f"{PREFIX}{name}.lora_B.weight"] = (out_f, rank)
-        if config.use_dora:
-            shapes[f"{PREFIX}{name}.lora_magnitude_vector"] = (out_f,)
-    for name in modules_to_save_names(model, config):
-        for param_name, param in model.get_submodule(name).named_parameters():
-            shapes[f"{PREFIX}{name}.{param_name}"] = tuple(param.shape)
-    if config.bias != "none":
-        for param_name, param in model.named_parameters():
-            module_name = param_name.rpartition(".")[0]
-            adapted = any(module_name == t or module_name.startswith(f"{t}.") for t in targets)
-            if not param_name.endswith("bias") or (config.bias == "lora_only" and not adapted):
-                continue
-            if module_name in lora_targets:
-                shapes[f"{PREFIX}{module_name}.base_layer.bias"] = tuple(param.shape)
-            else:
-                shapes[PREFIX + param_name] = tuple(param.shape)
-    return shapes
+    return method.read_config(data, path)
 
 
 def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
@@ -216,8 +234,11 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     weights_path = directory / WEIGHTS_NAME
     if not weights_path.is_file():
         raise FileNotFoundError(f"{weights_path} does not exist")
-    tensors = load_file(weights_path)
-    expected = _expected_shapes(model, config)
+    try:
+        tensors = load_file(weights_path)
+    except SafetensorError as error:
+        raise ValueError(f"{weights_path} is not a readable safetensors file: {error}") from None
+    expected = planned_tensors(model, config)
     for key, shape in expected.items():
         if key not in tensors:
             raise ValueError(f"{weights_path}: missing key {key!r} (expected shape {shape})")
@@ -230,8 +251,10 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     if unexpected:
         raise ValueError(f"{weights_path}: unexpected key {unexpected[0]!r} for this model")
 
-    inject_adapters(model, config)  # pissa turns W into its residual here, as peft does
-    targets = {_peft_key(model, key): value for key, value in adapter_state_dict(model).items()}
+    inject_adapters(model, config)  # pissa/olora turn W into its residual here, as peft does
+    live = adapter_state_dict(model)
+    names = peft_keys(model, live)
+    targets = {names[key]: value for key, value in live.items()}
     with torch.no_grad():
         for key, value in tensors.items():
             targets[key].copy_(value.to(targets[key].dtype))

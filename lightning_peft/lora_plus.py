@@ -6,14 +6,15 @@ from typing import Any
 
 from torch import nn
 
-from lightning_peft.lora_layer import LoRALinear
+from lightning_peft.methods import adapter_layers
 
 
 def lora_plus_param_groups(
     model: nn.Module, lr: float, ratio: float = 16.0, weight_decay: float = 0.0
 ) -> list[dict[str, Any]]:
-    """Optimizer parameter groups: every ``lora_B`` at ``lr * ratio``, the other trainable
-    parameters (A, DoRA magnitudes, adapters, biases, modules_to_save) at ``lr``.
+    """Optimizer parameter groups: the "B" factors of every low-rank layer (``lora_B``; what each
+    layer class lists in ``fast_names``) at ``lr * ratio``, the other trainable parameters (A,
+    DoRA magnitudes, adapters, biases, modules_to_save) at ``lr``.
 
     Example::
 
@@ -21,7 +22,11 @@ def lora_plus_param_groups(
     """
     if ratio <= 0:
         raise ValueError(f"ratio must be > 0, got {ratio}")
-    fast = {id(m.lora_B) for m in model.modules() if isinstance(m, LoRALinear)}
+    fast = {
+        id(layer.get_parameter(name))
+        for _, layer in adapter_layers(model)
+        for name in type(layer).fast_names
+    }
     if not fast:
         raise ValueError("the model has no LoRA layers: inject adapters first")
     trainable = [p for p in model.parameters() if p.requires_grad]

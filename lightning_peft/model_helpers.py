@@ -1,4 +1,7 @@
-"""Model-level helpers: merge, unmerge, unload, disable, adapter state dict, trainables."""
+"""Model-level helpers: merge, unmerge, unload, disable, adapter state dict, trainables.
+
+Written against the ``AdapterLayer`` protocol: they work for every registered method.
+"""
 
 from __future__ import annotations
 
@@ -7,45 +10,71 @@ from contextlib import contextmanager
 
 from torch import Tensor, nn
 
-from lightning_peft.bottleneck import CHILD_NAME, BottleneckAdapter, detach_bottleneck
 from lightning_peft.distributed import clean_name
-from lightning_peft.injection import STATE_ATTR, find_injection
-from lightning_peft.lora_layer import LoRALinear
-
-
-def lora_layers(model: nn.Module) -> list[LoRALinear]:
-    return [m for m in model.modules() if isinstance(m, LoRALinear)]
-
-
-def _bottlenecks(model: nn.Module) -> list[BottleneckAdapter]:
-    return [m for m in model.modules() if isinstance(m, BottleneckAdapter)]
+from lightning_peft.injection import STATE_ATTR, adapter_parameters, find_injection
+from lightning_peft.methods import AdapterLayer, adapter_layers
 
 
 def merge_adapters(model: nn.Module) -> int:
-    """Merge every LoRA/DoRA layer into its base weight (idempotent); returns how many.
+    """Merge every adapter layer into its base weight (idempotent); returns how many.
 
     Raises:
-        ValueError: the model has bottleneck adapters, which are non-linear and cannot merge.
+        ValueError: the model has a layer that cannot merge (e.g. a bottleneck adapter, which is
+            non-linear; a LoRA on a grouped convolution; a layer whose weight another module
+            shares, as tied embeddings do), naming it; nothing is merged then.
     """
-    if _bottlenecks(model):
-        raise ValueError("bottleneck adapters are non-linear and cannot be merged into weights")
-    layers = lora_layers(model)
-    for layer in layers:
+    layers = list(adapter_layers(model))
+    owners = _parameter_owners(model)
+    for path, layer in layers:
+        reason = layer.merge_refusal() or _shared_weight_refusal(path, layer, owners)
+        if reason is not None:
+            raise ValueError(f"{path or 'the model'}: {reason}")
+    for _, layer in layers:
         layer.merge()
     return len(layers)
 
 
+def _parameter_owners(model: nn.Module) -> dict[int, list[str]]:
+    """``{id(parameter): [every "<module path>.<name>" that holds it]}``."""
+    owners: dict[int, list[str]] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        for name, param in module._parameters.items():
+            if param is not None:
+                owners.setdefault(id(param), []).append(f"{path}.{name}" if path else name)
+    return owners
+
+
+def _shared_weight_refusal(path: str, layer: AdapterLayer, owners: dict) -> str | None:
+    """A merge writes the base tensors the layer holds in place: refuse when a module outside
+    the layer holds one of them too (tied weights), since the merge would change it as well."""
+    if layer.merged:
+        return None
+    adapter = set(layer.adapter_parameter_names())
+    for name, param in layer._parameters.items():
+        if param is None or name in adapter:
+            continue
+        here = f"{path}.{name}" if path else name
+        others = [owner for owner in owners.get(id(param), []) if owner != here]
+        if others:
+            return (
+                f"its {name} is also {others[0]!r} (tied weights), which merging would change "
+                "too; keep the adapter unmerged, or untie the weights first"
+            )
+    return None
+
+
 def unmerge_adapters(model: nn.Module) -> int:
     """Undo ``merge_adapters`` (idempotent); returns how many layers."""
-    layers = lora_layers(model)
+    layers = [layer for _, layer in adapter_layers(model) if layer.mergeable]
     for layer in layers:
         layer.unmerge()
     return len(layers)
 
 
 def unload(model: nn.Module, merge: bool = True) -> nn.Module:
-    """Remove every adapter, putting the original modules back; with ``merge`` LoRA/DoRA
-    updates are merged into their weights first, else they are dropped (the base returns).
+    """Remove every adapter, putting the original modules back; with ``merge`` the updates of
+    mergeable layers (LoRA/DoRA) are merged into their weights first, else they are dropped
+    (the base returns). A model with non-mergeable adapters needs ``merge=False``.
 
     Parameters keep their ``requires_grad`` flags as they are; returns ``model``.
     """
@@ -53,16 +82,8 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
         merge_adapters(model)
     else:
         unmerge_adapters(model)
-    for name, module in list(model.named_modules()):
-        if isinstance(module, LoRALinear):
-            base = module.base_module
-            base.weight, base.bias = module.weight, module.bias
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, base)
-        elif hasattr(module, CHILD_NAME) and isinstance(
-            getattr(module, CHILD_NAME), BottleneckAdapter
-        ):
-            detach_bottleneck(module)
+    for path, layer in list(adapter_layers(model)):
+        type(layer).placement.detach(model, path, layer)
     found = find_injection(model)
     if found is not None:
         delattr(found[1], STATE_ATTR)
@@ -72,37 +93,29 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
 @contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Run ``model`` as the base model inside the block (adapters skipped), then restore."""
-    adapters = [*lora_layers(model), *_bottlenecks(model)]
-    before = [a.disabled for a in adapters]
+    layers: list[AdapterLayer] = [layer for _, layer in adapter_layers(model)]
+    before = [layer.disabled for layer in layers]
     try:
-        for adapter in adapters:
-            adapter.disabled = True
+        for layer in layers:
+            layer.disabled = True
         yield model
     finally:
-        for adapter, flag in zip(adapters, before, strict=True):
-            adapter.disabled = flag
+        for layer, flag in zip(layers, before, strict=True):
+            layer.disabled = flag
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """The adapter tensors, ``modules_to_save`` and trained biases, keyed as in
-    ``model.state_dict()`` (FSDP1 wrapper segments removed); detached, not copied."""
+    ``model.state_dict()`` (FSDP1 wrapper segments removed; a module held in two places appears
+    under both names); detached, not copied."""
     found = find_injection(model)
     if found is None:
         raise ValueError("the model has no adapters (inject_adapters was not called on it)")
     prefix, root, state = found
     prefix = f"{prefix}." if prefix else ""
-    keys: dict[str, Tensor] = {}
-    for name, param in root.named_parameters(remove_duplicate=False):
-        module_name, _, param_name = name.rpartition(".")
-        module = root.get_submodule(module_name)
-        is_adapter = (
-            isinstance(module, LoRALinear) and param_name in module.adapter_parameter_names()
-        ) or f".{CHILD_NAME}." in f".{name}"
-        is_saved = any(name == m or name.startswith(f"{m}.") for m in state.modules_to_save)
-        is_bias = state.config.bias != "none" and param_name == "bias" and param.requires_grad
-        if is_adapter or is_saved or is_bias:
-            keys[clean_name(prefix + name)] = param.detach()
-    return keys
+    return {
+        clean_name(prefix + name): param.detach() for name, param in adapter_parameters(root, state)
+    }
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:

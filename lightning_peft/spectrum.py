@@ -14,7 +14,9 @@ float64, never an out×in matrix. From them:
   ``A·Aᵀ`` (r, r), again without out×in. The spectrum shown for DoRA is that of ``s·B·A``, its
   direction update.
 
-Adapters written by this package or by ``peft`` (LoRA, rsLoRA, DoRA, rank/alpha patterns).
+Adapters written by this package or by ``peft`` (LoRA, rsLoRA, DoRA, rank/alpha patterns) on
+linear layers, embeddings (ΔW is then (V, d), the transpose: the same singular values) and
+ungrouped convolutions (ΔW = B·A on the flattened kernel).
 """
 
 from __future__ import annotations
@@ -30,9 +32,17 @@ import torch
 from torch import Tensor
 
 from lightning_peft.errors import InputError
+from lightning_peft.hf_format import PREFIX, WEIGHTS_NAME
 
-PEFT_PREFIX = "base_model.model."
-WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+WEIGHT_FILES = (WEIGHTS_NAME, "adapter_model.bin")
+# (key suffix in a PEFT file, factor): linear and convolution layers, embeddings (peft's names).
+FACTOR_KEYS = (
+    (".lora_A.weight", "A"),
+    (".lora_B.weight", "B"),
+    (".lora_embedding_A", "A"),
+    (".lora_embedding_B", "B"),
+    (".lora_magnitude_vector", "magnitude"),
+)
 REPORT_ENERGY = 0.90
 HINT_ENERGY = 0.99
 
@@ -147,12 +157,8 @@ def read_lora_adapter(directory: str | Path) -> tuple[object, dict[str, dict[str
         )
     modules: dict[str, dict[str, Tensor]] = {}
     for key, tensor in _read_tensors(directory).items():
-        key = key.removeprefix(PEFT_PREFIX)
-        for suffix, part in (
-            (".lora_A.weight", "A"),
-            (".lora_B.weight", "B"),
-            (".lora_magnitude_vector", "magnitude"),
-        ):
+        key = key.removeprefix(PREFIX)
+        for suffix, part in FACTOR_KEYS:
             if key.endswith(suffix):
                 modules.setdefault(key.removesuffix(suffix), {})[part] = tensor
     broken = [name for name, parts in modules.items() if not {"A", "B"} <= set(parts)]
@@ -160,7 +166,23 @@ def read_lora_adapter(directory: str | Path) -> tuple[object, dict[str, dict[str
         raise InputError(f"{directory}: module {broken[0]!r} lacks lora_A or lora_B")
     if not modules:
         raise InputError(f"{directory} holds no lora_A / lora_B tensors")
+    for name, parts in modules.items():
+        parts["A"], parts["B"] = _as_matrices(directory, name, parts["A"], parts["B"])
     return config, modules
+
+
+def _as_matrices(directory: Path, name: str, lora_A: Tensor, lora_B: Tensor):
+    """A (r, in·k…) and B (out, r) of a linear, embedding or (ungrouped) convolution adapter:
+    a convolution's ΔW is ``B·A`` on the flattened kernel, its B a 1×1 kernel."""
+    rank = lora_A.shape[0]
+    if lora_B.dim() > 2 and lora_B.shape[1] == rank and all(d == 1 for d in lora_B.shape[2:]):
+        lora_B = lora_B.reshape(lora_B.shape[0], rank)
+    if lora_B.dim() != 2 or lora_B.shape[1] != rank:
+        raise InputError(
+            f"{directory}: {name!r} has lora_A {tuple(lora_A.shape)} and lora_B "
+            f"{tuple(lora_B.shape)}: not a product B·A that inspect reads (a grouped convolution?)"
+        )
+    return lora_A.reshape(rank, -1), lora_B
 
 
 class BaseWeights:
@@ -222,8 +244,10 @@ def inspect_adapter(
         weight = base.get(name) if base is not None else None
         if weight is not None:
             out_in = (lora_B.shape[0], lora_A.shape[1])
+            if weight.dim() > 2:  # a convolution: (out, in, k…) as (out, in·k…)
+                weight = weight.reshape(weight.shape[0], -1)
             if tuple(weight.shape) == out_in[::-1] and out_in[0] != out_in[1]:
-                weight = weight.T  # transformers' Conv1D stores (in, out)
+                weight = weight.T  # Conv1D stores (in, out), an embedding (V, d)
             if tuple(weight.shape) != out_in:
                 raise InputError(
                     f"{name}: the base weight has shape {tuple(weight.shape)}, the adapter "

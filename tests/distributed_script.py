@@ -12,7 +12,11 @@ Every rank writes what the tests assert on (ddp_spawn's workers' modules never c
 - ``first_rank{r}.pt``: full (gathered) tensors and the local optimizer state at the start and
   end of the first fit, its losses, and the eval logits of the trained model on ``IDS``;
 - ``resumed_rank{r}.pt``: full tensors and optimizer state at ``on_train_start`` of the resume;
-- ``adapter/``: the ``save_adapter_to`` directory; ``ckpt/first.ckpt``: the checkpoint.
+- ``adapter/``: the ``save_adapter_to`` directory; ``ckpt/first.ckpt``: the checkpoint;
+- in both records, the torch random state: the first run's when it checkpointed (each rank
+  seeds its own at ``on_train_start``), the resumed run's once the checkpoint is loaded; the
+  first run's records also hold the callback's warnings about adapters without gradients;
+- ``mismatch_rank{r}.txt``: the error of a third fit that resumes with another config.
 
 FSDP1 (``fsdp``) cannot save the adapter yet: its first fit goes without ``save_adapter_to``,
 and a third, one-step fit tries it, writing ``save_rank{r}.pt`` if it works and
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import sys
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -164,11 +169,27 @@ def _local(value: Any) -> Any:
 
 class Recorder(Callback):
     """Writes ``{tag}_rank{r}.pt``: full tensors and optimizer state at the start (and with
-    ``at_end`` the end) of training, the losses and the trained model's eval logits."""
+    ``at_end`` the end) of training, the losses, the trained model's eval logits, and the torch
+    random state when a checkpoint is saved or loaded (place it after ``PEFTCallback``).
 
-    def __init__(self, out: Path, tag: str, at_end: bool = True) -> None:
-        self.out, self.tag, self.at_end = out, tag, at_end
+    ``seed``: each rank seeds torch with ``seed + rank`` at ``on_train_start``."""
+
+    def __init__(self, out: Path, tag: str, at_end: bool = True, seed: int | None = None) -> None:
+        self.out, self.tag, self.at_end, self.seed = out, tag, at_end, seed
         self.record: dict[str, Any] = {}
+        self.rng: Tensor | None = None
+        self.catching: warnings.catch_warnings | None = None
+        self.caught: list = []
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self.catching = warnings.catch_warnings(record=True)
+        self.caught = self.catching.__enter__()
+        warnings.simplefilter("always")
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if self.catching is not None:
+            self.catching.__exit__(None, None, None)
+            self.catching = None
 
     def snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         if isinstance(trainer.strategy, CPUFSDPStrategy):
@@ -183,8 +204,16 @@ class Recorder(Callback):
             "step": trainer.global_step,
         }
 
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        self.rng = torch.get_rng_state()
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        self.rng = torch.get_rng_state()  # PEFTCallback, called before, has restored it
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.record = {"start": self.snapshot(trainer, pl_module), "rank": trainer.global_rank}
+        if self.seed is not None:
+            torch.manual_seed(self.seed + trainer.global_rank)
         if not self.at_end:
             self.write(trainer)
 
@@ -197,6 +226,8 @@ class Recorder(Callback):
         self.write(trainer)
 
     def write(self, trainer: pl.Trainer) -> None:
+        self.record["rng"] = self.rng
+        self.record["warnings"] = [str(w.message) for w in self.caught]
         torch.save(self.record, self.out / f"{self.tag}_rank{trainer.global_rank}.pt")
 
 
@@ -245,21 +276,40 @@ def checkpoint_path(out: Path) -> Path:
 
 
 def run(name: str, out: Path) -> None:
-    """Train, checkpoint and save the adapter, then resume, under strategy ``name``."""
+    """Train, checkpoint and save the adapter, then resume, then resume with another config,
+    under strategy ``name``."""
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = ModelCheckpoint(
         dirpath=out / "ckpt", filename="first", every_n_train_steps=FIRST_STEPS
     )
     save_to = None if name == "fsdp" else out / "adapter"  # FSDP1: see save_adapter_fsdp1
-    first = [make_callback(name, save_adapter_to=save_to), checkpoint, Recorder(out, "first")]
+    first = [
+        make_callback(name, save_adapter_to=save_to),
+        checkpoint,
+        Recorder(out, "first", seed=100),
+    ]
     make_trainer(name, out, first, FIRST_STEPS).fit(make_module(name))
 
     resumed = [make_callback(name), Recorder(out, "resumed", at_end=False)]
     make_trainer(name, out, resumed, RESUMED_STEPS).fit(
         make_module(name), ckpt_path=checkpoint_path(out)
     )
+    resume_with_another_config(name, out)
     if name == "fsdp":
         save_adapter_fsdp1(out)
+
+
+def resume_with_another_config(name: str, out: Path) -> None:
+    """Resume with k_proj instead of q_proj/v_proj; each rank writes the error it gets."""
+    callback = make_callback(name)
+    callback.config = LoRAConfig(r=4, lora_alpha=8, target_modules=["k_proj"])
+    trainer = make_trainer(name, out, [callback], RESUMED_STEPS)
+    try:
+        trainer.fit(make_module(name), ckpt_path=checkpoint_path(out))
+        message = "no error"
+    except Exception as error:
+        message = f"{type(error).__name__}: {error}"
+    (out / f"mismatch_rank{trainer.global_rank}.txt").write_text(message)
 
 
 def save_adapter_fsdp1(out: Path) -> None:

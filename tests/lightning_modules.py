@@ -1,4 +1,9 @@
-"""LightningModules written as a user would, around tiny transformers models."""
+"""LightningModules written as a user would, around tiny transformers models.
+
+They differ only in where the model is built: ``PlainCausalLM`` in ``__init__`` with no
+``configure_model`` (the most common module), ``SetupCausalLM`` in ``setup``, and ``CausalLM`` in
+``__init__`` or (``build_in_configure_model=True``) in ``configure_model``.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +12,15 @@ import torch
 from torch.utils.data import DataLoader
 
 
-def tiny_llama64(seed: int = 0):
-    """A LlamaForCausalLM with hidden size 64 and 2 layers, built from a config."""
+def tiny_llama64(seed: int = 0, num_layers: int = 2):
+    """A LlamaForCausalLM with hidden size 64 and ``num_layers`` layers, built from a config."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=2,
+        num_hidden_layers=num_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         vocab_size=128,
@@ -30,19 +35,31 @@ def random_tokens(n: int = 64, length: int = 16, seed: int = 0) -> torch.Tensor:
     return patterns.repeat(1, length // 4)
 
 
-class CausalLM(pl.LightningModule):
-    """Next-token loss on a tiny Llama; nothing in it knows about adapters."""
+class PlainCausalLM(pl.LightningModule):
+    """Next-token loss on a tiny Llama built in ``__init__``; nothing in it knows about adapters,
+    and it has no ``configure_model``.
 
-    def __init__(self, lr: float = 3e-2, seed: int = 0, build_in_configure_model: bool = False):
+    Args:
+        lr: AdamW's learning rate.
+        seed: the base model's seed.
+        shuffle: shuffle the training data: ``"default"`` from the default generator,
+            ``"generator"`` from the DataLoader's own generator (seeded by ``seed``).
+        num_layers: the Llama's layers.
+    """
+
+    def __init__(
+        self, lr: float = 3e-2, seed: int = 0, shuffle: str | None = None, num_layers: int = 2
+    ):
         super().__init__()
-        self.lr, self.seed = lr, seed
-        self.build_in_configure_model = build_in_configure_model
-        self.model = None if build_in_configure_model else tiny_llama64(seed)
+        self.lr, self.seed, self.shuffle, self.num_layers = lr, seed, shuffle, num_layers
+        self.model = self.build_model() if self.builds_in_init() else None
         self.losses: list[float] = []
 
-    def configure_model(self) -> None:
-        if self.model is None:
-            self.model = tiny_llama64(self.seed)
+    def builds_in_init(self) -> bool:
+        return True
+
+    def build_model(self):
+        return tiny_llama64(self.seed, self.num_layers)
 
     def training_step(self, batch, batch_idx):
         loss = self.model(input_ids=batch, labels=batch).loss
@@ -54,4 +71,55 @@ class CausalLM(pl.LightningModule):
         return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.lr)
 
     def train_dataloader(self):
-        return DataLoader(random_tokens(), batch_size=8)
+        generator = None
+        if self.shuffle == "generator":
+            generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(
+            random_tokens(), batch_size=8, shuffle=self.shuffle is not None, generator=generator
+        )
+
+
+class SetupCausalLM(PlainCausalLM):
+    """Builds the model in ``LightningModule.setup`` (after ``Callback.setup``)."""
+
+    def builds_in_init(self) -> bool:
+        return False
+
+    def setup(self, stage: str) -> None:
+        if self.model is None:
+            self.model = self.build_model()
+
+
+class CausalLM(PlainCausalLM):
+    """Defines ``configure_model``; builds the model there with ``build_in_configure_model``."""
+
+    def __init__(self, *args, build_in_configure_model: bool = False, **kwargs):
+        self.build_in_configure_model = build_in_configure_model
+        super().__init__(*args, **kwargs)
+
+    def builds_in_init(self) -> bool:
+        return not self.build_in_configure_model
+
+    def configure_model(self) -> None:
+        if self.model is None:
+            self.model = self.build_model()
+
+
+def quiet_trainer(root, callbacks, max_steps: int = -1, **kwargs) -> pl.Trainer:
+    """A one-CPU ``Trainer`` writing under ``root``, without progress bar, summary or logger;
+    it checkpoints only where a ``ModelCheckpoint`` is given."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    checkpoints = any(isinstance(c, ModelCheckpoint) for c in callbacks)
+    kwargs = {"enable_checkpointing": checkpoints, **kwargs}
+    return pl.Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        devices=1,
+        default_root_dir=root,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+        callbacks=callbacks,
+        **kwargs,
+    )

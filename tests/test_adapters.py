@@ -20,7 +20,7 @@ from lightning_peft import (
     trainable_parameters,
     unload,
 )
-from tiny_models import MODELS, TARGETS, logits, tokens
+from tiny_models import MODELS, TARGETS, assert_unchanged, logits, snapshot, tokens
 
 CONFIGS = {
     "lora": lambda family: LoRAConfig(r=4, target_modules=TARGETS[family]),
@@ -33,16 +33,6 @@ CONFIGS = {
     ),
     "adapter": lambda family: AdapterConfig(bottleneck_dim=8, target_modules=TARGETS[family]),
 }
-
-
-def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def assert_unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
-    after = model.state_dict()
-    assert after.keys() == before.keys()
-    assert all(torch.equal(after[k], before[k]) for k in before)
 
 
 @pytest.mark.parametrize("family", list(MODELS))
@@ -121,6 +111,33 @@ def test_dora_norm_cache_follows_weight_changes():
     torch.testing.assert_close(layer(x), fresh(x))
 
 
+def test_dora_inference_norm_is_reused_only_while_w_a_b_are_unchanged():
+    """Forwards without autograd (decoding) reuse DoRA's norm; any change to W, A or B, or a
+    recorded forward in between, makes the next one recompute it: outputs always equal a fresh
+    layer's with the same tensors."""
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(12, 9), r=3, lora_alpha=3, use_dora=True, init_lora_weights=False)
+    x = torch.randn(2, 5, 12)
+
+    def fresh_output():
+        fresh = LoRALinear(nn.Linear(12, 9), r=3, lora_alpha=3, use_dora=True)
+        fresh.load_state_dict(layer.state_dict())
+        return fresh(x)
+
+    with torch.no_grad():
+        first = layer(x)
+        cached = layer._inference_norm[1]
+        assert layer(x) is not first and layer._inference_norm[1] is cached  # reused
+        for tensor in (layer.lora_A, layer.lora_B, layer.weight):
+            tensor.mul_(1.25)
+            changed = layer(x)
+            torch.testing.assert_close(changed, fresh_output(), rtol=0, atol=0)
+            assert not torch.equal(changed, first)
+            first = changed
+    layer(x).sum().backward()  # a recorded forward drops the cached norm
+    assert layer._inference_norm is None
+
+
 def test_pissa_residual_and_factors():
     linear = nn.Linear(16, 12)
     original = linear.weight.detach().clone()
@@ -158,11 +175,15 @@ def test_bottleneck_adapter_round_trip_and_no_merge(tmp_path):
 # -- errors leave the model untouched ----------------------------------------------------------
 
 
-def test_no_module_matched_lists_module_names():
+def test_no_module_matched_names_close_matches():
     model = MODELS["llama"]()
     before = snapshot(model)
-    with pytest.raises(ValueError, match=r"no module matched.*model\.embed_tokens"):
-        inject_adapters(model, LoRAConfig(target_modules=["nope"]))
+    with pytest.raises(ValueError) as error:
+        inject_adapters(model, LoRAConfig(target_modules=["q_porj"]))
+    message = str(error.value)
+    assert message.startswith("no module matched target_modules=['q_porj']")
+    assert "close matches: 'q_porj' -> 'q_proj'" in message
+    assert "embed_tokens" in message  # the model's module names are listed
     assert_unchanged(model, before)
 
 
@@ -188,7 +209,7 @@ def test_injecting_twice_is_an_error():
     [
         ({"r": 0}, "r must be"),
         ({"bias": "some"}, "bias must be one of"),
-        ({"init_lora_weights": "olora"}, "init_lora_weights must be one of"),
+        ({"init_lora_weights": "corda"}, "init_lora_weights must be one of"),
         ({"lora_dropout": 1.5}, "lora_dropout"),
         ({"target_modules": "(unclosed"}, "not a valid regular expression"),
         ({"rank_pattern": {"q": 0}}, "positive number"),
@@ -241,7 +262,7 @@ def test_load_that_does_not_fit_changes_nothing(tmp_path, damage, match):
     elif damage == "wrong_shape":
         weights[key] = torch.zeros(3, 3)
     elif damage == "unknown_method":
-        config["peft_type"] = "IA3"
+        config["peft_type"] = "LOHA"  # a peft method this package does not have
     elif damage == "no_weights":
         (directory / "adapter_model.safetensors").unlink()
     if damage != "no_weights":

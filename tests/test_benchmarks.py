@@ -73,3 +73,44 @@ def test_quick_run_draws_one_plot_per_method(quick_run):
     suffixes = sorted(path.name.rsplit("_", 1)[1] for path in out.glob("*.png"))
     assert suffixes == ["dora.png", "lora.png"]
     assert output.plot_note is None
+
+
+@pytest.fixture(scope="module")
+def quick_model_run(tmp_path_factory):
+    """One ``python -m benchmarks model --quick`` run (a tiny random Llama) on the CPU."""
+    from benchmarks import model
+
+    out = tmp_path_factory.mktemp("model")
+    argv = ["--quick", "--device", "cpu", "--threads", "1", "--out", str(out), "--no-progress"]
+    if not HAS_MATPLOTLIB:
+        argv.append("--no-plot")
+    table, files = model.run(model.parse_args(argv))
+    (json_path,) = out.glob("*_model.json")
+    return table, files, json.loads(json_path.read_text(encoding="utf-8"))
+
+
+@pytest.mark.skipif(not HAS_PEFT, reason="peft is not installed")
+def test_model_benchmark_rows_and_memory(quick_model_run):
+    table, files, data = quick_model_run
+    rows = data["rows"]
+    train = {
+        (r["method"], r["dropout_p"], r["implementation"]): r for r in rows if r["kind"] == "train"
+    }
+    expected = {("-", 0.0, "floor")} | {
+        (m, p, impl) for m in METHODS for p in (0.0, 0.05) for impl in ("ours", "peft")
+    }
+    assert set(train) == expected
+    decode = {(r["method"], r["implementation"]) for r in rows if r["kind"] == "decode"}
+    assert decode == {("-", "base"), ("lora", "ours"), ("lora", "peft"), ("lora", "merged")}
+    for row in rows:
+        assert row["rounds"] == data["metadata"]["rounds"] and row["median_s"] > 0
+        assert row.get("x_floor", 1.0) > 0 and row.get("x_base", 1.0) > 0
+    assert train["-", 0.0, "floor"]["x_floor"] == 1.0
+    # with dropout off, lightning-peft and peft computed the same loss (else run() raises)
+    assert any("loss lightning-peft" in note for note in data["metadata"]["checks"])
+    # DoRA keeps less than peft beyond the floor; the peft rows are their own reference
+    dora = train["dora", 0.0, "ours"]
+    assert 0 < dora["saved_beyond_floor"] < train["dora", 0.0, "peft"]["saved_beyond_floor"]
+    assert train["dora", 0.0, "peft"]["saved_beyond_floor_vs_peft"] == 1.0
+    assert {path.suffix for path in files} >= {".csv", ".json"}
+    assert "training step" in table and "decoding" in table and "target:" not in table

@@ -204,5 +204,5 @@ def test_lora_plus_groups():
 def test_bad_config_and_unsupported_merge():
     with pytest.raises(TypeError, match="LoRAConfig or AdapterConfig"):
         PEFTCallback({"r": 4})
-    with pytest.raises(ValueError, match="cannot merge"):
+    with pytest.raises(ValueError, match="cannot be merged"):
         PEFTCallback(CONFIGS["adapter"], merge_on_train_end=True)

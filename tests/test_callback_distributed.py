@@ -121,10 +121,12 @@ def test_checkpoint_holds_adapters_only(outputs, strategy, tmp_path):
         keys = set(FileSystemReader(path).read_metadata().state_dict_metadata)
         assert {f"state_dict.{k}" for k in CausalLM().state_dict()} <= keys
         return
-    assert set(torch.load(path, weights_only=False)["state_dict"]) == set(adapters)
-    full = tmp_path / "full.pt"
+    saved = torch.load(path, weights_only=False)
+    assert set(saved["state_dict"]) == set(adapters)
+    full, states = tmp_path / "full.pt", tmp_path / "random_states.pt"
     torch.save(CausalLM().state_dict(), full)
-    assert path.stat().st_size / full.stat().st_size < 0.15
+    torch.save(saved["callbacks"]["PEFTCallback"]["random_states"], states)  # ~12 KB a rank
+    assert (path.stat().st_size - states.stat().st_size) / full.stat().st_size < 0.15
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -230,3 +232,30 @@ def test_deepspeed_zero2(tmp_path):
     (states,) = path.rglob("mp_rank_00_model_states.pt")  # exclude_frozen_parameters=True
     saved = torch.load(states, weights_only=False, map_location="cpu")["module"]
     assert len(saved) == len(adapters) and all(k.endswith(("lora_A", "lora_B")) for k in saved)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_resume_restores_each_ranks_random_state(outputs, strategy):
+    """Each rank's torch random state when the first run checkpointed (the ranks seeded theirs
+    differently) is its state again once the resumed run has loaded the checkpoint."""
+    out = outputs(strategy)
+    first, resumed = _records(out, "first"), _records(out, "resumed")
+    assert not torch.equal(first[0]["rng"], first[1]["rng"])
+    for before, after in zip(first, resumed, strict=True):
+        assert torch.equal(after["rng"], before["rng"])
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_adapters_that_act_raise_no_gradient_warning(outputs, strategy):
+    for record in _records(outputs(strategy), "first"):
+        assert not [w for w in record["warnings"] if "no gradient" in w]
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_resume_with_another_config_is_refused_on_every_rank(outputs, strategy):
+    out = outputs(strategy)
+    ranks = (0,) if strategy == "ddp_spawn" else (0, 1)  # ddp_spawn: the parent's error
+    expected = "target_modules: ['q_proj', 'v_proj'] in the checkpoint, ['k_proj'] in this run"
+    for rank in ranks:
+        message = (out / f"mismatch_rank{rank}.txt").read_text()
+        assert "InputError" in message and expected in message, message

@@ -206,21 +206,7 @@ def breaks_in_our_code(explanation) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "use_dora",
-    [
-        False,
-        pytest.param(
-            True,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="LoRALinear's ‖W‖² cache compares data pointers (a graph break per DoRA "
-                "layer); the registry branch replaces the cache with a buffer",
-            ),
-        ),
-    ],
-    ids=["lora", "dora"],
-)
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
 def test_compile_whole_adapted_model_without_graph_breaks_from_our_ops(use_dora):
     """``torch.compile`` of the adapted Llama, forward and backward: the ops trace as custom ops,
     no graph break comes from this project (counted with ``torch._dynamo.explain``), and the

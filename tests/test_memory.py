@@ -41,7 +41,10 @@ def parameters_of(inputs):
 @pytest.mark.parametrize("method", ["lora", "dora"])
 def test_saved_for_backward(backend, method, p):
     inputs = make_inputs(method, M, IN, OUT, R)
-    saved = saved_storages(lambda: call(method, inputs, backend, p), parameters_of(inputs))
+    outputs = []
+    saved = saved_storages(
+        lambda: outputs.append(call(method, inputs, backend, p)), parameters_of(inputs)
+    )
     shapes = sorted((shape, str(dtype)) for shape, dtype, _ in saved.values())
     expected = [((M, IN), torch.float32), ((M, R), torch.float32)]  # x and u
     if p and backend == "torch":
@@ -49,9 +52,29 @@ def test_saved_for_backward(backend, method, p):
     if p and backend == "triton":
         expected.append(((1,), torch.int64))  # the Philox seed
     if method == "dora":
-        expected += [((M, OUT), torch.float32), ((OUT,), torch.float32)]  # base and the norm
+        # the norm, and for grad_m the output y itself (torch, no dropout) or base (M, out)
+        expected += [((M, OUT), torch.float32), ((OUT,), torch.float32)]
     assert shapes == sorted((shape, str(dtype)) for shape, dtype in expected)
     assert inputs["x"].untyped_storage().data_ptr() in saved  # x itself, not a copy
+    y_saved = outputs[0].untyped_storage().data_ptr() in saved
+    assert y_saved == (method == "dora" and backend == "torch" and not p)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_dora_output_saved_by_its_consumer_costs_nothing_more(p):
+    """DoRA without dropout keeps y, which a consumer such as SiLU saves anyway: beyond LoRA's
+    x and u, only the norm (out,) is new. With dropout, base (M, out) is kept as well."""
+    saved_by = {}
+    for method in ("lora", "dora"):
+        inputs = make_inputs(method, M, IN, OUT, R)
+
+        def layer_then_silu(method=method, inputs=inputs):
+            return torch.nn.functional.silu(call(method, inputs, "torch", p))
+
+        saved = saved_storages(layer_then_silu, parameters_of(inputs))
+        saved_by[method] = sum(nbytes for _, _, nbytes in saved.values())
+    extra = saved_by["dora"] - saved_by["lora"]
+    assert extra == OUT * 4 + (M * OUT * 4 if p else 0)
 
 
 def test_dora_saves_at_most_055_of_peft_beyond_x():
@@ -95,8 +118,8 @@ def test_torch_backend_temporaries(method, p):
         y.backward(torch.ones_like(y))
     assert (OUT, IN) not in recorder.shapes and (IN, OUT) not in recorder.shapes
     m_by_out = recorder.shapes.count((M, OUT))
-    # ones_like(y) and y; DoRA: base and the one reused backward buffer; dropout DoRA: (G−g) W.
-    allowed = 2 + (2 if method == "dora" else 0) + (1 if method == "dora" and p else 0)
+    # y and ones_like(y); DoRA: the one backward buffer (g ⊙ y, then G); with dropout also base.
+    allowed = 2 + (1 if method == "dora" else 0) + (1 if method == "dora" and p else 0)
     assert m_by_out <= allowed
 
 

@@ -226,3 +226,40 @@ def test_inspect_bad_input_is_one_line(tmp_path, capsys, args, message):
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("lightning-peft: error: ")
     assert message in lines[0]
+
+
+class EmbedConvLinear(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(20, 8)
+        self.conv = torch.nn.Conv2d(3, 6, 3)
+        self.lin = torch.nn.Linear(8, 5)
+
+
+def test_inspects_peft_embedding_and_convolution_adapters(tmp_path):
+    """ΔW of an embedding (V, d) and of a convolution (out, in·k·k): the spectra and ‖ΔW‖/‖W‖ of
+    peft's own delta weights."""
+    from safetensors.torch import save_file
+
+    base = EmbedConvLinear()
+    (tmp_path / "base").mkdir()
+    tensors = {k: v.contiguous() for k, v in base.state_dict().items()}
+    save_file(tensors, tmp_path / "base" / "model.safetensors")
+    config = peft.LoraConfig(r=3, lora_alpha=6, target_modules=["emb", "conv", "lin"])
+    model = peft.get_peft_model(EmbedConvLinear(), config)
+    randomise_B(model)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_embedding_B" in name:
+                param.normal_()
+    model.save_pretrained(tmp_path / "peft")
+    _, spectra = inspect_adapter(tmp_path / "peft", tmp_path / "base")
+    assert [s.name for s in spectra] == ["conv", "emb", "lin"]
+    for spectrum in spectra:
+        layer = model.base_model.model.get_submodule(spectrum.name)
+        delta = layer.get_delta_weight("default").detach().double()
+        weight = base.get_submodule(spectrum.name).weight.detach().double()
+        expected = torch.linalg.svdvals(delta.reshape(delta.shape[0], -1))[:3]
+        torch.testing.assert_close(spectrum.singular_values, expected, rtol=1e-5, atol=1e-7)
+        assert spectrum.relative_norm == pytest.approx(float(delta.norm() / weight.norm()), 1e-5)

@@ -12,7 +12,9 @@ import torch
 
 pytest.importorskip("triton")
 
+from kernels import triton_common
 from kernels import triton_linear as tlin
+from kernels.contract import Saved
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FP32_RTOL = 1e-4  # max-abs error relative to the reference's max-abs
@@ -73,48 +75,59 @@ def _reference(inp, scaling, p, keep, grad_y, dora, has_bias, dtype=torch.float6
     return y.detach(), u.detach(), base, dict(zip(names, grads, strict=True))
 
 
+def _forward(inp, scaling, p, seed, dora, has_bias):
+    """``tlin.forward`` on ``inp`` (DoRA iff ``dora``)."""
+    return tlin.forward(
+        inp["x"],
+        inp["weight"],
+        inp["bias"] if has_bias else None,
+        inp["lora_A"],
+        inp["lora_B"],
+        inp["magnitude"] if dora else None,
+        inp["weight_norm"] if dora else None,
+        scaling=scaling,
+        dropout_p=p,
+        seed=seed,
+    )
+
+
+def _backward(inp, out, grad_y, scaling, p, dora, has_bias, needs_grad_x=True):
+    """``tlin.backward`` with what ``out`` (a ``Forward``) asked to keep."""
+    saved = Saved(
+        inp["x"],
+        inp["weight"],
+        inp["bias"] if has_bias else None,
+        inp["lora_A"],
+        inp["lora_B"],
+        inp["magnitude"] if dora else None,
+        inp["weight_norm"] if dora else None,
+        out.u,
+        out.dropout_state if p > 0 else None,
+        (out.base if out.base.numel() else out.y) if dora else None,
+    )
+    return tlin.backward(
+        grad_y,
+        saved,
+        scaling=scaling,
+        dropout_p=p,
+        needs_grad_x=needs_grad_x,
+        needs_grad_bias=has_bias,
+    )
+
+
 def _run(inp, scaling, p, seed, grad_y, dora, has_bias, needs_grad_x=True):
     """Triton forward + backward; returns (y, u, base, {name: grad})."""
-    bias = inp["bias"] if has_bias else None
-    args = (inp["x"], inp["weight"], bias, inp["lora_A"], inp["lora_B"])
-    if dora:
-        y, u, base = tlin.dora_forward(
-            *args, inp["magnitude"], inp["weight_norm"], scaling, p, seed
-        )
-        gx, ga, gb, gm, gbias = tlin.dora_backward(
-            grad_y,
-            inp["x"],
-            inp["weight"],
-            inp["lora_A"],
-            inp["lora_B"],
-            inp["magnitude"],
-            inp["weight_norm"],
-            u,
-            base,
-            scaling,
-            p,
-            seed,
-            needs_grad_x,
-            has_bias,
-        )
-    else:
-        y, u = tlin.lora_forward(*args, scaling, p, seed)
-        base, gm = None, None
-        gx, ga, gb, gbias = tlin.lora_backward(
-            grad_y,
-            inp["x"],
-            inp["weight"],
-            inp["lora_A"],
-            inp["lora_B"],
-            u,
-            scaling,
-            p,
-            seed,
-            needs_grad_x,
-            has_bias,
-        )
-    grads = {"x": gx, "lora_A": ga, "lora_B": gb, "magnitude": gm, "bias": gbias}
-    return y, u, base, {k: v for k, v in grads.items() if v is not None}
+    out = _forward(inp, scaling, p, seed, dora, has_bias)
+    grads = _backward(inp, out, grad_y, scaling, p, dora, has_bias, needs_grad_x)
+    named = {
+        "x": grads.x,
+        "lora_A": grads.lora_A,
+        "lora_B": grads.lora_B,
+        "magnitude": grads.magnitude,
+        "bias": grads.bias,
+    }
+    base = out.base if dora else None
+    return out.y, out.u, base, {k: v for k, v in named.items() if v is not None}
 
 
 def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -177,7 +190,7 @@ def test_matches_reference_wide_out(r, p, dora):
 @pytest.mark.parametrize("p", [0.0, 0.3], ids=["p0", "p0.3"])
 def test_rank_spanning_several_tiles(monkeypatch, p, dora):
     """r = 20 with 16-wide rank tiles: the rank loops and the rank grid axis are exercised."""
-    monkeypatch.setattr(tlin, "_MAX_BLOCK_R", 16)
+    monkeypatch.setattr(triton_common, "MAX_BLOCK_R", 16)
     inp = _make_inputs(37, 70, 45, 20)
     _check(inp, 0.5, p, dora, has_bias=True)
 
@@ -191,23 +204,10 @@ def test_skips_grad_x_and_grad_bias(dora):
 def test_non_contiguous_grad_y():
     """grad_y of ``y.sum()`` is an expanded (stride 0) tensor: strides are honoured."""
     inp = _make_inputs(37, 70, 45, 3)
-    y, u, base = tlin.dora_forward(
-        inp["x"],
-        inp["weight"],
-        inp["bias"],
-        inp["lora_A"],
-        inp["lora_B"],
-        inp["magnitude"],
-        inp["weight_norm"],
-        0.7,
-        0.0,
-        None,
-    )
-    grad_y = torch.ones((), device=DEVICE).expand_as(y)
-    saved = (inp["x"], inp["weight"], inp["lora_A"], inp["lora_B"], inp["magnitude"])
-    rest = (inp["weight_norm"], u, base, 0.7, 0.0, None, True, True)
-    got = tlin.dora_backward(grad_y, *saved, *rest)  # stride 0 in both dims
-    want = tlin.dora_backward(grad_y.contiguous(), *saved, *rest)
+    out = _forward(inp, 0.7, 0.0, None, dora=True, has_bias=True)
+    grad_y = torch.ones((), device=DEVICE).expand_as(out.y)  # stride 0 in both dims
+    got = _backward(inp, out, grad_y, 0.7, 0.0, dora=True, has_bias=True)
+    want = _backward(inp, out, grad_y.contiguous(), 0.7, 0.0, dora=True, has_bias=True)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
@@ -222,11 +222,8 @@ def test_dropout_is_a_function_of_the_seed(dora):
     inp = _make_inputs(37, 70, 45, 3)
 
     def forward(seed_value):
-        args = (inp["x"], inp["weight"], inp["bias"], inp["lora_A"], inp["lora_B"])
-        if dora:
-            args += (inp["magnitude"], inp["weight_norm"])
-        fwd = tlin.dora_forward if dora else tlin.lora_forward
-        return fwd(*args, 0.7, 0.3, _seed(0.3, seed_value))
+        out = _forward(inp, 0.7, 0.3, _seed(0.3, seed_value), dora, has_bias=True)
+        return (out.y, out.u) + ((out.base,) if dora else ())
 
     first, again, other = forward(1), forward(1), forward(2)
     for a, b in zip(first, again, strict=True):
@@ -251,11 +248,10 @@ def test_keep_mask_statistics_and_seeding():
 
 def test_rejects_bad_dropout_arguments():
     inp = _make_inputs(5, 16, 16, 2)
-    args = (inp["x"], inp["weight"], None, inp["lora_A"], inp["lora_B"], 1.0)
-    with pytest.raises(ValueError):
-        tlin.lora_forward(*args, 1.0, _seed(1.0))
-    with pytest.raises(ValueError):
-        tlin.lora_forward(*args, 0.1, None)
+    with pytest.raises(ValueError, match="dropout_p"):
+        _forward(inp, 1.0, 1.0, _seed(1.0), dora=False, has_bias=False)
+    with pytest.raises(ValueError, match="needs seed"):
+        _forward(inp, 1.0, 0.1, None, dora=False, has_bias=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,7 +262,7 @@ def test_rejects_bad_dropout_arguments():
 
 # The interpreter rounds fp32 -> bf16 toward zero (twice the worst-case error of the GPU's
 # round-to-nearest-even), hence a looser factor there.
-HALF_FACTOR = 4.0 if tlin._INTERPRET else 2.0
+HALF_FACTOR = 4.0 if tlin.INTERPRET else 2.0
 
 
 def _check_half(inp, scaling, p, dora):

@@ -62,3 +62,24 @@ def tokens(seed: int = 1, batch: int = 2, length: int = 7) -> torch.Tensor:
 
 def logits(model, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids).logits
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    """A copy of every state-dict tensor, to check later that nothing changed."""
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_unchanged(model, before: dict[str, torch.Tensor]) -> None:
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+def files(directory) -> dict[str, bytes]:
+    """Every file under ``directory`` (relative name -> bytes), hidden ones included."""
+    from pathlib import Path
+
+    root = Path(directory)
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
