@@ -26,7 +26,7 @@ test: $(VENV)/.installed
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q
 
 demo: $(VENV)/.installed
-	HF_HUB_OFFLINE=1 $(VENV)/bin/lightning-peft fit
+	HF_HUB_OFFLINE=1 $(VENV)/bin/lightning-peft fit --overwrite
 
 # The whole-model benchmark (SmolLM2-135M: floor / lightning-peft / peft, ~5 min on 2 cores),
 # then the per-layer sweeps.

@@ -1,35 +1,73 @@
 """``lightning-peft``: LightningCLI for PEFT fine-tuning of a local transformers model.
 
-``lightning-peft fit`` with no arguments runs the embedded default: LoRA (r=16, α=32 on
-query/value) on all-MiniLM-L6-v2 for BBC News topic classification, fully offline. Shortcuts:
-``--model DIR`` (= ``--model.model_path``), ``--data FILE`` (= ``--data.path``); ``--method``,
-``--rank``, ``--alpha``, ``--targets``, ``--task``; everything else is LightningCLI's
-(``--trainer.devices``, ``--trainer.strategy``, ``--trainer.precision``, ``--config``...).
+``lightning-peft fit`` with no arguments runs the embedded default, fully offline: LoRA (r=16,
+α=32 on every linear layer) on SmolLM2-135M-Instruct, taught to answer "which topic is this BBC
+News article about?" with the topic (``--task instruct``). ``--task classification`` is the
+BERT demo (all-MiniLM-L6-v2 with a head on the same articles). Shortcuts: ``--model DIR``
+(= ``--model.model_path``), ``--data FILE`` (= ``--data.path``); ``--method``, ``--rank``,
+``--alpha``, ``--dropout``, ``--targets``, ``--task``, ``--output_dir``, ``--overwrite``;
+everything else is LightningCLI's (``--trainer.devices``, ``--trainer.precision``,
+``--config``...). ``lightning-peft inspect ADAPTER_DIR`` reports an adapter's spectra
+(``lightning_peft.spectrum``).
+
+A user error (a bad option, file or directory) prints one line, ``lightning-peft: error: ...``,
+and exits with status 2, before any training; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import sys
+import tempfile
 import time
+import warnings
+import zipfile
 from pathlib import Path
 
 import torch
+from jsonargparse import ActionYesNo, Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 
 from lightning_peft.callback import PEFTCallback
-from lightning_peft.config import AdapterConfig, LoRAConfig
+from lightning_peft.config import ALL_LINEAR, AdapterConfig, LoRAConfig
 from lightning_peft.curves import CurveRecorder
 from lightning_peft.errors import InputError
-from lightning_peft.tasks import FineTuneTask
+from lightning_peft.hf_format import CONFIG_NAME, WEIGHTS_NAME
+from lightning_peft.targeting import select_targets
+from lightning_peft.tasks import FineTuneTask, check_model_dir, default_model_path
 from lightning_peft.text_data import TASKS, TextData
 
 METHODS = ("lora", "dora", "adapter")
 SHORTCUTS = {"--model": "--model.model_path", "--data": "--data.path"}
-# The usual attention projections of encoder and decoder families, for --targets' default.
-DEFAULT_TARGETS = ["query", "value", "q_proj", "v_proj", "c_attn"]
+DEFAULT_OUTPUT_DIR = "runs/lightning-peft"
+REGEX_PREFIX = "re:"
+# Default targets per task. Classification: the attention projections of the usual encoder
+# families (names absent from a model are simply not matched); the LLM tasks: all-linear.
+DEFAULT_TARGETS = {
+    "classification": {"lora": ["query", "value", "q_proj", "v_proj", "c_attn"],
+                       "adapter": ["output.dense"]},
+    "instruct": {"lora": ALL_LINEAR, "adapter": ["mlp"]},
+    "causal-lm": {"lora": ALL_LINEAR, "adapter": ["mlp"]},
+}  # fmt: skip
+DEFAULT_EPOCHS = {"instruct": 1, "classification": 3, "causal-lm": 1}
+CHECKPOINT_ALIASES = ("last", "best", "hpc", "registry")
+TARGETS_HELP = (
+    "what to adapt: NAME or NAME,NAME,... (a module matches when its name is NAME or ends in "
+    "'.NAME', as peft's lists); all-linear (every linear layer but the output layer); "
+    "re:REGEX (a regular expression that must match a module's whole name, e.g. "
+    "'re:.*layers\\.[0-3]\\..*_proj'). Default: all-linear for instruct/causal-lm, "
+    "query,value,q_proj,v_proj,c_attn for classification (adapter: mlp / output.dense)"
+)
+DESCRIPTION = (
+    "PEFT fine-tuning (LoRA, DoRA, bottleneck adapters) of a local transformers model. "
+    "`lightning-peft fit` runs the embedded demo (SmolLM2-135M-Instruct, BBC News topics); "
+    "`lightning-peft inspect ADAPTER_DIR [--model DIR]` reports the singular values of an "
+    "adapter's updates."
+)
 
 
 def torch_threads(processes: int = 1) -> int:
@@ -55,66 +93,278 @@ def expand_shortcuts(argv: list[str]) -> list[str]:
     return out
 
 
-def build_peft_config(method: str, rank: int, alpha: float, targets, dropout: float):
+def parse_targets(value: list[str] | str | None) -> list[str] | str | None:
+    """``--targets`` as ``target_modules``: "a,b" -> ["a", "b"] (names, peft's suffix match),
+    "all-linear" stays, "re:REGEX" -> "REGEX" (a full-match regex); a YAML list is names.
+
+    Raises:
+        InputError: an empty name, a name with regex characters (say ``re:``), a bad regex.
+    """
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = value.strip()
+        if value == ALL_LINEAR:
+            return ALL_LINEAR
+        if value.startswith(REGEX_PREFIX):
+            pattern = value[len(REGEX_PREFIX) :]
+            if not pattern:
+                raise InputError("--targets re: needs a regular expression after 're:'")
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise InputError(
+                    f"--targets {value!r} is not a valid regular expression: {error}"
+                ) from None
+            return pattern
+        names = [name.strip() for name in value.split(",")]
+    else:
+        names = [str(name).strip() for name in value]
+    if not names or any(not name for name in names):
+        raise InputError(f"--targets {value!r} has an empty module name")
+    for name in names:
+        if re.search(r"[\s*+?()\[\]{}|^$\\]", name):
+            raise InputError(
+                f"--targets: {name!r} is not a module name; for a regular expression write "
+                f"re:{name}"
+            )
+    return names
+
+
+def build_peft_config(
+    method: str,
+    rank: int,
+    alpha: float,
+    targets: list[str] | str | None,
+    dropout: float,
+    task: str = "instruct",
+) -> LoRAConfig | AdapterConfig:
+    """The adapter config of the command-line options; every problem is an ``InputError``."""
     if method not in METHODS:
         raise InputError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if method == "adapter":
-        return AdapterConfig(
-            bottleneck_dim=rank, target_modules=targets or ["output.dense"], dropout=dropout
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise InputError(f"--rank must be an integer >= 1, got {rank!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise InputError(f"--dropout must be in [0, 1), got {dropout!r}")
+    if not math.isfinite(alpha) or alpha <= 0:
+        raise InputError(f"--alpha must be a positive number, got {alpha!r}")
+    parsed = parse_targets(targets)
+    if method == "adapter" and parsed == ALL_LINEAR:
+        raise InputError(
+            "--method adapter does not take --targets all-linear: bottleneck adapters go on the "
+            "outputs of named modules (e.g. --targets mlp)"
         )
-    return LoRAConfig(
-        r=rank,
-        lora_alpha=alpha,
-        target_modules=targets or DEFAULT_TARGETS,
-        lora_dropout=dropout,
-        use_dora=method == "dora",
-    )
+    if parsed is None:
+        parsed = DEFAULT_TARGETS[task]["adapter" if method == "adapter" else "lora"]
+    try:
+        if method == "adapter":
+            return AdapterConfig(bottleneck_dim=rank, target_modules=parsed, dropout=dropout)
+        return LoRAConfig(
+            r=rank,
+            lora_alpha=alpha,
+            target_modules=parsed,
+            lora_dropout=dropout,
+            use_dora=method == "dora",
+        )
+    except ValueError as error:  # the options were checked above; this names anything left
+        raise InputError(str(error)) from None
+
+
+def check_output_dir(output_dir: str | Path, overwrite: bool) -> Path:
+    """Prove that ``output_dir`` can be created and written (a file is written and removed;
+    directories created for the test are removed again, so a refused run leaves nothing), and
+    refuse to replace an adapter in ``output_dir/adapter`` without ``overwrite``.
+
+    Raises:
+        InputError: not a directory, cannot be created or written, or holds an adapter.
+    """
+    output_dir = Path(output_dir)
+    adapter = output_dir / "adapter"
+    held = [name for name in (CONFIG_NAME, WEIGHTS_NAME) if (adapter / name).exists()]
+    if held and not overwrite:
+        raise InputError(
+            f"{adapter} already holds an adapter ({held[0]}); pass --overwrite to replace it, "
+            "or choose another --output_dir"
+        )
+    created = [p for p in (output_dir, *output_dir.parents) if not p.exists()]
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=output_dir, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise InputError(f"--output_dir {output_dir} is not writable: {reason}") from None
+    finally:
+        for directory in created:  # deepest first
+            if directory.is_dir():
+                directory.rmdir()
+    return output_dir
+
+
+def check_targets(model_path: str, task: str, peft_config: LoRAConfig | AdapterConfig) -> None:
+    """The targets select modules of this model: checked on a weightless copy (meta device)
+    built from ``config.json``, before anything is loaded or trained.
+
+    Raises:
+        InputError: an unreadable config, or targets that select nothing (or the wrong layers).
+    """
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(model_path)
+    except (OSError, ValueError, KeyError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise InputError(f"{model_path}/config.json cannot be read: {first}") from None
+    auto = AutoModel if task == "classification" else AutoModelForCausalLM
+    with torch.device("meta"):
+        skeleton = auto.from_config(config)
+    try:
+        select_targets(skeleton, peft_config)
+    except ValueError as error:
+        raise InputError(f"--targets: {error}") from None
+
+
+def check_ckpt_path(ckpt_path: str | None) -> None:
+    """A ``--ckpt_path`` that exists and reads as a Lightning checkpoint (or one of Lightning's
+    names: last, best, hpc, registry). A file is opened lazily (``mmap``), not loaded.
+
+    Raises:
+        InputError: missing, empty, truncated, or not a checkpoint.
+    """
+    if ckpt_path is None or ckpt_path in CHECKPOINT_ALIASES:
+        return
+    path = Path(ckpt_path)
+    if not path.exists():
+        raise InputError(f"--ckpt_path {ckpt_path} does not exist")
+    if path.is_dir():  # a distributed (sharded) checkpoint
+        if not any(path.iterdir()):
+            raise InputError(f"--ckpt_path {ckpt_path} is an empty directory")
+        return
+    if not zipfile.is_zipfile(path):
+        raise InputError(
+            f"--ckpt_path {ckpt_path} is not a readable checkpoint: not a complete torch.save "
+            "file (truncated, or not a checkpoint)"
+        )
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # any failure to read is the file's
+        if "Weights only load failed" in str(error):
+            return  # intact, but holds objects: Lightning loads it with --weights_only false
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise InputError(
+            f"--ckpt_path {ckpt_path} is not a readable checkpoint: {type(error).__name__}: "
+            f"{reason}"
+        ) from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise InputError(f"--ckpt_path {ckpt_path} is not a Lightning checkpoint (no state_dict)")
+
+
+class OneLineErrorParser(LightningArgumentParser):
+    """Parse errors as one line, ``lightning-peft: error: ...``, and exit status 2."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG"):
+            return super().error(message, ex)
+        text = " ".join(str(message).split())
+        sys.stderr.write(f"lightning-peft: error: {text} (see --help)\n")
+        self.exit(2)
 
 
 class PEFTCLI(LightningCLI):
-    """LightningCLI plus the PEFT options; reports accuracy before and after training."""
+    """LightningCLI plus the PEFT options; reports the held-out metrics before and after
+    training and (instruct) answers to held-out prompts before and after."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--method", type=str, default="lora", help="lora | dora | adapter")
-        parser.add_argument("--rank", type=int, default=16, help="LoRA rank / adapter width")
-        parser.add_argument("--alpha", type=float, default=32.0, help="LoRA alpha")
-        parser.add_argument("--dropout", type=float, default=0.05, help="adapter dropout")
+        parser.add_argument("--rank", type=int, default=16, help="LoRA rank / adapter width, >= 1")
+        parser.add_argument("--alpha", type=float, default=32.0, help="LoRA alpha (scale α/r)")
+        parser.add_argument("--dropout", type=float, default=0.05, help="adapter dropout, [0, 1)")
         parser.add_argument(
-            "--targets",
-            type=list[str] | str | None,
-            default=None,
-            help="module names, a regex, or all-linear",
+            "--targets", type=list[str] | str | None, default=None, help=TARGETS_HELP
         )
-        parser.add_argument("--task", type=str, default="classification", help=" | ".join(TASKS))
-        parser.add_argument("--output_dir", type=str, default="runs/lightning-peft")
+        parser.add_argument(
+            "--task",
+            type=str,
+            default="instruct",
+            help="instruct (a causal LM answers with the label) | classification (an encoder "
+            "with a head) | causal-lm (next-token loss on the text)",
+        )
+        parser.add_argument(
+            "--output_dir",
+            type=str,
+            default=DEFAULT_OUTPUT_DIR,
+            help="everything the run writes: adapter/, curves.png, summary.json, "
+            "lightning_logs/ (metrics, config, checkpoints)",
+        )
+        parser.add_argument(
+            "--overwrite",
+            action=ActionYesNo,
+            default=False,
+            help="replace an adapter already in OUTPUT_DIR/adapter (else the run is refused)",
+        )
+        parser.add_argument(
+            "--samples", type=int, default=3, help="instruct: held-out answers shown before/after"
+        )
         parser.link_arguments("task", "model.task")
         parser.link_arguments("task", "data.task")
+        parser.link_arguments("output_dir", "trainer.default_root_dir")
         parser.link_arguments("model.model_path", "data.tokenizer_path")
         parser.link_arguments("data.num_labels", "model.num_labels", apply_on="instantiate")
+        parser.link_arguments(
+            "data.choice_token_ids", "model.choice_token_ids", apply_on="instantiate"
+        )
+        for option, metavar, text in (
+            ("--model", "DIR", "a local transformers model directory (= --model.model_path; "
+             "default: the task's embedded model)"),
+            ("--data", "FILE", "a CSV/TSV/JSONL file with text and label columns "
+             "(= --data.path; default: BBC News)"),
+        ):  # fmt: skip
+            action = parser._option_string_actions.get(option)
+            if action is not None:  # jsonargparse's group option, reached only via shortcuts
+                action.help, action.metavar = text, metavar
 
-    def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand] if self.subcommand else self.config
-        if config.method not in METHODS:
-            raise InputError(
-                f"unknown method {config.method!r}; choose one of {', '.join(METHODS)}"
-            )
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        """Parse, then check every option, directory and file that needs no model: before
+        LightningCLI reads a checkpoint, seeds or builds anything."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
+        check_ckpt_path(config.get("ckpt_path"))
         if config.task not in TASKS:
             raise InputError(f"unknown task {config.task!r}; choose one of {', '.join(TASKS)}")
+        self.peft_config = build_peft_config(
+            config.method, config.rank, config.alpha, config.targets, config.dropout, config.task
+        )
+        if config.samples < 0:
+            raise InputError(f"--samples must be >= 0, got {config.samples}")
         if config.model.model_path is None:
-            from lightning_peft.tasks import default_model_path
+            config.model.model_path = config.data.tokenizer_path = default_model_path(config.task)
+        check_model_dir(config.model.model_path)
+        check_targets(config.model.model_path, config.task, self.peft_config)
+        self.output_dir = check_output_dir(config.output_dir, config.overwrite)
+        logger = config.trainer.logger
+        if isinstance(logger, Namespace) and logger.get("init_args", {}).get("save_dir") == (
+            DEFAULT_OUTPUT_DIR
+        ):
+            logger.init_args.save_dir = str(self.output_dir)
+        if config.trainer.max_epochs is None and config.trainer.max_steps in (None, -1):
+            config.trainer.max_epochs = DEFAULT_EPOCHS[config.task]
 
-            config.model.model_path = config.data.tokenizer_path = default_model_path()
-        devices = config.trainer.devices
+    def _config(self) -> Namespace:
+        return self.config[self.subcommand] if self.subcommand else self.config
+
+    def before_instantiate_classes(self) -> None:
+        devices = self._config().trainer.devices
         processes = devices if isinstance(devices, int) and devices > 0 else 1
         torch.set_num_threads(torch_threads(processes))
 
     def instantiate_trainer(self, **kwargs):
-        config = self.config[self.subcommand] if self.subcommand else self.config
-        self.output_dir = Path(config.output_dir)
-        peft_config = build_peft_config(
-            config.method, config.rank, config.alpha, config.targets, config.dropout
+        self.peft_callback = PEFTCallback(
+            self.peft_config,
+            save_adapter_to=self.output_dir / "adapter",
+            overwrite=self._config().overwrite,  # checked before the run: refused or asked for
+            verbose=False,
         )
-        self.peft_callback = PEFTCallback(peft_config, save_adapter_to=self.output_dir / "adapter")
         self.curves = CurveRecorder()
         extra = [
             self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys
@@ -122,42 +372,119 @@ class PEFTCLI(LightningCLI):
         trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
         return self._instantiate_trainer(trainer_config, [*extra, self.peft_callback, self.curves])
 
-    def _validate(self) -> dict[str, float]:
-        metrics = self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
+    # -- fit: before and after ------------------------------------------------------------------
+
+    def _validate(self, ckpt_path: str | None = None) -> dict[str, float]:
+        metrics = self.trainer.validate(
+            self.model, datamodule=self.datamodule, ckpt_path=ckpt_path, verbose=False
+        )
         return {k: float(v) for k, v in metrics[0].items()} if metrics else {}
+
+    def _sample_prompts(self) -> list[dict]:
+        config = self._config()
+        if self.datamodule.prompt is None or config.samples == 0:
+            return []
+        prompt = self.datamodule.prompt
+        return [
+            {"text": r["text"], "label": r["label"], "ids": prompt.prompt_ids(r["text"])}
+            for r in self.datamodule.held_out()[: config.samples]
+        ]
+
+    def _answers(self) -> list[str]:
+        prompts = [s["ids"] for s in self.samples]
+        return self.model.generate_answers(prompts, self.datamodule.tokenizer()) if prompts else []
 
     def before_fit(self) -> None:
         self.started = time.perf_counter()
-        self.before = self._validate()
-        _say("held-out before training: " + _format(self.before))
+        config = self._config()
+        ckpt_path = config.get("ckpt_path")
+        _say(self._run_line())
+        self.before = self._validate(ckpt_path)
+        report = self.peft_callback.report
+        if report is not None:
+            _say(
+                f"trainable: {report.trainable_params:,} of {report.total_params:,} parameters "
+                f"({100 * report.trainable_fraction:.3f}%) in {len(report.modules)} adapted "
+                f"modules ({self.output_dir / 'adapted_modules.txt'})"
+            )
+            _write_text(self.output_dir / "adapted_modules.txt", str(report) + "\n")
+        which = f" (restored from {ckpt_path})" if ckpt_path else ""
+        _say(f"held-out before training{which}: " + _format(self.before))
+        self.samples = self._sample_prompts()
+        for sample, answer in zip(self.samples, self._answers(), strict=True):
+            sample["before"] = answer
 
     def after_fit(self) -> None:
-        after = self._validate()
+        last = self.curves.val[-1] if self.curves.val else None
+        if last is not None and last[0] == self.trainer.global_step and "val_loss" in last[1]:
+            after = last[1]  # the last epoch ended with a validation of these very weights
+        else:
+            after = self._validate()
+        for sample, answer in zip(self.samples, self._answers(), strict=True):
+            sample["after"] = answer
         seconds = time.perf_counter() - self.started
         _say("held-out after training:  " + _format(after))
+        for i, sample in enumerate(self.samples, start=1):
+            headline = sample["text"].strip().splitlines()[0][:60]
+            _say(f"sample {i} [{sample['label']}] {headline!r}")
+            _say(f"    before: {json.dumps(sample['before'], ensure_ascii=False)}")
+            _say(f"    after:  {json.dumps(sample['after'], ensure_ascii=False)}")
         self._write_outputs(after, seconds)
+
+    def _run_line(self) -> str:
+        config, data = self._config(), self.datamodule
+        source = Path(data.path).name if data.path else "BBC News"
+        method = self.peft_config.method
+        if method == "lora":
+            method = f"{'DoRA' if self.peft_config.use_dora else 'LoRA'} r={self.peft_config.r}"
+        targets = self.peft_config.target_modules
+        targets = ",".join(targets) if isinstance(targets, list) else targets
+        return (
+            f"{Path(config.model.model_path).name}, task {config.task}: {data.train_size} "
+            f"training / {data.val_size} held-out rows of {source}; {method} on {targets}"
+        )
 
     @rank_zero_only
     def _write_outputs(self, after: dict[str, float], seconds: float) -> None:
-        if getattr(self.model, "head", None) is not None:
+        adapter = self.output_dir / "adapter"
+        written = (adapter / CONFIG_NAME).is_file()
+        if written and getattr(self.model, "head", None) is not None:
             from safetensors.torch import save_file
 
             head = {
                 k: v.detach().cpu().contiguous() for k, v in self.model.head.state_dict().items()
             }
-            save_file(head, self.output_dir / "adapter" / "task_head.safetensors")
+            save_file(head, adapter / "task_head.safetensors")
         plot = self.curves.plot(self.output_dir / "curves.png")
         report = self.peft_callback.report
         summary = {
+            "task": self._config().task,
+            "model": str(self._config().model.model_path),
             "before": self.before,
             "after": after,
+            "samples": [
+                {k: s[k] for k in ("label", "before", "after")}
+                | {"headline": s["text"].strip().splitlines()[0]}
+                for s in self.samples
+            ],
+            "train_size": self.datamodule.train_size,
+            "val_size": self.datamodule.val_size,
             "seconds": round(seconds, 1),
             "trainable_params": report.trainable_params if report else None,
             "total_params": report.total_params if report else None,
             "threads": torch.get_num_threads(),
         }
-        (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        _say(f"adapter: {self.output_dir / 'adapter'}  curves: {plot}  ({seconds:.0f} s)")
+        _write_text(self.output_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        if not written:  # the callback writes it when training ends; no step, no end
+            _say(
+                f"no adapter written: no step was trained (the run stood at step "
+                f"{self.trainer.global_step}, its max_epochs/max_steps were reached); raise "
+                "--trainer.max_epochs or --trainer.max_steps to continue"
+            )
+        _say(
+            f"adapter: {adapter if written else '-'}  curves: {plot}  summary: "
+            f"{self.output_dir / 'summary.json'}  ({seconds:.0f} s)"
+        )
 
 
 def _format(metrics: dict[str, float]) -> str:
@@ -170,6 +497,12 @@ def _format(metrics: dict[str, float]) -> str:
 
 
 @rank_zero_only
+def _write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+@rank_zero_only
 def _say(message: str) -> None:
     print(f"lightning-peft: {message}", flush=True)
 
@@ -178,24 +511,34 @@ def main(args: list[str] | None = None) -> None:
     """Entry point of the ``lightning-peft`` command."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    argv = expand_shortcuts(sys.argv[1:] if args is None else list(args))
-    if args is None:  # LightningCLI warns when both sys.argv and args carry arguments
-        sys.argv[1:], argv = argv, None
+    # Lightning 2.6 on torch 2.13 warns about its own use of torch's pytree on every run.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    argv = sys.argv[1:] if args is None else list(args)
     try:
+        if argv[:1] == ["inspect"]:
+            from lightning_peft.spectrum import main as inspect_main
+
+            inspect_main(argv[1:])
+            return
+        argv = expand_shortcuts(argv)
+        if args is None:  # LightningCLI warns when both sys.argv and args carry arguments
+            sys.argv[1:], argv = argv, None
         PEFTCLI(
             FineTuneTask,
             TextData,
             args=argv,
+            parser_class=OneLineErrorParser,
+            parser_kwargs={"description": DESCRIPTION},
             seed_everything_default=0,
             save_config_kwargs={"overwrite": True},
             trainer_defaults={
-                "max_epochs": 3,
+                "max_epochs": None,  # per task: DEFAULT_EPOCHS
                 "accelerator": "auto",
                 "devices": 1,
-                "default_root_dir": "runs/lightning-peft",
+                "num_sanity_val_steps": 0,  # the command validates before training anyway
                 "logger": {
                     "class_path": "lightning.pytorch.loggers.CSVLogger",
-                    "init_args": {"save_dir": "runs/lightning-peft"},
+                    "init_args": {"save_dir": DEFAULT_OUTPUT_DIR},  # becomes --output_dir
                 },
                 "log_every_n_steps": 5,
             },

