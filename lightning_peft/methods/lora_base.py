@@ -184,9 +184,7 @@ class DoRAVariant(LoRAVariant):
             (lora_B.data_ptr(), lora_B._version),
         )
         if layer._inference_norm is None or layer._inference_norm[0] != key:
-            # Outside autocast, as the ops compute n for a recorded forward: the same numbers.
-            with torch.autocast(layer.weight.device.type, enabled=False):
-                layer._inference_norm = (key, self.weight_norm(layer))
+            layer._inference_norm = (key, self.weight_norm(layer))
         return layer._inference_norm[1]
 
     def forward(self, layer: LoRALayer, x: Tensor) -> Tensor:

@@ -203,10 +203,11 @@ class QuantizedLoRALinear(LoRALayer):
     def dora_norm(self, weight_sq_norm: Tensor) -> Tensor:
         """n = ‖W + sBA‖_row (out,), detached, in at least float32, from ``W Aᵀ`` computed on
         the de-quantized weight in row chunks."""
-        weight_a = quantized_weight_times(self.base_module, self.lora_A)  # W Aᵀ (out, r)
-        return factored_weight_norm(
-            weight_a, weight_sq_norm, self.lora_A, self.lora_B, self.scaling
-        )
+        with torch.autocast(self.weight.device.type, enabled=False):  # whoever asks: the same n
+            weight_a = quantized_weight_times(self.base_module, self.lora_A)  # W Aᵀ (out, r)
+            return factored_weight_norm(
+                weight_a, weight_sq_norm, self.lora_A, self.lora_B, self.scaling
+            )
 
     def compute_weight_sq_norm(self) -> Tensor:
         return quantized_row_sq_norm(self.base_module)
