@@ -26,7 +26,13 @@ from torch import Tensor, nn
 
 from kernels import dora_linear, dora_weight_norm, lora_linear, weight_row_sq_norm
 from lightning_peft.config import INIT_CHOICES, PEFT_INITS_NOT_HERE, REWRITES_BASE, LoRAConfig
-from lightning_peft.methods.base import Method, is_conv1d, is_linear_like, quantized_reason
+from lightning_peft.methods.base import (
+    Method,
+    config_from_file,
+    is_conv1d,
+    is_linear_like,
+    quantized_reason,
+)
 from lightning_peft.methods.lora_base import (
     DoRAVariant,
     LoRALayer,
@@ -283,19 +289,7 @@ def read_lora_config(data: dict, path: Path) -> LoRAConfig:
             f"{path}: init_lora_weights={init!r} {why}; loading this adapter here would not "
             "give peft's numbers, so it is refused"
         )
-    known = set(LoRAConfig.__dataclass_fields__)
-    for name in sorted(set(data) - known):
-        if data[name] in (False, [], {}, ""):
-            del data[name]  # a newer peft's field at an inert value
-        else:
-            raise ValueError(
-                f"{path}: {name}={data[name]!r} is a field this package does not know (a newer "
-                "peft?); refusing rather than ignoring it"
-            )
-    try:
-        return LoRAConfig(**data)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"{path}: {error}") from None
+    return config_from_file(LoRAConfig, data, path)
 
 
 LORA = Method(
