@@ -1,18 +1,17 @@
 """LoRA (Hu et al. 2021, https://arxiv.org/abs/2106.09685), rsLoRA, and DoRA as a variant
-(Liu et al. 2024, https://arxiv.org/abs/2402.09353), with PiSSA and OLoRA inits.
+(Liu et al. 2024, https://arxiv.org/abs/2402.09353), with PiSSA and OLoRA inits; the ``LORA``
+method and its ``adapter_config.json``.
 
 ``LoRALinear`` adapts a frozen ``nn.Linear`` or transformers ``Conv1D``; it is a thin module over
 ``kernels.lora_linear`` / ``kernels.dora_linear``. It registers the base layer's own ``weight``
 and ``bias`` under the same names, so the frozen state-dict keys do not change; the adapter adds
 ``lora_A`` (r, in), ``lora_B`` (out, r), ``lora_bias`` (out,) with ``lora_bias=True`` (B's bias,
-``y += s·b_B``) and whatever its variant adds (DoRA: ``lora_magnitude`` (out,)). Convolutions and
-embeddings have their own layer classes (``lora_conv``, ``lora_embedding``), and so has
-``nn.MultiheadAttention`` (``lora_mha``), also in ``LORA.layers``. What differs between LoRA and
-DoRA lives in a variant object (peft's
-``LoraVariant``): its extra tensors, init, forward, merge and unmerge; the layer never branches on
-the variant.
-GPT-2's ``Conv1D`` stores its weight as (in, out) (``fan_in_fan_out``); the ops get a
-transposed view, never a copy.
+``y += s·b_B``) and whatever its variant adds (DoRA: ``lora_magnitude`` (out,)). What every LoRA
+layer shares, and the LoRA and DoRA variants (peft's ``LoraVariant``), are in ``lora_base``;
+convolutions, embeddings, ``nn.MultiheadAttention`` and bitsandbytes layers have their own layer
+classes (``lora_conv``, ``lora_embedding``, ``lora_mha``, ``lora_quantized``), all in
+``LORA.layers``. GPT-2's ``Conv1D`` stores its weight as (in, out) (``fan_in_fan_out``); the ops
+get a transposed view, never a copy.
 """
 
 from __future__ import annotations
@@ -150,14 +149,7 @@ class LoRALinear(LoRALayer):
     def share_base(self, base: nn.Module) -> None:
         super().share_base(base)
         self.fan_in_fan_out = is_conv1d(base)  # W stored as (in, out): GPT-2's Conv1D
-
-    @property
-    def out_features(self) -> int:
-        return self.lora_B.shape[0]
-
-    @property
-    def in_features(self) -> int:
-        return self.lora_A.shape[1]
+        self.out_features, self.in_features = self.out_in_of(base)
 
     def weight_out_in(self) -> Tensor:
         """W as (out, in): the weight itself, or a transposed view for ``Conv1D``."""
@@ -185,7 +177,8 @@ class LoRALinear(LoRALayer):
     # ``kernels`` runs the adapter branch in it); under autocast ``kernels`` casts the base
     # operands, as ``F.linear`` would. detach(): W is frozen; under FSDP1 (use_orig_params) it
     # arrives as a view of a flat parameter that requires grad because the adapters in the same
-    # unit do.
+    # unit do. ``lora_output`` / ``dora_output`` run once per adapted layer per decoded token:
+    # ``weight_out_in()`` is written out there, one Python call less.
 
     def base_output(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight_out_in().detach(), self.bias)

@@ -6,26 +6,31 @@ out), ``s = α/r`` (rsLoRA ``α/√r``); ``lora_bias`` adds B's bias, ``+ s·b_B
 2024, https://arxiv.org/abs/2402.09353): ``y = (m/n) ⊙ (base(x) − b + s·ΔW x) + b`` with
 ``n = ‖W + s·ΔW‖`` per magnitude entry, held constant in backward.
 
-The base holds the protocol (``AdapterLayer``) once: rank, α and scaling, A and B in their own
-dtype, ``lora_bias``, the ``check`` / ``adapter_shapes`` / ``build`` skeleton, ``merge`` /
-``unmerge`` (with DoRA's merged-norm bookkeeping), ``disabled``, ``describe`` / ``extra_repr``
-and the state-dict load hook. A layer type (``LoRALinear``, ``LoRAConv``, ``LoRAEmbedding``,
-``QuantizedLoRALinear``, ``LoRAMultiheadAttention``) subclasses it and declares:
+The base holds the protocol (``AdapterLayer``) once: rank, α and scaling, A and B in the
+adapter dtype, ``lora_bias``, the ``check`` / ``adapter_shapes`` / ``build`` skeleton, ``merge`` /
+``unmerge`` (with DoRA's merged-norm bookkeeping), ``disabled``, ``extra_repr`` and the state-dict
+load hook. A layer type (``LoRALinear``, ``LoRAConv``, ``LoRAEmbedding``, ``QuantizedLoRALinear``,
+``LoRAMultiheadAttention``) subclasses it and declares:
 
-- class level (before any layer exists): ``adapts(module)``; ``check_module(module, config,
-  name, rank)``, its own refusals; ``factor_shapes(module, rank)``, A and B (default: a matrix
-  update, A (r, in), B (out, r), from ``out_in_of(module)``); ``magnitude_shape_of(module)``,
-  DoRA's magnitude as peft stores it (``lora_bias`` has its size); ``weight_sq_norm_of(module)``,
-  ``‖W‖²`` along DoRA's axis, one entry per magnitude entry (the zero-row refusal);
-- instance hooks: ``lora_output(x)`` and ``dora_output(x, weight_sq_norm, weight_norm)``, the
-  adapted forward (through ``kernels``); ``base_output(x)``, the base alone (disabled or
-  merged); ``dora_norm(weight_sq_norm)``, n detached; ``delta_weight()``, ``s·ΔW`` laid out as
-  ``merge_view()`` (the view of W that ``merge`` rewrites; default W itself), in at least
-  float32; ``init_factors(init)``; ``describe()``.
+- class attributes: ``factor_names`` and ``saved_names`` (peft's keys), ``row_noun`` and
+  ``dora_axis`` (what DoRA's magnitude scales), ``supports_dora`` / ``supports_lora_bias``,
+  ``reuses_inference_norm`` (whether its DoRA forward takes a precomputed norm);
+- class methods, used before any layer exists: ``adapts``, ``base_refusal`` (the constructor's
+  ``TypeError``), ``check_module`` (its own refusals), ``factor_shapes`` (default A (r, in),
+  B (out, r) from ``out_in_of``), ``magnitude_shape_of`` (DoRA's magnitude as peft stores it;
+  ``lora_bias`` has its size), ``weight_sq_norm_of`` (``‖W‖²`` per magnitude entry: the zero-row
+  refusal);
+- instance hooks: ``share_base`` (register the base's parameters and buffers under their own
+  names, so the frozen state-dict keys do not change; ``unwrap()`` hands them back),
+  ``init_factors``, ``lora_output(x)`` and ``dora_output(x, weight_sq_norm, weight_norm)`` (the
+  adapted forward, through ``kernels``), ``base_output(x)`` (disabled or merged),
+  ``dora_norm(weight_sq_norm)`` (n, detached), ``compute_weight_sq_norm()``, ``delta_weight()``
+  (``s·ΔW`` laid out as ``merge_view()``, the view of W that ``merge`` rewrites, in at least
+  float32) and ``describe()``.
 
-What the layer registers of its base: the base's own parameters and buffers under the same
-names (``share_base``), so the frozen state-dict keys do not change, and ``unwrap()`` hands them
-back.
+Where layer types differ in kind, the difference stays in the type's module: the quantized layer
+merges into a float copy and never writes W; multi-head attention has two factor pairs on two
+weights and its own forward, init and merge.
 """
 
 from __future__ import annotations
