@@ -408,6 +408,36 @@ def test_disabled_adapters_give_the_quantized_base():
         torch.testing.assert_close(model(x), base(x), rtol=0, atol=0)
 
 
+@NEEDS_BNB
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_dora_decoding_reuses_the_norm_and_equals_the_recorded_forward(kind, monkeypatch):
+    """Forwards without autograd reuse DoRA's norm (no de-quantization of W per decoded token)
+    until A changes, and give the recorded forward's output exactly, under bf16 autocast too."""
+    import lightning_peft.methods.lora_quantized as lora_quantized
+
+    _, base = linear_4bit(40, 24) if kind == "nf4" else linear_8bit(40, 24)
+    layer = make_layer(base, use_dora=True).eval()
+    products = []
+    counted = lora_quantized.quantized_weight_times
+    monkeypatch.setattr(
+        lora_quantized,
+        "quantized_weight_times",
+        lambda *args: products.append(1) or counted(*args),
+    )
+    x = torch.randn(2, 3, 40)
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            recorded = layer(x).detach()
+            with torch.no_grad():
+                before = len(products)
+                decoded = [layer(x) for _ in range(3)]
+                assert len(products) == before + 1  # once, then reused
+                layer.lora_A.mul_(1.0)  # a version bump: computed again
+                assert torch.equal(layer(x), decoded[0]) and len(products) == before + 2
+        for y in decoded:
+            torch.testing.assert_close(y, recorded, rtol=0, atol=0)
+
+
 # -- state dicts, dtypes -------------------------------------------------------------------------
 
 

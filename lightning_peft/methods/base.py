@@ -263,6 +263,25 @@ def keep_adapter_dtype(module: nn.Module, names: list[str], fn, recurse: bool) -
 # -- methods ------------------------------------------------------------------------------------
 
 
+def config_from_file(config_cls: type, data: dict, path: Path) -> Any:
+    """``config_cls(**data)`` from peft's ``adapter_config.json`` content, or a ``ValueError``
+    naming ``path``: a field ``config_cls`` does not know is dropped at an inert value (a newer
+    peft's) and refused otherwise, rather than ignored."""
+    known = set(config_cls.__dataclass_fields__)
+    for name in sorted(set(data) - known):
+        if data[name] in (False, [], {}, ""):
+            del data[name]
+        else:
+            raise ValueError(
+                f"{path}: {name}={data[name]!r} is a field this package does not know (a newer "
+                "peft?); refusing rather than ignoring it"
+            )
+    try:
+        return config_cls(**data)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{path}: {error}") from None
+
+
 @dataclass(frozen=True)
 class Method:
     """One adapter method.

@@ -30,6 +30,7 @@ from lightning_peft.config import (
 from lightning_peft.methods.base import (
     AdapterLayer,
     Method,
+    config_from_file,
     is_conv1d,
     is_linear_like,
     quantized_reason,
@@ -388,19 +389,7 @@ def read_ia3_config(data: dict, path: Path) -> IA3Config:
     data = {key: value for key, value in data.items() if value is not None}
     if isinstance(data.get("modules_to_save"), list):  # peft may write the task heads twice
         data["modules_to_save"] = list(dict.fromkeys(data["modules_to_save"]))
-    known = set(IA3Config.__dataclass_fields__)
-    for name in sorted(set(data) - known):
-        if data[name] in (False, [], {}, ""):
-            del data[name]  # a newer peft's field at an inert value
-        else:
-            raise ValueError(
-                f"{path}: {name}={data[name]!r} is a field this package does not know (a newer "
-                "peft?); refusing rather than ignoring it"
-            )
-    try:
-        return IA3Config(**data)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"{path}: {error}") from None
+    return config_from_file(IA3Config, data, path)
 
 
 IA3 = Method(

@@ -14,9 +14,6 @@ is dense across groups; peft refuses too).
 
 from __future__ import annotations
 
-import math
-from typing import ClassVar
-
 import torch
 from torch import Tensor, nn
 
@@ -27,9 +24,8 @@ from kernels import (
     lora_conv,
     weight_row_sq_norm,
 )
-from lightning_peft.config import LoRAConfig
-from lightning_peft.methods.lora import REWRITES_BASE
-from lightning_peft.methods.lora_common import LoRAWeightLayer
+from lightning_peft.config import REWRITES_BASE, LoRAConfig
+from lightning_peft.methods.lora_base import LoRALayer, add_lora_bias, compute_dtype
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -38,24 +34,18 @@ def _conv_type(module: nn.Module) -> type[nn.Module]:
     return next(t for t in CONV_TYPES if isinstance(module, t))
 
 
-class LoRAConv(LoRAWeightLayer):
+class LoRAConv(LoRALayer):
     """LoRA / DoRA around a frozen ``nn.Conv1d`` / ``Conv2d`` / ``Conv3d``.
 
-    Args (as ``LoRAWeightLayer``): base, r, lora_alpha, dropout, use_rslora, use_dora,
+    Args (as ``LoRALayer``): base, r, lora_alpha, dropout, use_rslora, use_dora,
     lora_bias, init_lora_weights (True: A kaiming-uniform, B zero; "gaussian": A ~ N(0, 1/r),
     B zero; False: both random), adapter_dtype.
     """
 
-    saved_names: ClassVar[dict[str, str]] = {
-        "lora_A": "lora_A.weight",
-        "lora_B": "lora_B.weight",
-        "lora_bias": "lora_B.bias",
-        "lora_magnitude": "lora_magnitude_vector",
-        "weight": "base_layer.weight",
-        "bias": "base_layer.bias",
-    }
-    fast_names = ("lora_B",)
     row_noun = "output channel"
+    # The forward computes n from the factors cast to the compute dtype: a norm cached from the
+    # factors in their own dtype would not be those numbers.
+    reuses_inference_norm = False
 
     # -- declarations ---------------------------------------------------------------------------
 
@@ -76,7 +66,8 @@ class LoRAConv(LoRAWeightLayer):
         return (1, module.out_channels, *(1,) * (module.weight.dim() - 2))
 
     @classmethod
-    def row_sq_norms(cls, weight: Tensor) -> Tensor:
+    def weight_sq_norm_of(cls, module: nn.Module) -> Tensor:
+        weight = module.weight
         return weight_row_sq_norm(weight.reshape(weight.shape[0], -1))
 
     @classmethod
@@ -111,18 +102,6 @@ class LoRAConv(LoRAWeightLayer):
                 f"convolutions ({label}); peft has none either: use True or 'gaussian'"
             )
 
-    def init_factors(self, init_lora_weights: bool | str) -> None:
-        if init_lora_weights in REWRITES_BASE:
-            raise ValueError(f"init_lora_weights={init_lora_weights!r} is not for convolutions")
-        if init_lora_weights == "gaussian":
-            nn.init.normal_(self.lora_A, std=1 / self.r)
-        else:
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        if init_lora_weights is False:
-            nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
-        else:
-            nn.init.zeros_(self.lora_B)
-
     # -- hooks ----------------------------------------------------------------------------------
 
     def geometry(self) -> dict:
@@ -135,10 +114,11 @@ class LoRAConv(LoRAWeightLayer):
         }
 
     def _args(self, x: Tensor) -> tuple[torch.dtype, tuple]:
-        dtype = self.compute_dtype(x)
+        dtype = compute_dtype(x)
         # detach(): W is frozen (under FSDP1 it can arrive as a view that requires grad).
         weight = self.weight.detach().to(dtype)
-        return dtype, (x.to(dtype), weight, self.effective_bias(dtype), *self._factors(dtype))
+        bias = add_lora_bias(self.bias, self.lora_bias, self.scaling, dtype)
+        return dtype, (x.to(dtype), weight, bias, *self._factors(dtype))
 
     def _factors(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         return self.lora_A.to(dtype), self.lora_B.to(dtype)
@@ -151,7 +131,7 @@ class LoRAConv(LoRAWeightLayer):
                 *args, self.scaling, self.dropout_p, training=self.training, **self.geometry()
             )
 
-    def dora_output(self, x: Tensor, weight_sq_norm: Tensor) -> Tensor:
+    def dora_output(self, x: Tensor, weight_sq_norm: Tensor, weight_norm: None) -> Tensor:
         dtype, args = self._args(x)
         magnitude = self.lora_magnitude.reshape(-1).to(dtype)
         with torch.autocast(x.device.type, enabled=False):
@@ -172,7 +152,7 @@ class LoRAConv(LoRAWeightLayer):
         """``s·ΔW`` (out, in, *k) in float32 (float64 for float64 adapters); groups = 1 only."""
         return conv_delta_weight(*self._factors(self._wide_dtype()), self.scaling)
 
-    def dora_norm(self, weight_sq_norm: Tensor | None) -> Tensor:
+    def dora_norm(self, weight_sq_norm: Tensor) -> Tensor:
         return conv_dora_weight_norm(
             self.weight,
             *self.factors(),
@@ -180,9 +160,6 @@ class LoRAConv(LoRAWeightLayer):
             groups=self.base_module.groups,
             weight_sq_norm=weight_sq_norm,
         )
-
-    def per_row(self, values: Tensor) -> Tensor:
-        return values.view(-1, *(1,) * (self.weight.dim() - 1))
 
     def _wide_dtype(self) -> torch.dtype:
         return torch.promote_types(self.lora_A.dtype, torch.float32)

@@ -29,9 +29,8 @@ from kernels import (
     embedding_weight_sq_norm,
     lora_embedding,
 )
-from lightning_peft.config import LoRAConfig
-from lightning_peft.methods.lora import REWRITES_BASE
-from lightning_peft.methods.lora_common import LoRAWeightLayer
+from lightning_peft.config import REWRITES_BASE, LoRAConfig
+from lightning_peft.methods.lora_base import LoRALayer
 
 
 def embed_scale_of(module: nn.Module) -> Tensor | float | None:
@@ -44,11 +43,11 @@ def embed_scale_of(module: nn.Module) -> Tensor | float | None:
     return None
 
 
-class LoRAEmbedding(LoRAWeightLayer):
+class LoRAEmbedding(LoRALayer):
     """LoRA / DoRA around a frozen ``nn.Embedding``.
 
-    Args (as ``LoRAWeightLayer``): base, r, lora_alpha, use_rslora, use_dora,
-    init_lora_weights, adapter_dtype; ``dropout`` is not applied (peft applies none).
+    Args (as ``LoRALayer``): base, r, lora_alpha, use_rslora, use_dora, init_lora_weights,
+    adapter_dtype; ``dropout`` is not applied (peft applies none); no ``lora_bias``.
     """
 
     factor_names = ("lora_embedding_A", "lora_embedding_B")
@@ -58,6 +57,10 @@ class LoRAEmbedding(LoRAWeightLayer):
     }
     fast_names = ("lora_embedding_B",)
     row_noun = "embedding dimension (column)"
+    dora_axis = 1  # W (V, d): the magnitude scales its columns
+    supports_lora_bias = False
+    # kernels.dora_embedding takes no precomputed n: each forward computes it.
+    reuses_inference_norm = False
 
     # -- declarations ---------------------------------------------------------------------------
 
@@ -77,8 +80,8 @@ class LoRAEmbedding(LoRAWeightLayer):
         return (module.embedding_dim,)
 
     @classmethod
-    def row_sq_norms(cls, weight: Tensor) -> Tensor:
-        return embedding_weight_sq_norm(weight)
+    def weight_sq_norm_of(cls, module: nn.Module) -> Tensor:
+        return embedding_weight_sq_norm(module.weight)
 
     @classmethod
     def check_module(cls, module: nn.Module, config: LoRAConfig, name: str, rank: int) -> None:
@@ -145,7 +148,7 @@ class LoRAEmbedding(LoRAWeightLayer):
             )
         return self._scaled(y)
 
-    def dora_output(self, ids: Tensor, weight_sq_norm: Tensor) -> Tensor:
+    def dora_output(self, ids: Tensor, weight_sq_norm: Tensor, weight_norm: None) -> Tensor:
         with torch.autocast(ids.device.type, enabled=False):
             y = dora_embedding(
                 ids,
@@ -165,13 +168,10 @@ class LoRAEmbedding(LoRAWeightLayer):
         """``s·Aᵀ Bᵀ`` (V, d) in float32 (float64 for float64 adapters)."""
         return embedding_delta_weight(*self.factors(), self.scaling)
 
-    def dora_norm(self, weight_sq_norm: Tensor | None) -> Tensor:
+    def dora_norm(self, weight_sq_norm: Tensor) -> Tensor:
         return embedding_dora_weight_norm(
             self.weight, *self.factors(), self.scaling, weight_sq_norm
         )
-
-    def per_row(self, values: Tensor) -> Tensor:
-        return values.view(1, -1)
 
     def describe(self) -> tuple[str, str, int]:
         base = self.base_module

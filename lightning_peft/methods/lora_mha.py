@@ -18,7 +18,6 @@ attention's biases under names this package does not write).
 
 from __future__ import annotations
 
-import math
 from typing import Any, ClassVar
 
 import torch
@@ -26,23 +25,22 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from lightning_peft.config import REWRITES_BASE, LoRAConfig
-from lightning_peft.methods.base import AdapterLayer
-from lightning_peft.methods.lora_common import config_rank
+from lightning_peft.methods.lora_base import LoRALayer, init_factor_pair
 
 
-class LoRAMultiheadAttention(AdapterLayer):
+class LoRAMultiheadAttention(LoRALayer):
     """LoRA around a frozen ``nn.MultiheadAttention`` (packed q/k/v projection).
 
     ``in_proj_weight ← W_in + s·B A`` (A (r, E), B (3E, r)) and ``out_proj.weight ← W_out +
     s·B_o A_o`` (A_o (r, E), B_o (E, r)), inside each forward; ``merge()`` makes it permanent.
+    Two factor pairs on two weights: the forward, the init and merge/unmerge are this class's own.
 
-    Args:
-        base: the attention module (its parameters are shared, not copied; its ``out_proj``
-            stays a child, so the frozen state-dict keys do not change).
-        r, lora_alpha, use_rslora, init_lora_weights, adapter_dtype: as in ``LoRAConfig``.
+    Args (as ``LoRALayer``): base (the attention module; its parameters are shared, not copied;
+    its ``out_proj`` stays a child, so the frozen state-dict keys do not change), r, lora_alpha,
+    use_rslora, init_lora_weights, adapter_dtype. ``dropout`` is not applied (the update acts on
+    the weights); DoRA and ``lora_bias`` are refused.
     """
 
-    mergeable = True
     saved_names: ClassVar[dict[str, str]] = {
         "lora_A": "lora_A.weight",
         "lora_B": "lora_B.weight",
@@ -50,42 +48,24 @@ class LoRAMultiheadAttention(AdapterLayer):
         "out_lora_B": "base_layer.out_proj.lora_B.weight",
     }
     fast_names = ("lora_B", "out_lora_B")
+    factor_names = ("lora_A", "lora_B", "out_lora_A", "out_lora_B")
+    supports_dora = False
+    supports_lora_bias = False
 
-    def __init__(
-        self,
-        base: nn.MultiheadAttention,
-        r: int,
-        lora_alpha: float,
-        *,
-        use_rslora: bool = False,
-        init_lora_weights: bool | str = True,
-        adapter_dtype: torch.dtype = torch.float32,
-    ) -> None:
-        super().__init__()
+    # -- declarations ---------------------------------------------------------------------------
+
+    @classmethod
+    def adapts(cls, module: nn.Module) -> bool:
+        return isinstance(module, nn.MultiheadAttention)
+
+    @classmethod
+    def base_refusal(cls, base: nn.Module) -> str | None:
         reason = _unsupported(base)
-        if reason is not None:
-            raise TypeError(f"LoRAMultiheadAttention cannot adapt this module: {reason}")
-        if r < 1:
-            raise ValueError(f"rank r must be >= 1, got {r}")
-        for name, param in base._parameters.items():  # the same objects, not copies
-            self.register_parameter(name, param)
-        self.out_proj = base.out_proj  # a child here too: keys stay ``<p>.out_proj.weight``
-        for param in base.parameters():
-            param.requires_grad_(False)
-        object.__setattr__(self, "base_module", base)  # what unwrap() puts back; not a child
-        self.r, self.lora_alpha, self.use_rslora = r, lora_alpha, use_rslora
-        self.scaling = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
-        embed_dim = base.embed_dim
-        for name, shape in self.shapes(embed_dim, r).items():
-            factory = {"device": base.in_proj_weight.device, "dtype": adapter_dtype}
-            setattr(self, name, nn.Parameter(torch.empty(shape, **factory)))
-        self.merged = False
-        self.disabled = False
-        self.reset_adapter_parameters(init_lora_weights)
-        self.train(base.training)
+        return None if reason is None else f"{cls.__name__} cannot adapt this module: {reason}"
 
-    @staticmethod
-    def shapes(embed_dim: int, rank: int) -> dict[str, tuple[int, int]]:
+    @classmethod
+    def factor_shapes(cls, module: nn.Module, rank: int) -> dict[str, tuple[int, int]]:
+        embed_dim = module.embed_dim
         return {
             "lora_A": (rank, embed_dim),
             "lora_B": (3 * embed_dim, rank),
@@ -93,15 +73,8 @@ class LoRAMultiheadAttention(AdapterLayer):
             "out_lora_B": (embed_dim, rank),
         }
 
-    # -- the protocol, class level --------------------------------------------------------------
-
     @classmethod
-    def adapts(cls, module: nn.Module) -> bool:
-        return isinstance(module, nn.MultiheadAttention)
-
-    @classmethod
-    def check(cls, module: nn.Module, config: LoRAConfig, name: str) -> None:
-        config_rank(config, name)  # a valid rank
+    def check_module(cls, module: nn.Module, config: LoRAConfig, name: str, rank: int) -> None:
         label = f"{name!r} (a {type(module).__name__})"
         reason = _unsupported(module)
         if reason is not None:
@@ -124,36 +97,17 @@ class LoRAMultiheadAttention(AdapterLayer):
                 "does not write; use bias='none' or exclude the module"
             )
 
-    @classmethod
-    def adapter_shapes(cls, module: nn.Module, config: LoRAConfig, name: str) -> dict:
-        rank, _ = config.rank_and_alpha(name)
-        return cls.shapes(module.embed_dim, rank)
-
-    @classmethod
-    def build(cls, module: nn.Module, config: LoRAConfig, name: str) -> LoRAMultiheadAttention:
-        rank, alpha = config.rank_and_alpha(name)
-        return cls(
-            module,
-            rank,
-            alpha,
-            use_rslora=config.use_rslora,
-            init_lora_weights=config.init_lora_weights,
-            adapter_dtype=getattr(torch, config.adapter_dtype),
-        )
-
     # -- the protocol, instance -----------------------------------------------------------------
 
-    def adapter_parameter_names(self) -> list[str]:
-        return list(self.saved_names)
-
-    @property
-    def base_layer(self) -> nn.Module:
-        return self.base_module
+    def share_base(self, base: nn.Module) -> None:
+        for name, param in base._parameters.items():  # the same objects, not copies
+            self.register_parameter(name, param)
+        self.out_proj = base.out_proj  # a child here too: keys stay ``<p>.out_proj.weight``
+        for param in base.parameters():
+            param.requires_grad_(False)
 
     def unwrap(self) -> nn.Module:
-        base = self.base_module
-        for name in base._parameters:
-            setattr(base, name, getattr(self, name))
+        base = super().unwrap()
         base.out_proj = self.out_proj
         return base
 
@@ -161,20 +115,10 @@ class LoRAMultiheadAttention(AdapterLayer):
         embed_dim = self.base_module.embed_dim
         return "LoRA", f"{embed_dim}->{embed_dim} attention in/out", self.r
 
-    @torch.no_grad()
-    def reset_adapter_parameters(self, init_lora_weights: bool | str = True) -> None:
-        """As peft's linear layers: A kaiming-uniform (``"gaussian"``: N(0, 1/r)), B = 0;
-        ``False``: both random."""
-        for a, b in (("lora_A", "lora_B"), ("out_lora_A", "out_lora_B")):
-            lora_A, lora_B = self.get_parameter(a), self.get_parameter(b)
-            if init_lora_weights == "gaussian":
-                nn.init.normal_(lora_A, std=1 / self.r)
-            else:
-                nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
-            if init_lora_weights is False:
-                nn.init.kaiming_uniform_(lora_B, a=math.sqrt(5))
-            else:
-                nn.init.zeros_(lora_B)
+    def init_factors(self, init_lora_weights: bool | str) -> None:
+        """Both pairs as peft's linear layers (``init_factor_pair``)."""
+        super().init_factors(init_lora_weights)  # the in-projection pair, refusals
+        init_factor_pair(self.out_lora_A, self.out_lora_B, init_lora_weights, self.r)
 
     # -- forward --------------------------------------------------------------------------------
 

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_peft.config import DTYPE_CHOICES, TASK_HEADS, _check_targets
-from lightning_peft.methods.base import AdapterLayer, Method
+from lightning_peft.methods.base import AdapterLayer, Method, config_from_file
 
 CHILD_NAME = "prompt_tuning"
 PROMPT_KEY = "prompt_embeddings"
@@ -591,19 +591,7 @@ def read_prompt_config(data: dict, path: Path) -> PromptTuningConfig:
     data = {key: value for key, value in data.items() if value is not None}
     if isinstance(data.get("modules_to_save"), list):  # peft writes the task heads twice
         data["modules_to_save"] = list(dict.fromkeys(data["modules_to_save"]))
-    known = set(PromptTuningConfig.__dataclass_fields__)
-    for name in sorted(set(data) - known):
-        if data[name] in (False, [], {}, ""):
-            del data[name]
-        else:
-            raise ValueError(
-                f"{path}: {name}={data[name]!r} is a field this package does not know (a newer "
-                "peft?); refusing rather than ignoring it"
-            )
-    try:
-        return PromptTuningConfig(**data)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"{path}: {error}") from None
+    return config_from_file(PromptTuningConfig, data, path)
 
 
 PROMPT_TUNING = Method(
