@@ -259,19 +259,19 @@ class PEFTCLI(LightningCLI):
         )
         parser.add_argument(
             "--rank",
-            type=int | None,
+            type=int,
             default=None,
             help=f"lora/dora rank, adapter width: an integer >= 1 (default {d['rank']})",
         )
         parser.add_argument(
             "--alpha",
-            type=float | None,
+            type=float,
             default=None,
             help=f"lora/dora alpha, the update's scale is alpha/rank (default {d['alpha']:g})",
         )
         parser.add_argument(
             "--dropout",
-            type=float | None,
+            type=float,
             default=None,
             help=f"lora/dora/adapter dropout, in [0, 1) (default {d['dropout']:g})",
         )
@@ -283,7 +283,7 @@ class PEFTCLI(LightningCLI):
         )
         parser.add_argument(
             "--virtual_tokens",
-            type=int | None,
+            type=int,
             default=None,
             help=f"prompt-tuning: the number of virtual tokens, >= 1 (default "
             f"{d['virtual_tokens']})",

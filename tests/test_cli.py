@@ -605,7 +605,7 @@ def test_ia3_on_a_llama_takes_peft_s_table(tmp_path, models, cli_in_process):
         "--trainer.max_steps=2", "--samples=0", *QUIET,
     )  # fmt: skip
     assert code == 0, stderr[-2000:]
-    assert "IA³ on k_proj,v_proj,down_proj (feed-forward: re:(.*\\.)?down_proj)" in stdout
+    assert "IA³ on down_proj,k_proj,v_proj (feed-forward: re:(.*\\.)?down_proj)" in stdout
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     layers = [f"model.layers.{i}" for i in (0, 1)]
     assert config["peft_type"] == "IA3"
@@ -709,7 +709,9 @@ def test_classification_pooling_skips_the_virtual_tokens(tmp_path, models):
 
 
 @NEEDS_BNB
-@pytest.mark.parametrize(("mode", "method"), [("nf4", "lora"), ("int8", "dora")])
+# int8 with DoRA is compared with peft in test_qlora.py on one forward: peft 0.21.2's int8 DoRA
+# fails on its second forward on CPU (bitsandbytes' int8 state loses its scales), so not here.
+@pytest.mark.parametrize(("mode", "method"), [("nf4", "lora"), ("nf4", "dora"), ("int8", "lora")])
 def test_a_quantized_run_loads_in_peft_over_the_same_quantized_base(
     tmp_path, models, cli_in_process, mode, method
 ):
