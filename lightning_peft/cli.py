@@ -35,6 +35,7 @@ from lightning_peft.callback import PEFTCallback
 from lightning_peft.cli_methods import (
     FEEDFORWARD_HELP,
     METHOD_CHOICES,
+    METHOD_LR,
     OPTION_DEFAULTS,
     TARGETS_HELP,
     MethodOptions,
@@ -363,6 +364,8 @@ class PEFTCLI(LightningCLI):
             config.model.model_path = config.data.tokenizer_path = default_model_path(config.task)
         check_model_dir(config.model.model_path)
         self.peft_config = options.build(config.task, config.model.model_path)
+        if config.model.lr is None:  # the method's own default, else the task's (FineTuneTask)
+            config.model.lr = METHOD_LR.get(options.method)
         check_targets(
             config.model.model_path,
             config.task,
@@ -434,7 +437,8 @@ class PEFTCLI(LightningCLI):
             _say(
                 f"trainable: {report.trainable_params:,} of {report.total_params:,} parameters "
                 f"({100 * report.trainable_fraction:.3f}%) in {len(report.modules)} adapted "
-                f"modules ({self.output_dir / 'adapted_modules.txt'})"
+                f"module{'s' * (len(report.modules) != 1)} "
+                f"({self.output_dir / 'adapted_modules.txt'})"
             )
             _write_text(self.output_dir / "adapted_modules.txt", str(report) + "\n")
         which = f" (restored from {ckpt_path})" if ckpt_path else ""
@@ -488,6 +492,7 @@ class PEFTCLI(LightningCLI):
             "model": str(self._config().model.model_path),
             "method": self._config().method,
             "quantize": self._config().quantize,
+            "lr": self.model.lr,
             "before": self.before,
             "after": after,
             "samples": [

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from lightning_peft.cli import PEFTCLI, expand_shortcuts, main, torch_threads
 from lightning_peft.cli_methods import (
     METHOD_CHOICES,
+    METHOD_LR,
     METHOD_OPTIONS,
     build_peft_config,
     parse_targets,
@@ -622,6 +623,12 @@ def test_ia3_on_a_llama_takes_peft_s_table(tmp_path, models, cli_in_process):
     assert any(not torch.equal(t, torch.ones_like(t)) for t in tensors.values())  # trained
     summary = json.loads((out / "summary.json").read_text())
     assert summary["trainable_params"] == sum(t.numel() for t in tensors.values()) == 160
+    assert logged_lr(out) == METHOD_LR["ia3"] == 1e-2  # the method's default learning rate
+
+
+def logged_lr(out) -> float:
+    """The learning rate the run's optimizer used, from its summary."""
+    return json.loads((out / "summary.json").read_text())["lr"]
 
 
 def test_ia3_on_bert_skips_the_attention_output_dense(tmp_path, models, cli_in_process):
@@ -632,9 +639,10 @@ def test_ia3_on_bert_skips_the_attention_output_dense(tmp_path, models, cli_in_p
     code, _, stderr = cli_in_process(
         "fit", "--task", "classification", "--model", str(models["bert"]), "--data", str(data),
         "--method", "ia3", "--output_dir", str(out), "--data.train_size=16",
-        "--data.val_size=8", "--trainer.max_steps=2", *QUIET,
+        "--data.val_size=8", "--trainer.max_steps=2", "--model.lr=0.005", *QUIET,
     )  # fmt: skip
     assert code == 0, stderr[-2000:]
+    assert logged_lr(out) == 0.005  # given: not the method's default
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     layers = [f"encoder.layer.{i}" for i in (0, 1)]
     feedforward = [f"{layer}.output.dense" for layer in layers]
