@@ -4,11 +4,12 @@
 α=32 on every linear layer) on SmolLM2-135M-Instruct, taught to answer "which topic is this BBC
 News article about?" with the topic (``--task instruct``). ``--task classification`` is the
 BERT demo (all-MiniLM-L6-v2 with a head on the same articles). Shortcuts: ``--model DIR``
-(= ``--model.model_path``), ``--data FILE`` (= ``--data.path``); ``--method``, ``--rank``,
-``--alpha``, ``--dropout``, ``--targets``, ``--task``, ``--output_dir``, ``--overwrite``;
-everything else is LightningCLI's (``--trainer.devices``, ``--trainer.precision``,
-``--config``...). ``lightning-peft inspect ADAPTER_DIR`` reports an adapter's spectra
-(``lightning_peft.spectrum``).
+(= ``--model.model_path``), ``--data FILE`` (= ``--data.path``); the method options
+(``--method``, ``--rank``, ``--alpha``, ``--dropout``, ``--targets``, ``--feedforward``,
+``--virtual_tokens``, ``--prompt_init``: ``lightning_peft.cli_methods``), ``--quantize``,
+``--task``, ``--output_dir``, ``--overwrite``; everything else is LightningCLI's
+(``--trainer.devices``, ``--trainer.precision``, ``--config``...). ``lightning-peft inspect
+ADAPTER_DIR`` reports an adapter's spectra (``lightning_peft.spectrum``).
 
 A user error (a bad option, file or directory) prints one line, ``lightning-peft: error: ...``,
 and exits with status 2, before any training; anything else is a bug and keeps its traceback.
@@ -17,9 +18,7 @@ and exits with status 2, before any training; anything else is a bug and keeps i
 from __future__ import annotations
 
 import json
-import math
 import os
-import re
 import sys
 import tempfile
 import time
@@ -33,37 +32,31 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 
 from lightning_peft.callback import PEFTCallback
-from lightning_peft.config import ALL_LINEAR, AdapterConfig, LoRAConfig
+from lightning_peft.cli_methods import (
+    FEEDFORWARD_HELP,
+    METHOD_CHOICES,
+    METHOD_LR,
+    OPTION_DEFAULTS,
+    TARGETS_HELP,
+    MethodOptions,
+    describe,
+)
 from lightning_peft.curves import CurveRecorder
 from lightning_peft.errors import InputError
 from lightning_peft.hf_format import CONFIG_NAME, WEIGHTS_NAME
-from lightning_peft.targeting import select_targets
+from lightning_peft.injection import plan_injection
+from lightning_peft.quantization import QUANTIZE_MODES, bitsandbytes_config
+from lightning_peft.targeting import plan_targets
 from lightning_peft.tasks import FineTuneTask, check_model_dir, default_model_path
 from lightning_peft.text_data import TASKS, TextData
 
-METHODS = ("lora", "dora", "adapter")
 SHORTCUTS = {"--model": "--model.model_path", "--data": "--data.path"}
 DEFAULT_OUTPUT_DIR = "runs/lightning-peft"
-REGEX_PREFIX = "re:"
-# Default targets per task. Classification: the attention projections of the usual encoder
-# families (names absent from a model are simply not matched); the LLM tasks: all-linear.
-DEFAULT_TARGETS = {
-    "classification": {"lora": ["query", "value", "q_proj", "v_proj", "c_attn"],
-                       "adapter": ["output.dense"]},
-    "instruct": {"lora": ALL_LINEAR, "adapter": ["mlp"]},
-    "causal-lm": {"lora": ALL_LINEAR, "adapter": ["mlp"]},
-}  # fmt: skip
 DEFAULT_EPOCHS = {"instruct": 1, "classification": 3, "causal-lm": 1}
 CHECKPOINT_ALIASES = ("last", "best", "hpc", "registry")
-TARGETS_HELP = (
-    "what to adapt: NAME or NAME,NAME,... (a module matches when its name is NAME or ends in "
-    "'.NAME', as peft's lists); all-linear (every linear layer but the output layer); "
-    "re:REGEX (a regular expression that must match a module's whole name, e.g. "
-    "'re:.*layers\\.[0-3]\\..*_proj'). Default: all-linear for instruct/causal-lm, "
-    "query,value,q_proj,v_proj,c_attn for classification (adapter: mlp / output.dense)"
-)
 DESCRIPTION = (
-    "PEFT fine-tuning (LoRA, DoRA, bottleneck adapters) of a local transformers model. "
+    "PEFT fine-tuning (LoRA, DoRA, bottleneck adapters, IA³, prompt tuning; QLoRA with "
+    "--quantize) of a local transformers model. "
     "`lightning-peft fit` runs the embedded demo (SmolLM2-135M-Instruct, BBC News topics); "
     "`lightning-peft inspect ADAPTER_DIR [--model DIR]` reports the singular values of an "
     "adapter's updates."
@@ -91,83 +84,6 @@ def expand_shortcuts(argv: list[str]) -> list[str]:
         name, eq, value = arg.partition("=")
         out.append(SHORTCUTS[name] + eq + value if name in SHORTCUTS else arg)
     return out
-
-
-def parse_targets(value: list[str] | str | None) -> list[str] | str | None:
-    """``--targets`` as ``target_modules``: "a,b" -> ["a", "b"] (names, peft's suffix match),
-    "all-linear" stays, "re:REGEX" -> "REGEX" (a full-match regex); a YAML list is names.
-
-    Raises:
-        InputError: an empty name, a name with regex characters (say ``re:``), a bad regex.
-    """
-    if value is None:
-        return None
-    if isinstance(value, str):
-        value = value.strip()
-        if value == ALL_LINEAR:
-            return ALL_LINEAR
-        if value.startswith(REGEX_PREFIX):
-            pattern = value[len(REGEX_PREFIX) :]
-            if not pattern:
-                raise InputError("--targets re: needs a regular expression after 're:'")
-            try:
-                re.compile(pattern)
-            except re.error as error:
-                raise InputError(
-                    f"--targets {value!r} is not a valid regular expression: {error}"
-                ) from None
-            return pattern
-        names = [name.strip() for name in value.split(",")]
-    else:
-        names = [str(name).strip() for name in value]
-    if not names or any(not name for name in names):
-        raise InputError(f"--targets {value!r} has an empty module name")
-    for name in names:
-        if re.search(r"[\s*+?()\[\]{}|^$\\]", name):
-            raise InputError(
-                f"--targets: {name!r} is not a module name; for a regular expression write "
-                f"re:{name}"
-            )
-    return names
-
-
-def build_peft_config(
-    method: str,
-    rank: int,
-    alpha: float,
-    targets: list[str] | str | None,
-    dropout: float,
-    task: str = "instruct",
-) -> LoRAConfig | AdapterConfig:
-    """The adapter config of the command-line options; every problem is an ``InputError``."""
-    if method not in METHODS:
-        raise InputError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise InputError(f"--rank must be an integer >= 1, got {rank!r}")
-    if not 0.0 <= dropout < 1.0:
-        raise InputError(f"--dropout must be in [0, 1), got {dropout!r}")
-    if not math.isfinite(alpha) or alpha <= 0:
-        raise InputError(f"--alpha must be a positive number, got {alpha!r}")
-    parsed = parse_targets(targets)
-    if method == "adapter" and parsed == ALL_LINEAR:
-        raise InputError(
-            "--method adapter does not take --targets all-linear: bottleneck adapters go on the "
-            "outputs of named modules (e.g. --targets mlp)"
-        )
-    if parsed is None:
-        parsed = DEFAULT_TARGETS[task]["adapter" if method == "adapter" else "lora"]
-    try:
-        if method == "adapter":
-            return AdapterConfig(bottleneck_dim=rank, target_modules=parsed, dropout=dropout)
-        return LoRAConfig(
-            r=rank,
-            lora_alpha=alpha,
-            target_modules=parsed,
-            lora_dropout=dropout,
-            use_dora=method == "dora",
-        )
-    except ValueError as error:  # the options were checked above; this names anything left
-        raise InputError(str(error)) from None
 
 
 def check_output_dir(output_dir: str | Path, overwrite: bool) -> Path:
@@ -201,12 +117,37 @@ def check_output_dir(output_dir: str | Path, overwrite: bool) -> Path:
     return output_dir
 
 
-def check_targets(model_path: str, task: str, peft_config: LoRAConfig | AdapterConfig) -> None:
-    """The targets select modules of this model: checked on a weightless copy (meta device)
-    built from ``config.json``, before anything is loaded or trained.
+def _skeleton(config, auto, quantize: str | None = None):
+    """A weightless copy (meta device) of the model ``config`` describes; with ``quantize``, the
+    layers swapped for bitsandbytes' ones as ``from_pretrained`` swaps them (transformers' own
+    quantizer decides which: every linear layer but the output layer, for instance)."""
+    with torch.device("meta"):
+        skeleton = auto.from_config(config)
+    if quantize is not None:
+        from transformers.quantizers import AutoHfQuantizer
+
+        quantizer = AutoHfQuantizer.from_config(bitsandbytes_config(quantize), pre_quantized=False)
+        quantizer.preprocess_model(skeleton, device_map="cpu")
+    return skeleton
+
+
+def check_targets(
+    model_path: str,
+    task: str,
+    peft_config,
+    *,
+    quantize: str | None = None,
+    feedforward_given: bool = False,
+) -> None:
+    """The adapter config fits this model: every check injection makes, run on a weightless
+    copy (meta device) built from ``config.json``, before anything is loaded or trained. With
+    ``quantize`` the targets are also planned on the copy quantized as the real load will be,
+    so a method without a layer for bitsandbytes' layers is refused here.
 
     Raises:
-        InputError: an unreadable config, or targets that select nothing (or the wrong layers).
+        InputError: an unreadable config, targets that select nothing (or the wrong layers), a
+            ``--feedforward`` that selects none of the targets, a quantized target the method
+            cannot adapt, a ``--prompt_init`` the model's tokenizer cannot read.
     """
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
@@ -216,12 +157,46 @@ def check_targets(model_path: str, task: str, peft_config: LoRAConfig | AdapterC
         first = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise InputError(f"{model_path}/config.json cannot be read: {first}") from None
     auto = AutoModel if task == "classification" else AutoModelForCausalLM
-    with torch.device("meta"):
-        skeleton = auto.from_config(config)
+    option = "--method prompt-tuning" if peft_config.method == "prompt-tuning" else "--targets"
     try:
-        select_targets(skeleton, peft_config)
+        targets = plan_injection(_skeleton(config, auto), peft_config).targets.names
     except ValueError as error:
-        raise InputError(f"--targets: {error}") from None
+        raise InputError(f"{option}: {_one_line(error)}") from None
+    if feedforward_given and peft_config.feedforward_modules:
+        if not any(peft_config.is_feedforward(name) for name in targets):
+            feedforward = peft_config.feedforward_modules
+            raise InputError(
+                f"--feedforward {feedforward!r} matches none of the {len(targets)} adapted "
+                f"modules (e.g. {targets[0]!r}); name feed-forward targets, or pass none"
+            )
+    if quantize is not None:
+        try:
+            plan_targets(_skeleton(config, auto, quantize), peft_config)
+        except ValueError as error:
+            raise InputError(
+                f"--quantize {quantize}: {_one_line(error)} (the quantized model's linear layers "
+                "are bitsandbytes layers; --method lora and dora adapt them)"
+            ) from None
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
+
+
+def check_quantize(mode: str | None) -> None:
+    """``--quantize``: None, or a mode with bitsandbytes installed.
+
+    Raises:
+        InputError: an unknown mode; ``MissingExtraError`` (an ``InputError``) naming the extra.
+    """
+    if mode is None:
+        return
+    if mode not in QUANTIZE_MODES:
+        raise InputError(
+            f"--quantize must be one of {', '.join(QUANTIZE_MODES)} (or left out: no "
+            f"quantization), got {mode!r}"
+        )
+    bitsandbytes_config(mode)  # imports bitsandbytes
 
 
 def check_ckpt_path(ckpt_path: str | None) -> None:
@@ -275,12 +250,59 @@ class PEFTCLI(LightningCLI):
     training and (instruct) answers to held-out prompts before and after."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_argument("--method", type=str, default="lora", help="lora | dora | adapter")
-        parser.add_argument("--rank", type=int, default=16, help="LoRA rank / adapter width, >= 1")
-        parser.add_argument("--alpha", type=float, default=32.0, help="LoRA alpha (scale α/r)")
-        parser.add_argument("--dropout", type=float, default=0.05, help="adapter dropout, [0, 1)")
+        d = OPTION_DEFAULTS
+        parser.add_argument(
+            "--method",
+            type=str,
+            default="lora",
+            help=" | ".join(METHOD_CHOICES) + " (dora: LoRA with DoRA's magnitude; adapter: "
+            "bottleneck adapters). An option the method does not take is refused",
+        )
+        parser.add_argument(
+            "--rank",
+            type=int,
+            default=None,
+            help=f"lora/dora rank, adapter width: an integer >= 1 (default {d['rank']})",
+        )
+        parser.add_argument(
+            "--alpha",
+            type=float,
+            default=None,
+            help=f"lora/dora alpha, the update's scale is alpha/rank (default {d['alpha']:g})",
+        )
+        parser.add_argument(
+            "--dropout",
+            type=float,
+            default=None,
+            help=f"lora/dora/adapter dropout, in [0, 1) (default {d['dropout']:g})",
+        )
         parser.add_argument(
             "--targets", type=list[str] | str | None, default=None, help=TARGETS_HELP
+        )
+        parser.add_argument(
+            "--feedforward", type=list[str] | str | None, default=None, help=FEEDFORWARD_HELP
+        )
+        parser.add_argument(
+            "--virtual_tokens",
+            type=int,
+            default=None,
+            help=f"prompt-tuning: the number of virtual tokens, >= 1 (default "
+            f"{d['virtual_tokens']})",
+        )
+        parser.add_argument(
+            "--prompt_init",
+            type=str | None,
+            default=None,
+            help="prompt-tuning: start the virtual tokens from the embeddings of this text's "
+            "tokens (the model directory's tokenizer; cut or repeated to --virtual_tokens) "
+            "instead of at random",
+        )
+        parser.add_argument(
+            "--quantize",
+            type=str | None,
+            default=None,
+            help=f"{' | '.join(QUANTIZE_MODES)}: load the base model quantized by bitsandbytes "
+            "(QLoRA with lora/dora; needs pip install lightning-peft[qlora]). Default: float32",
         )
         parser.add_argument(
             "--task",
@@ -306,6 +328,7 @@ class PEFTCLI(LightningCLI):
             "--samples", type=int, default=3, help="instruct: held-out answers shown before/after"
         )
         parser.link_arguments("task", "model.task")
+        parser.link_arguments("quantize", "model.quantize")
         parser.link_arguments("task", "data.task")
         parser.link_arguments("output_dir", "trainer.default_root_dir")
         parser.link_arguments("model.model_path", "data.tokenizer_path")
@@ -332,15 +355,24 @@ class PEFTCLI(LightningCLI):
         check_ckpt_path(config.get("ckpt_path"))
         if config.task not in TASKS:
             raise InputError(f"unknown task {config.task!r}; choose one of {', '.join(TASKS)}")
-        self.peft_config = build_peft_config(
-            config.method, config.rank, config.alpha, config.targets, config.dropout, config.task
-        )
+        options = MethodOptions.from_namespace(config)
+        options.check()  # before a default model is located (the first time, converted)
         if config.samples < 0:
             raise InputError(f"--samples must be >= 0, got {config.samples}")
+        check_quantize(config.quantize)
         if config.model.model_path is None:
             config.model.model_path = config.data.tokenizer_path = default_model_path(config.task)
         check_model_dir(config.model.model_path)
-        check_targets(config.model.model_path, config.task, self.peft_config)
+        self.peft_config = options.build(config.task, config.model.model_path)
+        if config.model.lr is None:  # the method's own default, else the task's (FineTuneTask)
+            config.model.lr = METHOD_LR.get(options.method)
+        check_targets(
+            config.model.model_path,
+            config.task,
+            self.peft_config,
+            quantize=config.quantize,
+            feedforward_given=options.feedforward is not None,
+        )
         self.output_dir = check_output_dir(config.output_dir, config.overwrite)
         logger = config.trainer.logger
         if isinstance(logger, Namespace) and logger.get("init_args", {}).get("save_dir") == (
@@ -405,7 +437,8 @@ class PEFTCLI(LightningCLI):
             _say(
                 f"trainable: {report.trainable_params:,} of {report.total_params:,} parameters "
                 f"({100 * report.trainable_fraction:.3f}%) in {len(report.modules)} adapted "
-                f"modules ({self.output_dir / 'adapted_modules.txt'})"
+                f"module{'s' * (len(report.modules) != 1)} "
+                f"({self.output_dir / 'adapted_modules.txt'})"
             )
             _write_text(self.output_dir / "adapted_modules.txt", str(report) + "\n")
         which = f" (restored from {ckpt_path})" if ckpt_path else ""
@@ -434,14 +467,11 @@ class PEFTCLI(LightningCLI):
     def _run_line(self) -> str:
         config, data = self._config(), self.datamodule
         source = Path(data.path).name if data.path else "BBC News"
-        method = self.peft_config.method
-        if method == "lora":
-            method = f"{'DoRA' if self.peft_config.use_dora else 'LoRA'} r={self.peft_config.r}"
-        targets = self.peft_config.target_modules
-        targets = ",".join(targets) if isinstance(targets, list) else targets
+        base = f" (base quantized: {config.quantize})" if config.quantize else ""
         return (
-            f"{Path(config.model.model_path).name}, task {config.task}: {data.train_size} "
-            f"training / {data.val_size} held-out rows of {source}; {method} on {targets}"
+            f"{Path(config.model.model_path).name}{base}, task {config.task}: {data.train_size} "
+            f"training / {data.val_size} held-out rows of {source}; "
+            f"{describe(config.method, self.peft_config)}"
         )
 
     @rank_zero_only
@@ -460,6 +490,9 @@ class PEFTCLI(LightningCLI):
         summary = {
             "task": self._config().task,
             "model": str(self._config().model.model_path),
+            "method": self._config().method,
+            "quantize": self._config().quantize,
+            "lr": self.model.lr,
             "before": self.before,
             "after": after,
             "samples": [

@@ -69,7 +69,8 @@ class InjectionReport:
         lines += [
             "-" * len(lines[0]),
             f"{self.trainable_params:,} trainable params of {self.total_params:,} "
-            f"({100 * self.trainable_fraction:.3f}%) in {len(self.modules)} adapted modules",
+            f"({100 * self.trainable_fraction:.3f}%) in {len(self.modules)} adapted "
+            f"module{'s' * (len(self.modules) != 1)}",
         ]
         lines += [f"skipped {name}: {reason}" for name, reason in self.skipped]
         return "\n".join(lines)

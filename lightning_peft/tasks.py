@@ -7,6 +7,8 @@ Nothing here knows about adapters: ``PEFTCallback`` adds them, as for any user's
   first answer token the model ranks highest.
 - ``classification``: an encoder (all-MiniLM-L6-v2 by default), mean pooling, a linear head.
 - ``causal-lm``: next-token loss on every token of the text.
+
+``quantize`` loads the transformers model quantized by bitsandbytes (``load_quantized``).
 """
 
 from __future__ import annotations
@@ -75,6 +77,9 @@ class FineTuneTask(pl.LightningModule):
             (linked from the data by the CLI); without them no accuracy is measured.
         lr: AdamW's learning rate over the parameters that require grad (None: 1e-3, or 2e-3
             for classification); weight_decay: AdamW's.
+        quantize: None (float32), or ``"nf4"`` / ``"fp4"`` / ``"int8"``: the transformers model
+            is loaded quantized by bitsandbytes (``lightning_peft.quantization.load_quantized``;
+            compute dtype float32), its output layer and the head kept float.
         gradient_checkpointing: recompute each block in backward instead of keeping its
             activations (transformers' ``gradient_checkpointing_enable``, non-reentrant).
     """
@@ -88,6 +93,7 @@ class FineTuneTask(pl.LightningModule):
         lr: float | None = None,
         weight_decay: float = 0.0,
         gradient_checkpointing: bool = False,
+        quantize: str | None = None,
     ) -> None:
         super().__init__()
         from transformers import AutoModel, AutoModelForCausalLM
@@ -98,11 +104,17 @@ class FineTuneTask(pl.LightningModule):
         self.lr = lr if lr is not None else DEFAULT_LR[task]
         self.weight_decay = weight_decay
         self.choice_token_ids = list(choice_token_ids) if choice_token_ids else None
-        if task == "classification":
-            self.model = AutoModel.from_pretrained(self.model_path, dtype=torch.float32)
-            self.head = nn.Linear(self.model.config.hidden_size, num_labels)
+        auto = AutoModel if task == "classification" else AutoModelForCausalLM
+        if quantize is not None:
+            from lightning_peft.quantization import load_quantized
+
+            self.model = load_quantized(
+                self.model_path, quantize, model_class=auto, dtype=torch.float32
+            )
         else:
-            self.model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
+            self.model = auto.from_pretrained(self.model_path, dtype=torch.float32)
+        if task == "classification":
+            self.head = nn.Linear(self.model.config.hidden_size, num_labels)
         if gradient_checkpointing:
             # Non-reentrant: gradients reach the adapters inside a block although the block's
             # input (the frozen embeddings' output) does not require grad (tested).
@@ -119,6 +131,9 @@ class FineTuneTask(pl.LightningModule):
         hidden = self.model(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
         ).last_hidden_state
+        # A model that prepends positions of its own (prompt tuning's virtual tokens) returns
+        # them first: the mean is over the text's positions.
+        hidden = hidden[:, hidden.shape[1] - batch["input_ids"].shape[1] :]
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
         logits = self.head(pooled.to(self.head.weight.dtype))
