@@ -92,8 +92,21 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
 
 @contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
-    """Run ``model`` as the base model inside the block (adapters skipped), then restore."""
-    layers: list[AdapterLayer] = [layer for _, layer in adapter_layers(model)]
+    """Run ``model`` as the base model inside the block (adapters skipped), then restore.
+
+    Raises:
+        ValueError: adapters merged into the weights (skipping them would still apply their
+            update), before any layer changes: ``unmerge_adapters(model)`` first.
+    """
+    named: list[tuple[str, AdapterLayer]] = list(adapter_layers(model))
+    merged = [name for name, layer in named if getattr(layer, "merged", False)]
+    if merged:
+        raise ValueError(
+            f"cannot disable adapters that are merged into the weights ({len(merged)} layers, "
+            f"e.g. {merged[0]!r}): their update is in the base weights; call "
+            "unmerge_adapters(model) first"
+        )
+    layers = [layer for _, layer in named]
     before = [layer.disabled for layer in layers]
     try:
         for layer in layers:

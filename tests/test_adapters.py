@@ -19,7 +19,9 @@ from lightning_peft import (
     save_adapter,
     trainable_parameters,
     unload,
+    unmerge_adapters,
 )
+from lightning_peft.methods import adapter_layers
 from tiny_models import MODELS, TARGETS, assert_unchanged, logits, snapshot, tokens
 
 CONFIGS = {
@@ -95,6 +97,26 @@ def test_disable_adapters_gives_the_base_model():
     inject_adapters(model, LoRAConfig(r=2, target_modules=["c_attn"], init_lora_weights=False))
     ids = tokens()
     adapted = logits(model, ids)
+    with disable_adapters(model):
+        torch.testing.assert_close(logits(model, ids), logits(base, ids))
+    torch.testing.assert_close(logits(model, ids), adapted)
+
+
+def test_disable_adapters_refuses_merged_adapters():
+    """Skipping a merged adapter would still run its update (it is in W): refused, unchanged."""
+    base = MODELS["gpt2"]()
+    model = copy.deepcopy(base)
+    inject_adapters(model, LoRAConfig(r=2, target_modules=["c_attn"], init_lora_weights=False))
+    ids = tokens()
+    adapted = logits(model, ids)
+    merge_adapters(model)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"merged into the weights .* unmerge_adapters\(model\)"):
+        with disable_adapters(model):
+            pass
+    assert_unchanged(model, before)
+    assert all(not layer.disabled for _, layer in adapter_layers(model))
+    unmerge_adapters(model)
     with disable_adapters(model):
         torch.testing.assert_close(logits(model, ids), logits(base, ids))
     torch.testing.assert_close(logits(model, ids), adapted)
