@@ -159,6 +159,13 @@ def _name_the_problem(x, weight, bias, lora_A, lora_B, scaling, dropout_p, magni
         raise ValueError(
             f"magnitude must be (out_features,) = ({out_features},), got {tuple(magnitude.shape)}"
         )
+    check_frozen_and_scalars(weight, scaling, dropout_p)
+
+
+def check_frozen_and_scalars(weight: Tensor, scaling: float, dropout_p: float) -> None:
+    """A frozen ``weight``, ``dropout_p`` in [0, 1) and a finite ``scaling``, else ``ValueError``
+    (the last checks of ``check_adapter_inputs``, shared with the convolution ops).
+    """
     if weight.requires_grad:
         raise ValueError(
             "weight requires grad, but the base weight is frozen in these ops: call "

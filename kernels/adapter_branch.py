@@ -31,7 +31,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kernels.backends import resolve_backend
-from kernels.torch_linear import keep_mask
+from kernels.contract import empty, present
+from kernels.functional import _draw_seed
+from kernels.torch_linear import _dropped, keep_mask
 
 _NAMESPACE = "lightning_peft"
 
@@ -144,20 +146,13 @@ def lora_delta(
     dropout_p = float(dropout_p) if training else 0.0
     if backend == "naive":
         return F.linear(F.linear(F.dropout(x, dropout_p, training), lora_A), lora_B) * scaling
-    seed = None
-    if dropout_p > 0:
-        seed = torch.randint(0, 2**31 - 1, (1,), device=x.device, dtype=torch.int64)
+    seed = _draw_seed(x.device) if dropout_p > 0 else None
     rows, scaling = _rows(x), float(scaling)
     if torch.compiler.is_compiling():  # the custom op: traced without a graph break
         delta, _, _ = lora_delta_forward(rows, lora_A, lora_B, scaling, dropout_p, seed)
     else:  # eager: the same functions without the custom-op dispatch (~0.1 ms a call)
         delta = _LoRADelta.apply(rows, lora_A, lora_B, scaling, dropout_p, seed)
     return delta.view(*x.shape[:-1], lora_B.shape[0])
-
-
-def _dropped(x: Tensor, keep: Tensor | None, dropout_p: float) -> Tensor:
-    """``x ⊙ keep / (1 − p)`` (a new tensor), or x itself without a mask."""
-    return x if keep is None else x.mul(keep).mul_(1.0 / (1.0 - dropout_p))
 
 
 def _delta_forward(x, lora_A, lora_B, scaling, dropout_p, seed):
@@ -211,7 +206,7 @@ def lora_delta_forward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(d (M, out), u (M, r), keep)``; keep is the (M, in) bool mask, or empty without dropout."""
     delta, u, keep = _delta_forward(x, lora_A, lora_B, scaling, dropout_p, seed)
-    return delta, u, keep if keep is not None else x.new_empty(0, dtype=torch.bool)
+    return delta, u, empty(x, torch.bool) if keep is None else keep
 
 
 @lora_delta_forward.register_fake
@@ -239,7 +234,7 @@ def lora_delta_backward(
     grad_x, grad_lora_A, grad_lora_B = _delta_backward(
         grad, x, lora_A, lora_B, u, keep, scaling, dropout_p, needs_grad_x
     )
-    return (grad_x if grad_x is not None else x.new_empty(0)), grad_lora_A, grad_lora_B
+    return (empty(x) if grad_x is None else grad_x), grad_lora_A, grad_lora_B
 
 
 @lora_delta_backward.register_fake
@@ -254,7 +249,7 @@ def _(grad, x, lora_A, lora_B, u, keep, scaling, dropout_p, needs_grad_x):
 def _lora_delta_setup_context(ctx, inputs, output) -> None:
     x, lora_A, lora_B, scaling, dropout_p, _seed = inputs
     _, u, keep = output
-    ctx.save_for_backward(x, lora_A, lora_B, u, keep if keep.numel() else None)
+    ctx.save_for_backward(x, lora_A, lora_B, u, present(keep))
     ctx.scaling, ctx.dropout_p = scaling, dropout_p
 
 
@@ -418,7 +413,7 @@ def dora_combine_backward(
     grad_scaled, grad_magnitude, grad_bias = _combine_backward(
         grad, z, magnitude, weight_norm, needs_grad_bias
     )
-    return grad_scaled, grad_magnitude, grad_bias if grad_bias is not None else grad.new_empty(0)
+    return grad_scaled, grad_magnitude, empty(grad) if grad_bias is None else grad_bias
 
 
 @dora_combine_backward.register_fake

@@ -24,12 +24,11 @@ https://arxiv.org/abs/2402.09353 (norm detached, §4.3).
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kernels._validation import check_frozen_and_scalars
 from kernels.norm import dora_weight_norm, norm_dtype, weight_row_sq_norm
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -111,15 +110,7 @@ def _check_inputs(
         raise ValueError(
             f"magnitude must be (out,) = ({out_channels},), got {tuple(magnitude.shape)}"
         )
-    if weight.requires_grad:
-        raise ValueError(
-            "weight requires grad, but the base weight is frozen in these ops: call "
-            "weight.requires_grad_(False) (train lora_A, lora_B, magnitude and bias instead)"
-        )
-    if not 0.0 <= float(dropout_p) < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    if not math.isfinite(float(scaling)):
-        raise ValueError(f"scaling must be a finite number, got {scaling}")
+    check_frozen_and_scalars(weight, scaling, dropout_p)
 
 
 def _lora_path(x: Tensor, lora_A: Tensor, lora_B: Tensor, stride, padding, dilation, groups):

@@ -176,13 +176,13 @@ def adapter_linear_op(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(y, u, dropout_state, base)`` as ``kernels.contract.Forward`` (base empty if unneeded)."""
-    out = backend_module(backend).forward(
+    impl = backend_module(backend)
+    out = impl.forward(
         x, weight, bias, lora_A, lora_B, magnitude, weight_norm,
         scaling=scaling, dropout_p=dropout_p, seed=seed,
     )  # fmt: skip
     # custom ops return no None (empty tensors stand for it) and none of their inputs (the
     # dropout state may be the seed itself)
-    impl = backend_module(backend)
     state = out.dropout_state
     if state is None:
         state = empty(x, impl.dropout_state_spec(tuple(x.shape), dropout_p)[1])
