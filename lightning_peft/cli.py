@@ -154,8 +154,7 @@ def check_targets(
     try:
         config = AutoConfig.from_pretrained(model_path)
     except (OSError, ValueError, KeyError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise InputError(f"{model_path}/config.json cannot be read: {first}") from None
+        raise InputError(f"{model_path}/config.json cannot be read: {_first_line(error)}") from None
     auto = AutoModel if task == "classification" else AutoModelForCausalLM
     option = "--method prompt-tuning" if peft_config.method == "prompt-tuning" else "--targets"
     try:
@@ -181,6 +180,11 @@ def check_targets(
 
 def _one_line(error: Exception) -> str:
     return " ".join(str(error).split())
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else ""
 
 
 def check_quantize(mode: str | None) -> None:
@@ -225,10 +229,9 @@ def check_ckpt_path(ckpt_path: str | None) -> None:
     except Exception as error:  # any failure to read is the file's
         if "Weights only load failed" in str(error):
             return  # intact, but holds objects: Lightning loads it with --weights_only false
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise InputError(
             f"--ckpt_path {ckpt_path} is not a readable checkpoint: {type(error).__name__}: "
-            f"{reason}"
+            f"{_first_line(error)}"
         ) from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise InputError(f"--ckpt_path {ckpt_path} is not a Lightning checkpoint (no state_dict)")
@@ -486,12 +489,12 @@ class PEFTCLI(LightningCLI):
             }
             save_file(head, adapter / "task_head.safetensors")
         plot = self.curves.plot(self.output_dir / "curves.png")
-        report = self.peft_callback.report
+        report, config = self.peft_callback.report, self._config()
         summary = {
-            "task": self._config().task,
-            "model": str(self._config().model.model_path),
-            "method": self._config().method,
-            "quantize": self._config().quantize,
+            "task": config.task,
+            "model": str(config.model.model_path),
+            "method": config.method,
+            "quantize": config.quantize,
             "lr": self.model.lr,
             "before": self.before,
             "after": after,

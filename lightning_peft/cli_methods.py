@@ -29,7 +29,7 @@ import re
 from dataclasses import dataclass, fields
 from typing import Any
 
-from lightning_peft.config import ALL_LINEAR, AdapterConfig, LoRAConfig
+from lightning_peft.config import ALL_LINEAR, AdapterConfig, LoRAConfig, is_positive_int
 from lightning_peft.errors import InputError
 from lightning_peft.methods import METHODS as REGISTERED_METHODS
 from lightning_peft.methods.ia3 import IA3Config
@@ -204,16 +204,14 @@ class MethodOptions:
                     f"{', '.join(_option(o) for o in takes)})"
                 )
         rank, dropout, alpha = self.value("rank"), self.value("dropout"), self.value("alpha")
-        if "rank" in takes and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        if "rank" in takes and not is_positive_int(rank):
             raise InputError(f"--rank must be an integer >= 1, got {rank!r}")
         if "dropout" in takes and not 0.0 <= dropout < 1.0:
             raise InputError(f"--dropout must be in [0, 1), got {dropout!r}")
         if "alpha" in takes and (not math.isfinite(alpha) or alpha <= 0):
             raise InputError(f"--alpha must be a positive number, got {alpha!r}")
         tokens = self.value("virtual_tokens")
-        if "virtual_tokens" in takes and (
-            isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1
-        ):
+        if "virtual_tokens" in takes and not is_positive_int(tokens):
             raise InputError(f"--virtual_tokens must be an integer >= 1, got {tokens!r}")
         if self.prompt_init is not None and not self.prompt_init.strip():
             raise InputError("--prompt_init needs a text (its tokens start the virtual tokens)")

@@ -97,20 +97,44 @@ def _check_targets(name: str, value: Any, allow_none: bool) -> list[str] | str |
 DTYPE_CHOICES = ("float32", "float64", "bfloat16", "float16")
 
 
+def is_positive_int(value: Any) -> bool:
+    """Whether ``value`` is an ``int`` >= 1 (``True`` is not)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def check_peft_type(peft_type: Any, expected: str, config_name: str) -> None:
+    """A peft ``peft_type`` field (a string or peft's enum) must be ``expected``."""
+    if str(getattr(peft_type, "value", peft_type)) != expected:
+        raise ValueError(f"peft_type={peft_type!r}: {config_name} describes {expected} adapters")
+
+
+def with_task_heads(modules_to_save: list[str] | None, task_type: str | None) -> list[str] | None:
+    """``modules_to_save`` plus ``task_type``'s heads (``TASK_HEADS``), as peft's task models add
+    them, before any module is matched."""
+    heads = TASK_HEADS[task_type] if task_type else []
+    return [*(modules_to_save or []), *heads] if heads else modules_to_save
+
+
+def check_modules_to_save(modules_to_save: Any) -> list[str] | None:
+    """``modules_to_save`` as a sorted list of names (None stays None)."""
+    if modules_to_save is None:
+        return None
+    return _check_targets("modules_to_save", list(modules_to_save), False)
+
+
+def check_adapter_dtype(adapter_dtype: Any) -> None:
+    if adapter_dtype not in DTYPE_CHOICES:
+        raise ValueError(f"adapter_dtype must be one of {DTYPE_CHOICES}, got {adapter_dtype!r}")
+
+
 def _check_shared(config: LoRAConfig | AdapterConfig) -> None:
     """Checks of the fields both configs have; normalises the target lists."""
     config.target_modules = _check_targets("target_modules", config.target_modules, False)
     config.exclude_modules = _check_targets("exclude_modules", config.exclude_modules, True)
-    if config.modules_to_save is not None:
-        config.modules_to_save = _check_targets(
-            "modules_to_save", list(config.modules_to_save), False
-        )
+    config.modules_to_save = check_modules_to_save(config.modules_to_save)
     if config.bias not in BIAS_CHOICES:
         raise ValueError(f"bias must be one of {BIAS_CHOICES}, got {config.bias!r}")
-    if config.adapter_dtype not in DTYPE_CHOICES:
-        raise ValueError(
-            f"adapter_dtype must be one of {DTYPE_CHOICES}, got {config.adapter_dtype!r}"
-        )
+    check_adapter_dtype(config.adapter_dtype)
 
 
 def _check_patterns(name: str, patterns: dict, kind: type) -> dict:
@@ -219,16 +243,14 @@ class LoRAConfig:
 
     def __post_init__(self) -> None:
         _check_peft_fields({name: getattr(self, name) for name in PEFT_ONLY_FIELDS})
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+        if not is_positive_int(self.r):
             raise ValueError(f"r must be an integer >= 1, got {self.r!r}")
         if not isinstance(self.lora_alpha, (int, float)) or not math.isfinite(self.lora_alpha):
             raise ValueError(f"lora_alpha must be a finite number, got {self.lora_alpha!r}")
         if not 0.0 <= float(self.lora_dropout) < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         self.task_type = _check_task_type(self.task_type)
-        heads = TASK_HEADS[self.task_type] if self.task_type else []
-        if heads:  # as peft's task models do, before any module is matched
-            self.modules_to_save = [*(self.modules_to_save or []), *heads]
+        self.modules_to_save = with_task_heads(self.modules_to_save, self.task_type)
         _check_shared(self)
         self.init_lora_weights = _check_init(self.init_lora_weights)
         _check_lora_bias(self)
@@ -277,9 +299,7 @@ PEFT_ONLY_FIELDS = (*PEFT_IGNORED_FIELDS, *PEFT_UNSUPPORTED_FIELDS)
 
 
 def _check_peft_fields(values: dict[str, Any]) -> None:
-    peft_type = values["peft_type"]
-    if str(getattr(peft_type, "value", peft_type)) != "LORA":
-        raise ValueError(f"peft_type={peft_type!r}: a LoRAConfig describes LORA adapters")
+    check_peft_type(values["peft_type"], "LORA", "a LoRAConfig")
     for name, default in PEFT_UNSUPPORTED_FIELDS.items():
         value = values[name]
         if value != default and value not in ([], {}, ()):
@@ -363,11 +383,7 @@ class AdapterConfig:
     method: ClassVar[str] = "adapter"
 
     def __post_init__(self) -> None:
-        if (
-            isinstance(self.bottleneck_dim, bool)
-            or not isinstance(self.bottleneck_dim, int)
-            or self.bottleneck_dim < 1
-        ):
+        if not is_positive_int(self.bottleneck_dim):
             raise ValueError(f"bottleneck_dim must be an integer >= 1, got {self.bottleneck_dim!r}")
         _check_shared(self)
         if self.target_modules == ALL_LINEAR:

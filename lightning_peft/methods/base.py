@@ -263,6 +263,12 @@ def keep_adapter_dtype(module: nn.Module, names: list[str], fn, recurse: bool) -
 # -- methods ------------------------------------------------------------------------------------
 
 
+def base_model_name(model: nn.Module) -> str | None:
+    """``model.config.name_or_path`` (a transformers model's), for a PEFT file's
+    ``base_model_name_or_path``; None when there is none or it is empty."""
+    return getattr(getattr(model, "config", None), "name_or_path", None) or None
+
+
 def config_from_file(config_cls: type, data: dict, path: Path) -> Any:
     """``config_cls(**data)`` from peft's ``adapter_config.json`` content, or a ``ValueError``
     naming ``path``: a field ``config_cls`` does not know is dropped at an inert value (a newer

@@ -22,14 +22,17 @@ from torch import Tensor, nn
 
 from kernels import ia3_linear, ia3_merge, ia3_scale
 from lightning_peft.config import (
-    DTYPE_CHOICES,
-    TASK_HEADS,
     _check_targets,
     _check_task_type,
+    check_adapter_dtype,
+    check_modules_to_save,
+    check_peft_type,
+    with_task_heads,
 )
 from lightning_peft.methods.base import (
     AdapterLayer,
     Method,
+    base_model_name,
     config_from_file,
     is_conv1d,
     is_linear_like,
@@ -92,13 +95,9 @@ class IA3Config:
     method: ClassVar[str] = "ia3"
 
     def __post_init__(self) -> None:
-        peft_type = str(getattr(self.peft_type, "value", self.peft_type))
-        if peft_type != "IA3":
-            raise ValueError(f"peft_type={self.peft_type!r}: an IA3Config describes IA3 adapters")
+        check_peft_type(self.peft_type, "IA3", "an IA3Config")
         self.task_type = _check_task_type(self.task_type)
-        heads = TASK_HEADS[self.task_type] if self.task_type else []
-        if heads:  # as peft's task models do, before any module is matched
-            self.modules_to_save = [*(self.modules_to_save or []), *heads]
+        self.modules_to_save = with_task_heads(self.modules_to_save, self.task_type)
         self.target_modules = _check_targets("target_modules", self.target_modules, False)
         self.exclude_modules = _check_targets("exclude_modules", self.exclude_modules, True)
         if (
@@ -110,10 +109,7 @@ class IA3Config:
             self.feedforward_modules = _check_targets(
                 "feedforward_modules", self.feedforward_modules, True
             )
-        if self.modules_to_save is not None:
-            self.modules_to_save = _check_targets(
-                "modules_to_save", list(self.modules_to_save), False
-            )
+        self.modules_to_save = check_modules_to_save(self.modules_to_save)
         if isinstance(self.feedforward_modules, list) and isinstance(self.target_modules, list):
             outside = sorted(set(self.feedforward_modules) - set(self.target_modules))
             if outside:
@@ -125,10 +121,7 @@ class IA3Config:
             raise ValueError(
                 f"init_ia3_weights must be True or False, got {self.init_ia3_weights!r}"
             )
-        if self.adapter_dtype not in DTYPE_CHOICES:
-            raise ValueError(
-                f"adapter_dtype must be one of {DTYPE_CHOICES}, got {self.adapter_dtype!r}"
-            )
+        check_adapter_dtype(self.adapter_dtype)
 
     def is_feedforward(self, name: str) -> bool:
         """Whether the target ``name`` has its input scaled (peft's rule, see the class doc)."""
@@ -155,7 +148,7 @@ def feedforward_match(feedforward: list[str] | str | None, name: str) -> bool:
 class _IA3Layer(AdapterLayer):
     """What the (IA)³ layers share: the vector, its init, the flags, merge and unmerge.
 
-    Subclasses say how many features are scaled (``_features``), how the weight is viewed
+    Subclasses say how many features are scaled (``vector_shape``), how the weight is viewed
     (``weight_view``: (out, in) for linear layers, (out, in / groups, *kernel) for convs), the
     weight's groups, and the forward.
     """
@@ -188,6 +181,7 @@ class _IA3Layer(AdapterLayer):
         self.weight.requires_grad_(False)
         object.__setattr__(self, "base_module", base)  # what unwrap() puts back; not a child
         self.feedforward = feedforward
+        self.fan_in_fan_out = is_conv1d(base)  # W stored as (in, out): GPT-2's Conv1D
         self.ia3_l = nn.Parameter(
             torch.empty(
                 self.vector_shape(base, feedforward), device=self.weight.device, dtype=adapter_dtype
@@ -286,17 +280,15 @@ class IA3Linear(_IA3Layer):
             out_features, in_features = in_features, out_features
         return (1, in_features) if feedforward else (out_features, 1)
 
-    @property
-    def fan_in_fan_out(self) -> bool:
-        return is_conv1d(self.base_module)
-
     def weight_view(self) -> Tensor:
         """W as (out, in): the weight itself, or a transposed view for ``Conv1D``."""
         return self.weight.T if self.fan_in_fan_out else self.weight
 
     def forward(self, x: Tensor) -> Tensor:
         """x (..., in) -> (..., out)."""
-        weight = self.weight_view().detach()  # frozen (FSDP1 hands a view that requires grad)
+        # weight_view() written out (one Python call less per forward); detach(): frozen
+        # (FSDP1 hands a view that requires grad)
+        weight = (self.weight.T if self.fan_in_fan_out else self.weight).detach()
         if self.disabled or self.merged:
             return F.linear(x, weight, self.bias)
         return ia3_linear(x, weight, self.bias, self.ia3_l.flatten(), self.feedforward)
@@ -365,7 +357,6 @@ def write_ia3_config(model: nn.Module, config: IA3Config, targets: list[str]) ->
 
     others = [n for n, _ in model.named_modules() if n and n not in targets]
     feedforward = [t for t in targets if config.is_feedforward(t)]
-    name_or_path = getattr(getattr(model, "config", None), "name_or_path", None) or None
     return {
         "peft_type": "IA3",
         "task_type": config.task_type,
@@ -379,7 +370,7 @@ def write_ia3_config(model: nn.Module, config: IA3Config, targets: list[str]) ->
         "init_ia3_weights": config.init_ia3_weights,
         "fan_in_fan_out": any(is_conv1d(model.get_submodule(t)) for t in targets),
         "inference_mode": True,
-        "base_model_name_or_path": name_or_path,
+        "base_model_name_or_path": base_model_name(model),
     }
 
 
@@ -387,8 +378,7 @@ def read_ia3_config(data: dict, path: Path) -> IA3Config:
     """An ``IA3Config`` from peft's ``adapter_config.json`` content, or a ``ValueError`` naming
     ``path`` and the field that cannot be loaded."""
     data = {key: value for key, value in data.items() if value is not None}
-    if isinstance(data.get("modules_to_save"), list):  # peft may write the task heads twice
-        data["modules_to_save"] = list(dict.fromkeys(data["modules_to_save"]))
+    # modules_to_save: the task heads peft may write twice become one set in the config
     return config_from_file(IA3Config, data, path)
 
 

@@ -27,6 +27,7 @@ from kernels import dora_linear, dora_weight_norm, lora_linear, weight_row_sq_no
 from lightning_peft.config import INIT_CHOICES, PEFT_INITS_NOT_HERE, REWRITES_BASE, LoRAConfig
 from lightning_peft.methods.base import (
     Method,
+    base_model_name,
     config_from_file,
     is_conv1d,
     is_linear_like,
@@ -245,12 +246,11 @@ LOADS_AS_DEFAULT = ("eva", "orthogonal")
 
 def write_lora_config(model: nn.Module, config: LoRAConfig, targets: list[str]) -> dict:
     """peft's ``adapter_config.json`` for ``config``, listing the exact modules adapted."""
-    name_or_path = getattr(getattr(model, "config", None), "name_or_path", None) or None
     data: dict[str, Any] = {name: getattr(config, name) for name in _PEFT_LORA_FIELDS}
     data.update(
         peft_type="LORA",
         inference_mode=True,
-        base_model_name_or_path=name_or_path,
+        base_model_name_or_path=base_model_name(model),
         # The exact modules adapted: peft matches a listed full name directly.
         target_modules=targets,
         layers_to_transform=None,

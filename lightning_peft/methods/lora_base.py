@@ -41,7 +41,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from lightning_peft.config import REWRITES_BASE, LoRAConfig
+from lightning_peft.config import REWRITES_BASE, LoRAConfig, is_positive_int
 from lightning_peft.methods.base import AdapterLayer
 
 # peft's keys for a layer whose factors are ``lora_A`` / ``lora_B`` (linear, convolution).
@@ -233,7 +233,7 @@ def _weight_loaded(layer: LoRALayer, incompatible_keys) -> None:
 def checked_rank(config: LoRAConfig, name: str) -> int:
     """The rank ``config`` gives module ``name`` (``rank_pattern`` included), or ``ValueError``."""
     rank, _ = config.rank_and_alpha(name)
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+    if not is_positive_int(rank):
         raise ValueError(f"rank_pattern gives {name!r} rank {rank!r}; ranks must be ints >= 1")
     return rank
 

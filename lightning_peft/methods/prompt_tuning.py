@@ -38,8 +38,15 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from lightning_peft.config import DTYPE_CHOICES, TASK_HEADS, _check_targets
-from lightning_peft.methods.base import AdapterLayer, Method, config_from_file
+from lightning_peft.config import (
+    TASK_HEADS,
+    check_adapter_dtype,
+    check_modules_to_save,
+    check_peft_type,
+    is_positive_int,
+    with_task_heads,
+)
+from lightning_peft.methods.base import AdapterLayer, Method, base_model_name, config_from_file
 
 CHILD_NAME = "prompt_tuning"
 PROMPT_KEY = "prompt_embeddings"
@@ -111,14 +118,11 @@ class PromptTuningConfig:
     method: ClassVar[str] = "prompt-tuning"
 
     def __post_init__(self) -> None:
-        if str(_enum_value(self.peft_type)) != "PROMPT_TUNING":
+        check_peft_type(self.peft_type, "PROMPT_TUNING", "a PromptTuningConfig")
+        if not is_positive_int(self.num_virtual_tokens):
             raise ValueError(
-                f"peft_type={self.peft_type!r}: a PromptTuningConfig describes PROMPT_TUNING "
-                "adapters"
+                f"num_virtual_tokens must be an integer >= 1, got {self.num_virtual_tokens!r}"
             )
-        n = self.num_virtual_tokens
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"num_virtual_tokens must be an integer >= 1, got {n!r}")
         self.task_type = _enum_value(self.task_type)
         if self.task_type not in PROMPT_TASKS:
             raise ValueError(
@@ -131,31 +135,23 @@ class PromptTuningConfig:
                     else ""
                 )
             )
-        heads = TASK_HEADS[self.task_type]
-        if heads:  # as peft's task models do, before any module is matched
-            self.modules_to_save = [*(self.modules_to_save or []), *heads]
-        if self.modules_to_save is not None:
-            self.modules_to_save = _check_targets(
-                "modules_to_save", list(self.modules_to_save), False
-            )
+        self.modules_to_save = check_modules_to_save(
+            with_task_heads(self.modules_to_save, self.task_type)
+        )
         self.prompt_tuning_init = str(_enum_value(self.prompt_tuning_init))
         if self.prompt_tuning_init not in PROMPT_INITS:
             raise ValueError(
                 f"prompt_tuning_init must be one of {PROMPT_INITS}, got {self.prompt_tuning_init!r}"
             )
         self._check_text_init()
-        dim = self.token_dim
-        if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 1):
-            raise ValueError(f"token_dim must be None or an integer >= 1, got {dim!r}")
+        if self.token_dim is not None and not is_positive_int(self.token_dim):
+            raise ValueError(f"token_dim must be None or an integer >= 1, got {self.token_dim!r}")
         if self.num_transformer_submodules not in (None, 1):
             raise ValueError(
                 f"num_transformer_submodules={self.num_transformer_submodules!r}: only 1 is "
                 "supported (2 is peft's encoder-decoder prompt tuning)"
             )
-        if self.adapter_dtype not in DTYPE_CHOICES:
-            raise ValueError(
-                f"adapter_dtype must be one of {DTYPE_CHOICES}, got {self.adapter_dtype!r}"
-            )
+        check_adapter_dtype(self.adapter_dtype)
 
     def _check_text_init(self) -> None:
         text_init = self.prompt_tuning_init == "TEXT"
@@ -581,7 +577,7 @@ def write_prompt_config(model: nn.Module, config: PromptTuningConfig, targets: l
         "tokenizer_kwargs": config.tokenizer_kwargs,
         "modules_to_save": config.modules_to_save,
         "inference_mode": True,
-        "base_model_name_or_path": getattr(model_config, "name_or_path", None) or None,
+        "base_model_name_or_path": base_model_name(model),
     }
 
 
@@ -589,8 +585,7 @@ def read_prompt_config(data: dict, path: Path) -> PromptTuningConfig:
     """A ``PromptTuningConfig`` from peft's ``adapter_config.json`` content, or a
     ``ValueError`` naming ``path`` and the field that cannot be loaded."""
     data = {key: value for key, value in data.items() if value is not None}
-    if isinstance(data.get("modules_to_save"), list):  # peft writes the task heads twice
-        data["modules_to_save"] = list(dict.fromkeys(data["modules_to_save"]))
+    # modules_to_save: the task heads peft writes twice become one set in the config
     return config_from_file(PromptTuningConfig, data, path)
 
 
