@@ -16,9 +16,7 @@ all build their cases here.
 
 from __future__ import annotations
 
-import gc
 import importlib.util
-import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -26,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 import kernels
+from benchmarks.memory import saved_storages, storage_key
 from kernels.naive import dora_weight_norm_direct
 
 METHODS = ("lora", "dora")
@@ -129,10 +128,6 @@ class BenchCase:
         return measure_saved_bytes(self.run, self.x, self.excluded)
 
 
-def _storage_key(tensor: Tensor) -> int:
-    return tensor.untyped_storage().data_ptr()
-
-
 def measure_saved_bytes(
     run: Callable[[], Tensor], x: Tensor, excluded: Iterable[Tensor]
 ) -> SavedBytes:
@@ -144,32 +139,12 @@ def measure_saved_bytes(
     once by ``untyped_storage().data_ptr()``; storages of ``excluded`` tensors (parameters,
     frozen weights, cached norms: matched by identity of their storage) are left out.
     """
-    excluded_keys = {_storage_key(tensor) for tensor in excluded}
-    packed: list[weakref.ref[Tensor]] = []
-
-    def pack(tensor: Tensor) -> Tensor:
-        # A detached alias: returning a node's own output would tie it to the node in a
-        # reference cycle and keep graphs alive that the forward has dropped.
-        alias = tensor.detach()
-        packed.append(weakref.ref(alias))
-        return alias
-
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = run()
-    gc.collect()
-    storages: dict[int, int] = {}
-    for ref in packed:
-        tensor = ref()
-        if tensor is None:
-            continue
-        storage = tensor.untyped_storage()
-        key = storage.data_ptr()
-        if key == 0 or key in excluded_keys:
-            continue
-        storages[key] = storage.nbytes()
+    excluded_keys = {storage_key(tensor) for tensor in excluded}
+    with torch.enable_grad():
+        y, storages = saved_storages(run, excluded_keys)
     del y
     total = sum(storages.values())
-    return SavedBytes(total=total, beyond_x=total - storages.get(_storage_key(x), 0))
+    return SavedBytes(total=total, beyond_x=total - storages.get(storage_key(x), 0))
 
 
 def triton_runnable(device: str | torch.device) -> bool:

@@ -1,14 +1,18 @@
-"""Where a run happens: thread count, device name, library versions, date."""
+"""Where a run happens: thread count, device name, library versions, date; and the CSV + JSON
+files a run writes."""
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
 import importlib.metadata
+import json
 import os
 import platform
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
@@ -83,3 +87,30 @@ def file_stem(metadata: dict[str, object]) -> str:
     if device == "cuda":
         device = f"{device}-{metadata['device_name']}"
     return f"{date}_{re.sub(r'[^A-Za-z0-9.-]+', '-', device).strip('-')}"
+
+
+def write_csv_json(
+    rows: Sequence[Mapping[str, object]],
+    metadata: Mapping[str, object],
+    out_dir: Path,
+    stem: str,
+    fields: Sequence[str],
+    metadata_fields: Sequence[str],
+) -> tuple[Path, Path]:
+    """``<stem>.csv`` and ``<stem>.json`` in ``out_dir``.
+
+    The CSV has one line per row (``fields``), with ``metadata_fields`` repeated on each; the
+    JSON holds ``{"metadata": ..., "rows": [...]}``.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path, json_path = out_dir / f"{stem}.csv", out_dir / f"{stem}.json"
+    run_fields = {key: metadata.get(key) for key in metadata_fields}
+    with csv_path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=(*fields, *metadata_fields))
+        writer.writeheader()
+        writer.writerows({**row, **run_fields} for row in rows)
+    json_path.write_text(
+        json.dumps({"metadata": dict(metadata), "rows": list(rows)}, indent=1) + "\n",
+        encoding="utf-8",
+    )
+    return csv_path, json_path

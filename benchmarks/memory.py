@@ -26,12 +26,20 @@ class StepMemory:
     peak_bytes: int  # peak allocation during forward + backward, above the level at the start
 
 
-def _storage_key(tensor: Tensor) -> int:
+def storage_key(tensor: Tensor) -> int:
     return tensor.untyped_storage().data_ptr()
 
 
-def _saved_bytes(forward: Callable[[], Tensor], excluded_keys: set[int]) -> tuple[Tensor, int]:
-    """Run ``forward`` (returns a scalar loss) and count what its graph saved; returns both."""
+def saved_storages(
+    run: Callable[[], Tensor], excluded_keys: set[int]
+) -> tuple[Tensor, dict[int, int]]:
+    """Run ``run()`` and return its result and the storages its live graph still holds for
+    backward (``storage_key`` -> bytes), those in ``excluded_keys`` left out.
+
+    Every tensor autograd saves passes through a ``saved_tensors_hooks`` pack hook; a weak
+    reference tells which ones the graph still holds after ``run`` returned (temporaries of a
+    graph that was dropped inside it do not count).
+    """
     packed: list[weakref.ref[Tensor]] = []
 
     def pack(tensor: Tensor) -> Tensor:
@@ -42,16 +50,22 @@ def _saved_bytes(forward: Callable[[], Tensor], excluded_keys: set[int]) -> tupl
         return alias
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        loss = forward()
+        out = run()
     gc.collect()
     storages: dict[int, int] = {}
     for ref in packed:
         tensor = ref()
         if tensor is None:
             continue
-        key = _storage_key(tensor)
+        key = storage_key(tensor)
         if key != 0 and key not in excluded_keys:
             storages[key] = tensor.untyped_storage().nbytes()
+    return out, storages
+
+
+def _saved_bytes(forward: Callable[[], Tensor], excluded_keys: set[int]) -> tuple[Tensor, int]:
+    """Run ``forward`` (returns a scalar loss) and count what its graph saved; returns both."""
+    loss, storages = saved_storages(forward, excluded_keys)
     return loss, sum(storages.values())
 
 
@@ -76,7 +90,7 @@ def measure_step_memory(
     ``clear`` drops what a previous step left (gradients) before the measurement starts, so
     that freeing it does not count against the peak.
     """
-    excluded_keys = {_storage_key(tensor) for tensor in excluded}
+    excluded_keys = {storage_key(tensor) for tensor in excluded}
     clear()
     gc.collect()
     if device.type == "cuda":

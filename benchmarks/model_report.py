@@ -7,11 +7,11 @@ same process; the table gives the median of those per-round ratios and their min
 
 from __future__ import annotations
 
-import csv
-import json
 import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+from benchmarks.environment import write_csv_json
 
 MIB = 2**20
 METHOD_NAMES = {"lora": "LoRA", "dora": "DoRA", "-": "-"}
@@ -291,18 +291,7 @@ def write_files(
     rows: Sequence[Mapping[str, object]], metadata: Mapping[str, object], out: Path, stem: str
 ) -> list[Path]:
     """``<stem>.csv`` (one line per row, run metadata repeated) and ``<stem>.json``."""
-    out.mkdir(parents=True, exist_ok=True)
-    csv_path, json_path = out / f"{stem}.csv", out / f"{stem}.json"
-    run_fields = {key: metadata.get(key) for key in METADATA_FIELDS}
-    with csv_path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=(*TRAIN_FIELDS, *METADATA_FIELDS))
-        writer.writeheader()
-        writer.writerows({**row, **run_fields} for row in rows)
-    json_path.write_text(
-        json.dumps({"metadata": dict(metadata), "rows": list(rows)}, indent=1) + "\n",
-        encoding="utf-8",
-    )
-    return [csv_path, json_path]
+    return list(write_csv_json(rows, metadata, out, stem, TRAIN_FIELDS, METADATA_FIELDS))
 
 
 def plot(

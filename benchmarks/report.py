@@ -9,12 +9,11 @@ above the floor that the implementation still pays).
 
 from __future__ import annotations
 
-import csv
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from benchmarks.common import CaseSpec, SavedBytes
+from benchmarks.environment import write_csv_json
 from benchmarks.timing import TimingStats
 
 MIB = 2**20
@@ -157,15 +156,4 @@ def write_results(
     The CSV has one line per row, with ``METADATA_FIELDS`` repeated on each; the JSON holds
     ``{"metadata": ..., "rows": [...]}``.
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
-    csv_path, json_path = out_dir / f"{stem}.csv", out_dir / f"{stem}.json"
-    run_fields = {key: metadata.get(key) for key in METADATA_FIELDS}
-    with csv_path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=(*FIELDS, *METADATA_FIELDS))
-        writer.writeheader()
-        writer.writerows({**row, **run_fields} for row in rows)
-    json_path.write_text(
-        json.dumps({"metadata": dict(metadata), "rows": list(rows)}, indent=1) + "\n",
-        encoding="utf-8",
-    )
-    return csv_path, json_path
+    return write_csv_json(rows, metadata, out_dir, stem, FIELDS, METADATA_FIELDS)

@@ -2,30 +2,29 @@
 
 They differ only in where the model is built: ``PlainCausalLM`` in ``__init__`` with no
 ``configure_model`` (the most common module), ``SetupCausalLM`` in ``setup``, and ``CausalLM`` in
-``__init__`` or (``build_in_configure_model=True``) in ``configure_model``.
+``__init__`` or (``build_in_configure_model=True``) in ``configure_model``. Also the quiet
+one-CPU ``Trainer``s the Lightning tests run them in, and callbacks that capture the adapters and
+the optimizer state at the start and the end of training.
 """
 
 from __future__ import annotations
+
+import copy
 
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
+from lightning_peft import adapter_state_dict
+from tiny_models import tiny_llama
+
 
 def tiny_llama64(seed: int = 0, num_layers: int = 2):
-    """A LlamaForCausalLM with hidden size 64 and ``num_layers`` layers, built from a config."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-    )
-    return LlamaForCausalLM(config)
+    """A LlamaForCausalLM with hidden size 64 and ``num_layers`` layers, built from a config, in
+    train mode."""
+    return tiny_llama(
+        seed, hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers, vocab_size=128
+    ).train()
 
 
 def random_tokens(n: int = 64, length: int = 16, seed: int = 0) -> torch.Tensor:
@@ -107,19 +106,41 @@ class CausalLM(PlainCausalLM):
 
 def quiet_trainer(root, callbacks, max_steps: int = -1, **kwargs) -> pl.Trainer:
     """A one-CPU ``Trainer`` writing under ``root``, without progress bar, summary or logger;
-    it checkpoints only where a ``ModelCheckpoint`` is given."""
+    it checkpoints only where a ``ModelCheckpoint`` is given. ``kwargs`` may override the
+    accelerator, devices, logger and checkpointing too."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     checkpoints = any(isinstance(c, ModelCheckpoint) for c in callbacks)
-    kwargs = {"enable_checkpointing": checkpoints, **kwargs}
+    defaults = {"accelerator": "cpu", "devices": 1, "logger": False}
+    kwargs = {**defaults, "enable_checkpointing": checkpoints, **kwargs}
     return pl.Trainer(
         max_steps=max_steps,
-        accelerator="cpu",
-        devices=1,
         default_root_dir=root,
         enable_progress_bar=False,
         enable_model_summary=False,
-        logger=False,
         callbacks=callbacks,
         **kwargs,
     )
+
+
+def trainer(root, callbacks, max_steps: int = 6, **kwargs) -> pl.Trainer:
+    """``quiet_trainer`` with Lightning's default checkpointing (its own ``ModelCheckpoint``
+    where none is given)."""
+    return quiet_trainer(root, callbacks, max_steps, **{"enable_checkpointing": True, **kwargs})
+
+
+class CaptureOnTrainStart(pl.Callback):
+    """The adapters, the optimizer state and the step when training starts (after a resume)."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.adapters = {k: v.clone() for k, v in adapter_state_dict(pl_module).items()}
+        self.optimizer = copy.deepcopy(trainer.optimizers[0].state_dict())
+        self.step = trainer.global_step
+
+
+class CaptureOnTrainEnd(pl.Callback):
+    """The adapters and the optimizer state when training ends."""
+
+    def on_train_end(self, trainer, pl_module):
+        self.adapters = {k: v.clone() for k, v in adapter_state_dict(pl_module).items()}
+        self.optimizer = copy.deepcopy(trainer.optimizers[0].state_dict())

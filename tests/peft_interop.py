@@ -1,5 +1,6 @@
 """One model, one LoRA config, both packages: outputs and gradients after a save/load in each
-direction, and merging. Used by the conv, embedding, lora_bias and peft-table tests."""
+direction, and merging. Used by the conv, embedding, lora_bias and peft-table tests; and
+``peft_adapted_names``, the modules a peft model adapted."""
 
 from __future__ import annotations
 
@@ -37,6 +38,16 @@ class Interop:
         if self.merged is not None:
             parts.append(f"merged {self.merged:.1e}")
         return "; ".join(parts)
+
+
+def peft_adapted_names(peft_model) -> list[str]:
+    """The modules peft adapted, named as in the base model."""
+    prefix = "base_model.model."
+    return sorted(
+        name[len(prefix) :]
+        for name, m in peft_model.named_modules()
+        if hasattr(m, "lora_A") and name.startswith(prefix) and len(m.lora_A)
+    )
 
 
 def their_grads(model: nn.Module) -> dict[str, torch.Tensor]:

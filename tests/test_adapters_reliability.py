@@ -21,18 +21,10 @@ from lightning_peft import (
 )
 from lightning_peft.config import PEFT_IGNORED_FIELDS, PEFT_ONLY_FIELDS, PEFT_UNSUPPORTED_FIELDS
 from lightning_peft.targeting import select_targets
+from peft_interop import peft_adapted_names
 from tiny_models import MODELS, assert_unchanged, files, logits, snapshot, tokens
 
 peft = pytest.importorskip("peft")
-
-
-def peft_adapted_names(peft_model) -> list[str]:
-    prefix = "base_model.model."
-    return sorted(
-        name[len(prefix) :]
-        for name, m in peft_model.named_modules()
-        if hasattr(m, "lora_A") and name.startswith(prefix) and len(m.lora_A)
-    )
 
 
 def peft_saved(tmp_path, family="llama", **kwargs):

@@ -16,19 +16,11 @@ from lightning_peft import (
     unmerge_adapters,
 )
 from lightning_peft.targeting import select_targets
+from peft_interop import peft_adapted_names
 from tiny_models import MODELS, TARGETS, logits, tokens
 
 peft = pytest.importorskip("peft")
 VARIANTS = {"lora": {}, "rslora": {"use_rslora": True}, "dora": {"use_dora": True}}
-
-
-def peft_adapted_names(peft_model) -> list[str]:
-    prefix = "base_model.model."
-    return sorted(
-        name[len(prefix) :]
-        for name, m in peft_model.named_modules()
-        if hasattr(m, "lora_A") and name.startswith(prefix) and len(m.lora_A)
-    )
 
 
 def peft_lora_grads(peft_model) -> dict[str, torch.Tensor]:

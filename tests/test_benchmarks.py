@@ -16,14 +16,19 @@ HAS_PEFT = importlib.util.find_spec("peft") is not None
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
 
+def quick_argv(out) -> list[str]:
+    """``--quick`` on one CPU thread into ``out``, plots on when matplotlib imports."""
+    argv = ["--quick", "--device", "cpu", "--threads", "1", "--out", str(out), "--no-progress"]
+    if not HAS_MATPLOTLIB:
+        argv.append("--no-plot")
+    return argv
+
+
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     """One ``python -m benchmarks --quick`` run on the CPU (plots on when matplotlib imports)."""
     out = tmp_path_factory.mktemp("bench")
-    argv = ["--quick", "--device", "cpu", "--threads", "1", "--out", str(out), "--no-progress"]
-    if not HAS_MATPLOTLIB:
-        argv.append("--no-plot")
-    output = runner.run(runner.parse_args(argv))
+    output = runner.run(runner.parse_args(quick_argv(out)))
     return out, output
 
 
@@ -81,10 +86,7 @@ def quick_model_run(tmp_path_factory):
     from benchmarks import model
 
     out = tmp_path_factory.mktemp("model")
-    argv = ["--quick", "--device", "cpu", "--threads", "1", "--out", str(out), "--no-progress"]
-    if not HAS_MATPLOTLIB:
-        argv.append("--no-plot")
-    table, files = model.run(model.parse_args(argv))
+    table, files = model.run(model.parse_args(quick_argv(out)))
     (json_path,) = out.glob("*_model.json")
     return table, files, json.loads(json_path.read_text(encoding="utf-8"))
 

