@@ -3,7 +3,7 @@
 A case is one implementation of one layer shape, ready to run:
 
 - ``floor``: the frozen ``nn.Linear`` alone (``y = x Wᵀ + b``), the cost no adapter can avoid;
-- ``naive``, ``torch``, ``triton``: ``kernels.lora_linear`` / ``kernels.dora_linear`` with that
+- ``naive``, ``torch``, ``triton``: ``peft_kernels.lora_linear`` / ``dora_linear`` with that
   backend (the torch and triton DoRA cases get ``‖W_i‖²`` precomputed, as a real layer caches it:
   W is frozen);
 - ``peft``: a real ``peft`` LoRA / DoRA ``Linear`` injected around an ``nn.Linear``.
@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-import kernels
+import peft_kernels
 from benchmarks.memory import saved_storages, storage_key
-from kernels.naive import dora_weight_norm_direct
+from peft_kernels.naive import dora_weight_norm_direct
 
 METHODS = ("lora", "dora")
 MODES = ("forward", "forward_backward")
@@ -81,7 +81,7 @@ class SavedBytes:
 
 @dataclass
 class LayerTensors:
-    """The shared values of one case; shapes as in ``kernels.lora_linear``/``dora_linear``."""
+    """The shared values of one case; shapes as in ``peft_kernels.lora_linear``/``dora_linear``."""
 
     x: Tensor  # (M, in), requires grad
     weight: Tensor  # (out, in), frozen
@@ -150,7 +150,7 @@ def measure_saved_bytes(
 def triton_runnable(device: str | torch.device) -> bool:
     """Whether triton is benchmarked here: CUDA only (the CPU interpreter is far too slow)."""
     device = torch.device(device)
-    return device.type == "cuda" and "triton" in kernels.available_backends(device)
+    return device.type == "cuda" and "triton" in peft_kernels.available_backends(device)
 
 
 def peft_installed() -> bool:
@@ -196,7 +196,7 @@ def make_tensors(spec: CaseSpec) -> LayerTensors:
         lora_A=place(lora_A, requires_grad=True),
         lora_B=place(lora_B, requires_grad=True),
         magnitude=place(magnitude, requires_grad=True),
-        weight_sq_norm=kernels.weight_row_sq_norm(weight),
+        weight_sq_norm=peft_kernels.weight_row_sq_norm(weight),
         grad_output=place(grad_output),
     )
 
@@ -246,11 +246,11 @@ def _peft_layer(spec: CaseSpec, t: LayerTensors) -> nn.Module:
 def _functional_run(spec: CaseSpec, t: LayerTensors, backend: str) -> Callable[[], Tensor]:
     s, p = spec.scaling, spec.dropout_p
     if spec.method == "lora":
-        return lambda: kernels.lora_linear(
+        return lambda: peft_kernels.lora_linear(
             t.x, t.weight, t.bias, t.lora_A, t.lora_B, s, p, training=True, backend=backend
         )
     sq_norm = None if backend == "naive" else t.weight_sq_norm  # cached, as a real layer does
-    return lambda: kernels.dora_linear(
+    return lambda: peft_kernels.dora_linear(
         t.x,
         t.weight,
         t.bias,

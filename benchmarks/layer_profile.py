@@ -2,7 +2,7 @@
 
 For each of SmolLM2-135M's linear shapes (576->1536, 576->576, 576->192, 1536->576) at the
 training batch (M=512 rows) and at decoding (M=1, no grad), every implementation of one layer
-(the frozen ``nn.Linear``, ``kernels`` on each backend, ``peft``) runs under ``torch.profiler``;
+(the frozen ``nn.Linear``, ``peft_kernels`` on each backend, ``peft``) runs under the profiler;
 the table gives the wall time per call, the ratio to the frozen linear, and the ops that took the
 most self time (GEMMs, elementwise passes, copies, casts, dispatch wrappers).
 """

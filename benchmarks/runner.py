@@ -30,8 +30,8 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 NOTES = (
     "Cases share one set of values per point. The torch and triton DoRA cases get the cached "
-    "||W_i||^2 (kernels.weight_row_sq_norm), as a real layer caches it (W is frozen); naive and "
-    "peft recompute the full norm every forward. Triton is only benchmarked on CUDA."
+    "||W_i||^2 (peft_kernels.weight_row_sq_norm), as a real layer caches it (W is frozen); "
+    "naive and peft recompute the full norm every forward. Triton is only benchmarked on CUDA."
 )
 
 

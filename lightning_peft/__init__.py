@@ -4,7 +4,7 @@ Adapter layers (LoRA, rsLoRA, DoRA, PiSSA and OLoRA inits, ``lora_bias``, on lin
 and embedding layers; bottleneck adapters; IA³; prompt tuning), injection into any ``nn.Module``,
 merge/unmerge, and adapters in the Hugging Face PEFT format. Each method is one module in
 ``lightning_peft.methods``, found through its registry; the layers are thin modules over the
-``kernels`` ops.
+``peft_kernels`` ops.
 """
 
 from lightning_peft.callback import PEFTCallback

@@ -190,7 +190,7 @@ class LoRAConfig:
             leaves the head out of LoRA and trains it in full); the LM and feature-extraction
             types change nothing.
         adapter_dtype: the dtype the adapter weights are kept in (default float32).
-        backend: the ``kernels`` backend ("auto" | "naive" | "torch" | "triton").
+        backend: the ``peft_kernels`` backend ("auto" | "naive" | "torch" | "triton").
     """
 
     r: int = 8
@@ -275,7 +275,7 @@ class LoRAConfig:
                 )
         self.rank_pattern = _check_patterns("rank_pattern", self.rank_pattern, int)
         self.alpha_pattern = _check_patterns("alpha_pattern", self.alpha_pattern, float)
-        from kernels import BACKENDS
+        from peft_kernels import BACKENDS
 
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")

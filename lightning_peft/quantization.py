@@ -11,22 +11,11 @@
 - ``load_quantized``: a transformers model loaded 4-bit (nf4/fp4) or 8-bit.
 - ``quantize_for_precision``: Lightning's ``BitsandbytesPrecision`` order (see its docstring).
 
-About a log line: on CPUs with AVX512-BF16, importing bitsandbytes 0.50 tries
-``from kernels import get_kernel`` (Hugging Face's ``kernels`` package, to download a CPU
-kernel from the Hub) and finds this project's ``kernels`` package instead; it logs "Failed to
-load CPU gemm_4bit_forward from kernels-community: cannot import name 'get_kernel' from
-'kernels'" and falls back to the kernel it ships. That kernel only serves bitsandbytes' packed
-bf16 inference layout, which adapted layers switch off (``disable_cpu_inference_packing``), and
-nothing may be downloaded at run time anyway: the line is harmless. Importing this module (which
-``import lightning_peft`` does) sets a filter for exactly that line on bitsandbytes' logger, so
-it no longer shows when bitsandbytes is imported afterwards (by us or by transformers); a
-program that imports bitsandbytes before lightning_peft still sees it once.
 """
 
 from __future__ import annotations
 
 import importlib
-import logging
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,21 +38,6 @@ _KINDS = {"Linear4bit": "4bit", "Linear8bitLt": "8bit"}
 
 class MissingExtraError(InputError, ImportError):
     """An optional dependency is not installed; the message names the extra to install."""
-
-
-class _ShadowedHubKernelFilter(logging.Filter):
-    """Drops bitsandbytes' warning about Hugging Face's ``kernels`` when the name resolved to this
-    project's ``kernels`` package (see the module docstring); any other failure still shows."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not (
-            "gemm_4bit_forward" in message
-            and "cannot import name 'get_kernel' from 'kernels'" in message
-        )
-
-
-logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_ShadowedHubKernelFilter())
 
 
 def import_bitsandbytes() -> ModuleType:

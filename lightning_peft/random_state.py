@@ -2,7 +2,7 @@
 the same numbers as an uninterrupted one.
 
 A run draws from: torch's CPU generator (dropout on the CPU, the dropout seeds of the
-``kernels`` ops, a shuffling ``RandomSampler`` without a generator of its own, DataLoader
+``peft_kernels`` ops, a shuffling ``RandomSampler`` without a generator of its own, DataLoader
 worker seeds), the current CUDA device's generator (dropout on the GPU), numpy's and Python's
 global generators (user code, augmentations), and any ``torch.Generator`` given to a training
 DataLoader or its sampler. Lightning restores none of them from a checkpoint.

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from kernels import available_backends
+from peft_kernels import available_backends
 
 # Triton runs on CPU tensors only under TRITON_INTERPRET=1 (set by tests/conftest.py without a GPU).
 NEEDS_TRITON = pytest.mark.skipif(
@@ -96,8 +96,8 @@ def reference_with_grads(method: str, inputs: dict, grad_y: Tensor, keep=None, p
 
 
 def call(method: str, inputs: dict, backend: str, p: float = 0.0, training: bool = True):
-    """Run ``kernels.lora_linear`` / ``dora_linear`` on ``inputs``."""
-    from kernels import dora_linear, lora_linear
+    """Run ``peft_kernels.lora_linear`` / ``dora_linear`` on ``inputs``."""
+    from peft_kernels import dora_linear, lora_linear
 
     args = [inputs[k] for k in ("x", "weight", "bias", "lora_A", "lora_B")]
     if method == "lora":
@@ -122,9 +122,9 @@ def max_rel_error(got: Tensor, ref: Tensor) -> float:
 def keep_mask_of(backend: str, seed: Tensor, shape: tuple[int, int], p: float) -> Tensor:
     """The bool keep-mask ``backend`` draws from ``seed`` (its forward and backward use it)."""
     if backend == "torch":
-        from kernels import torch_linear
+        from peft_kernels import torch_linear
 
         return torch_linear.keep_mask(seed, shape, p)
-    from kernels import triton_linear
+    from peft_kernels import triton_linear
 
     return triton_linear.dropout_keep_mask(seed, shape[0], shape[1], p)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from kernels import dora_linear, lora_linear
+from peft_kernels import dora_linear, lora_linear
 from reference import NEEDS_TRITON
 
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from kernels import torch_linear
-from kernels.functional import _draw_seed
+from peft_kernels import torch_linear
+from peft_kernels.functional import _draw_seed
 from reference import (
     NEEDS_TRITON,
     call,

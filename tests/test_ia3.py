@@ -9,7 +9,6 @@ import pytest
 import torch
 from torch import nn
 
-from kernels import ia3_linear, ia3_merge, ia3_scale
 from lightning_peft import (
     IA3Config,
     IA3Conv,
@@ -23,6 +22,7 @@ from lightning_peft import (
     unmerge_adapters,
 )
 from lightning_peft.targeting import select_targets
+from peft_kernels import ia3_linear, ia3_merge, ia3_scale
 from tiny_models import MODELS, assert_unchanged, snapshot, tokens
 
 peft = pytest.importorskip("peft")

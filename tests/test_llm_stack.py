@@ -184,7 +184,7 @@ def breaks_in_our_code(explanation) -> list[str]:
     ours = []
     for reason in explanation.break_reasons:
         files = [frame.filename for frame in reason.user_stack]
-        if any("/lightning_peft/" in f or "/kernels/" in f for f in files):
+        if any("/lightning_peft/" in f or "/peft_kernels/" in f for f in files):
             ours.append(reason.reason.splitlines()[0])
     return ours
 

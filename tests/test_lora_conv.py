@@ -1,4 +1,4 @@
-"""LoRA and DoRA on nn.Conv1d/2d/3d: ``kernels.lora_conv`` / ``dora_conv`` against float64
+"""LoRA and DoRA on nn.Conv1d/2d/3d: ``peft_kernels.lora_conv`` / ``dora_conv`` against float64
 references (the merged convolution; the dense convolution a grouped adapter amounts to; DoRA with
 peft's norm written out), and ``LoRAConv`` against the real peft, both save/load directions."""
 
@@ -11,16 +11,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import (
+from lightning_peft import LoRAConfig, inject_adapters, lora_plus_param_groups, select_targets
+from lightning_peft.methods.lora_conv import LoRAConv
+from peft_interop import check_against_peft
+from peft_kernels import (
     conv_delta_weight,
     conv_dora_weight_norm,
     dora_conv,
     dora_weight_norm,
     lora_conv,
 )
-from lightning_peft import LoRAConfig, inject_adapters, lora_plus_param_groups, select_targets
-from lightning_peft.methods.lora_conv import LoRAConv
-from peft_interop import check_against_peft
 
 CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 f64 = {"dtype": torch.float64}

@@ -1,4 +1,4 @@
-"""LoRA and DoRA on nn.Embedding: ``kernels.lora_embedding`` / ``dora_embedding`` against a
+"""LoRA and DoRA on nn.Embedding: ``peft_kernels.lora_embedding`` / ``dora_embedding`` against a
 float64 one-hot reference (the test's, never the op's), what the forward keeps for backward,
 and ``LoRAEmbedding`` against the real peft, both save/load directions."""
 
@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import dora_embedding, embedding_dora_weight_norm, lora_embedding
 from lightning_peft import LoRAConfig, inject_adapters, merge_adapters, unmerge_adapters
 from lightning_peft.methods.lora_embedding import LoRAEmbedding
 from peft_interop import check_against_peft
+from peft_kernels import dora_embedding, embedding_dora_weight_norm, lora_embedding
 from tiny_models import tiny_gpt2, tokens
 
 f64 = {"dtype": torch.float64}

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from kernels import dora_weight_norm, weight_row_sq_norm
+from peft_kernels import dora_weight_norm, weight_row_sq_norm
 from peft_layers import peft_linear
 from reference import NEEDS_TRITON, call, make_inputs
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels import dora_weight_norm, weight_row_sq_norm
+from peft_kernels import dora_weight_norm, weight_row_sq_norm
 
 
 def direct_norm64(w, a, b, s):

@@ -108,7 +108,7 @@ def test_gradcheck_torch_lora_float64():
     args = [inputs[k] for k in ("x", "weight", "bias", "lora_A", "lora_B")]
 
     def fn(x, weight, bias, lora_A, lora_B):
-        from kernels import lora_linear
+        from peft_kernels import lora_linear
 
         return lora_linear(x, weight, bias, lora_A, lora_B, 0.5, backend="torch")
 
@@ -120,7 +120,7 @@ def test_gradcheck_torch_lora_float64():
 @pytest.mark.parametrize("method", ["lora", "dora"])
 def test_gradcheck_torch_ops_float64(method, p, path):
     """gradcheck both ways into the torch backend, the seed (and DoRA's norm) held fixed."""
-    from kernels import dora_weight_norm, ops
+    from peft_kernels import dora_weight_norm, ops
 
     inputs = make_inputs(method, 6, 7, 5, 2, dtype=torch.float64)
     x, w, b, a, bb = (inputs[k] for k in ("x", "weight", "bias", "lora_A", "lora_B"))
@@ -160,7 +160,7 @@ def test_float32_adapters_on_bf16_base_are_as_accurate_as_peft_math(method, back
 
     keep = None
     if p:
-        from kernels.functional import _draw_seed
+        from peft_kernels.functional import _draw_seed
 
         torch.manual_seed(11)
         keep = keep_mask_of(backend, _draw_seed(torch.device("cpu")), (37, 70), p)

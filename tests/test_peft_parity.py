@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from kernels.functional import _draw_seed
+from peft_kernels.functional import _draw_seed
 from peft_layers import peft_linear
 from reference import NEEDS_TRITON, call, grads_of, keep_mask_of, make_inputs, max_rel_error
 

@@ -4,7 +4,6 @@ de-quantized weight and against peft's own QLoRA layers; interop both ways on a 
 merge, unload, state dicts, refusals, memory, and the missing-extra error."""
 
 import copy
-import logging
 import sys
 from collections import OrderedDict
 
@@ -644,21 +643,6 @@ def test_an_unknown_quantize_mode_is_refused_before_anything_else(monkeypatch, t
 def test_load_quantized_refuses_a_missing_directory(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         load_quantized(tmp_path / "nope", "nf4")
-
-
-def test_the_shadowed_hub_kernel_warning_is_filtered(caplog):
-    import lightning_peft.quantization  # noqa: F401  (sets the filter)
-
-    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
-    with caplog.at_level(logging.WARNING, logger=logger.name):
-        logger.warning(
-            "Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please ...",
-            ImportError("cannot import name 'get_kernel' from 'kernels' (/x/kernels/__init__.py)"),
-        )
-        logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: timeout")
-    assert [r.getMessage() for r in caplog.records] == [
-        "Failed to load CPU gemm_4bit_forward from kernels-community: timeout"
-    ]
 
 
 # -- the embedded SmolLM2-135M (slow) ------------------------------------------------------------

@@ -7,14 +7,14 @@ import torch
 import torch.nn.functional as F
 from test_memory import RecordNewTensors, saved_storages
 
-from kernels import (
+from peft_kernels import (
     dora_combine,
     dora_weight_norm,
     factored_weight_norm,
     lora_delta,
     weight_row_sq_norm,
 )
-from kernels.torch_linear import keep_mask
+from peft_kernels.torch_linear import keep_mask
 from reference import make_inputs, max_rel_error, reference_with_grads
 
 TOLERANCE = {torch.float32: 2e-5, torch.float64: 1e-12}

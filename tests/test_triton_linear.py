@@ -1,4 +1,4 @@
-"""The Triton launchers of ``kernels.triton_linear`` against float64 references.
+"""The Triton launchers of ``peft_kernels.triton_linear`` against float64 references.
 
 Without a GPU, ``tests/conftest.py`` sets ``TRITON_INTERPRET=1`` before triton is imported and
 the kernels run on CPU tensors through the interpreter (slow: the shapes here are small and
@@ -12,9 +12,9 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernels import triton_common
-from kernels import triton_linear as tlin
-from kernels.contract import Saved
+from peft_kernels import triton_common
+from peft_kernels import triton_linear as tlin
+from peft_kernels.contract import Saved
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FP32_RTOL = 1e-4  # max-abs error relative to the reference's max-abs

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-import kernels
-from kernels import BACKEND_ENV_VAR, resolve_backend
+import peft_kernels
+from peft_kernels import BACKEND_ENV_VAR, resolve_backend
 from reference import call, make_inputs
 
 
@@ -77,7 +77,7 @@ def test_explicit_triton_that_cannot_run_raises(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="needs CUDA tensors"):
         resolve_backend("triton", torch.device("cpu"))
-    monkeypatch.setattr(kernels.backends, "_TRITON_INSTALLED", False)
+    monkeypatch.setattr(peft_kernels.backends, "_TRITON_INSTALLED", False)
     with pytest.raises(RuntimeError, match="not installed"):
         resolve_backend("triton", torch.device("cuda"))
     assert resolve_backend("auto", torch.device("cuda")) == "torch"  # auto falls back quietly
@@ -89,9 +89,9 @@ def test_kernels_imports_without_lightning_or_triton():
 
     code = (
         "import sys; sys.modules['triton'] = None; sys.modules['lightning'] = None\n"
-        "import torch, kernels\n"
+        "import torch, peft_kernels\n"
         "x = torch.randn(3, 4); w = torch.randn(5, 4)\n"
-        "y = kernels.lora_linear(x, w, None, torch.randn(2, 4), torch.randn(5, 2), 1.0)\n"
-        "assert y.shape == (3, 5) and 'triton' not in kernels.available_backends('cuda')\n"
+        "y = peft_kernels.lora_linear(x, w, None, torch.randn(2, 4), torch.randn(5, 2), 1.0)\n"
+        "assert y.shape == (3, 5) and 'triton' not in peft_kernels.available_backends('cuda')\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -29,7 +29,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from kernels import triton_linear as tlin  # noqa: E402
+from peft_kernels import triton_linear as tlin  # noqa: E402
 
 FP32_BUFFERS = {"grad_u_ptr", "grad_b_ptr", "grad_mag_ptr", "grad_bias_ptr", "grad_a_ptr"}
 # Strides that are 1 for row-major operands (the JIT turns an int argument equal to 1 into a

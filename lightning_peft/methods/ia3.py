@@ -3,7 +3,7 @@ layer that rescales its output, or, for feed-forward layers, its input.
 
 ``IA3Linear`` adapts a frozen ``nn.Linear`` or transformers ``Conv1D``; ``IA3Conv`` an
 ``nn.Conv2d`` or ``nn.Conv3d`` (the layer types peft's IA³ adapts). Both are thin modules over
-``kernels.ia3``, take their target's place holding its own ``weight`` and ``bias`` (the frozen
+``peft_kernels.ia3``, take their target's place holding its own ``weight`` and ``bias`` (the frozen
 state-dict keys do not change), keep peft's tensor ``ia3_l`` in peft's shape ((out, 1) / (1, in)
 for linear layers, (1, C, 1, 1[, 1]) for convolutions) and merge exactly: ``W ← diag(l) W``,
 ``b ← l ⊙ b`` (output) or ``W ← W diag(l)`` (input).
@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kernels import ia3_linear, ia3_merge, ia3_scale
 from lightning_peft.config import (
     _check_targets,
     _check_task_type,
@@ -38,6 +37,7 @@ from lightning_peft.methods.base import (
     is_linear_like,
     quantized_reason,
 )
+from peft_kernels import ia3_linear, ia3_merge, ia3_scale
 
 # peft ``IA3Config`` fields that do not change the adapted model: accepted, kept as given, not
 # compared, left out of ``to_dict()`` (peft decides ``fan_in_fan_out`` from the layer type, too).

@@ -3,7 +3,7 @@
 method and its ``adapter_config.json``.
 
 ``LoRALinear`` adapts a frozen ``nn.Linear`` or transformers ``Conv1D``; it is a thin module over
-``kernels.lora_linear`` / ``kernels.dora_linear``. It registers the base layer's own ``weight``
+``peft_kernels.lora_linear`` / ``dora_linear``. It registers the base layer's own ``weight``
 and ``bias`` under the same names, so the frozen state-dict keys do not change; the adapter adds
 ``lora_A`` (r, in), ``lora_B`` (out, r), ``lora_bias`` (out,) with ``lora_bias=True`` (B's bias,
 ``y += s·b_B``) and whatever its variant adds (DoRA: ``lora_magnitude`` (out,)). What every LoRA
@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kernels import dora_linear, dora_weight_norm, lora_linear, weight_row_sq_norm
 from lightning_peft.config import INIT_CHOICES, PEFT_INITS_NOT_HERE, REWRITES_BASE, LoRAConfig
 from lightning_peft.methods.base import (
     Method,
@@ -44,6 +43,7 @@ from lightning_peft.methods.lora_conv import LoRAConv
 from lightning_peft.methods.lora_embedding import LoRAEmbedding
 from lightning_peft.methods.lora_mha import LoRAMultiheadAttention
 from lightning_peft.methods.lora_quantized import QuantizedLoRALinear
+from peft_kernels import dora_linear, dora_weight_norm, lora_linear, weight_row_sq_norm
 
 __all__ = ["LORA", "DoRAVariant", "LoRALinear", "LoRAVariant", "variant_for"]
 
@@ -175,7 +175,7 @@ class LoRALinear(LoRALayer):
 
     # -- forward --------------------------------------------------------------------------------
     # x (..., in) -> (..., out). The adapters keep their own dtype (float32 on a bfloat16 base:
-    # ``kernels`` runs the adapter branch in it); under autocast ``kernels`` casts the base
+    # ``peft_kernels`` runs the adapter branch in it); under autocast it casts the base
     # operands, as ``F.linear`` would. detach(): W is frozen; under FSDP1 (use_orig_params) it
     # arrives as a view of a flat parameter that requires grad because the adapters in the same
     # unit do. ``lora_output`` / ``dora_output`` run once per adapted layer per decoded token:

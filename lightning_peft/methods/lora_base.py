@@ -23,7 +23,7 @@ load hook. A layer type (``LoRALinear``, ``LoRAConv``, ``LoRAEmbedding``, ``Quan
 - instance hooks: ``share_base`` (register the base's parameters and buffers under their own
   names, so the frozen state-dict keys do not change; ``unwrap()`` hands them back),
   ``init_factors``, ``lora_output(x)`` and ``dora_output(x, weight_sq_norm, weight_norm)`` (the
-  adapted forward, through ``kernels``), ``base_output(x)`` (disabled or merged),
+  adapted forward, through ``peft_kernels``), ``base_output(x)`` (disabled or merged),
   ``dora_norm(weight_sq_norm)`` (n, detached), ``compute_weight_sq_norm()``, ``delta_weight()``
   (``s·ΔW`` laid out as ``merge_view()``, the view of W that ``merge`` rewrites, in at least
   float32) and ``describe()``.
@@ -293,7 +293,7 @@ class LoRALayer(AdapterLayer):
         r: rank; lora_alpha: α; dropout: dropout on the adapter input.
         use_rslora, use_dora, lora_bias, init_lora_weights: as in ``LoRAConfig``.
         adapter_dtype: dtype of the adapter parameters (float32 by default, whatever W's).
-        backend: the ``kernels`` backend (linear layers).
+        backend: the ``peft_kernels`` backend (linear layers).
 
     Flags: ``merged`` (the update lives in W; forward is the base layer's), ``disabled`` (the
     adapter is skipped). ``merge()`` / ``unmerge()`` are idempotent; ``merge_refusal()`` says

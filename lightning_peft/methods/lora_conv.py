@@ -1,5 +1,5 @@
 """LoRA and DoRA on ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d`` (grouped included): a thin
-layer over ``kernels.lora_conv`` / ``kernels.dora_conv``.
+layer over ``peft_kernels.lora_conv`` / ``peft_kernels.dora_conv``.
 
 As peft's ``lora.Conv{1,2,3}d``: ``lora_A`` (r, in, *k) is a convolution over all input channels
 with the base's kernel, stride and padding; ``lora_B`` (out, r/groups, 1, …) a 1×…×1
@@ -17,15 +17,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from kernels import (
+from lightning_peft.config import REWRITES_BASE, LoRAConfig
+from lightning_peft.methods.lora_base import LoRALayer, add_lora_bias, compute_dtype
+from peft_kernels import (
     conv_delta_weight,
     conv_dora_weight_norm,
     dora_conv,
     lora_conv,
     weight_row_sq_norm,
 )
-from lightning_peft.config import REWRITES_BASE, LoRAConfig
-from lightning_peft.methods.lora_base import LoRALayer, add_lora_bias, compute_dtype
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 

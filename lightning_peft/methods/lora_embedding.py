@@ -1,5 +1,5 @@
-"""LoRA and DoRA on ``nn.Embedding``: a thin layer over ``kernels.lora_embedding`` /
-``kernels.dora_embedding``.
+"""LoRA and DoRA on ``nn.Embedding``: a thin layer over ``peft_kernels.lora_embedding`` /
+``peft_kernels.dora_embedding``.
 
 As peft's ``lora.Embedding``: ``lora_embedding_A`` (r, V) and ``lora_embedding_B`` (d, r), saved
 under those names; ``y = W[ids] + s·Aᵀ[ids] Bᵀ``, the adapter a gather of A's columns (never a
@@ -22,15 +22,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kernels import (
+from lightning_peft.config import REWRITES_BASE, LoRAConfig
+from lightning_peft.methods.lora_base import LoRALayer
+from peft_kernels import (
     dora_embedding,
     embedding_delta_weight,
     embedding_dora_weight_norm,
     embedding_weight_sq_norm,
     lora_embedding,
 )
-from lightning_peft.config import REWRITES_BASE, LoRAConfig
-from lightning_peft.methods.lora_base import LoRALayer
 
 
 def embed_scale_of(module: nn.Module) -> Tensor | float | None:
@@ -59,7 +59,7 @@ class LoRAEmbedding(LoRALayer):
     row_noun = "embedding dimension (column)"
     dora_axis = 1  # W (V, d): the magnitude scales its columns
     supports_lora_bias = False
-    # kernels.dora_embedding takes no precomputed n: each forward computes it.
+    # peft_kernels.dora_embedding takes no precomputed n: each forward computes it.
     reuses_inference_norm = False
 
     # -- declarations ---------------------------------------------------------------------------

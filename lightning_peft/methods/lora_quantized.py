@@ -4,7 +4,7 @@ or ``Linear8bitLt`` (int8).
 
 The base stays quantized and computes its own product: ``base(x) = x Wᵀ + b`` comes from the
 bitsandbytes layer (its autograd gives ``grad_x`` by de-quantizing W inside backward), the adapter
-branch from ``kernels.lora_delta`` and, for DoRA, the output from ``kernels.dora_combine``:
+branch from ``peft_kernels.lora_delta`` and, for DoRA, the output from ``dora_combine``:
 
 - LoRA: ``y = base(x) + s·(dropout(x) Aᵀ) Bᵀ``.
 - DoRA: ``y = (m/n) ⊙ (base(x) − b + s·(x Aᵀ) Bᵀ) + b`` (dropout on, peft's definition:
@@ -34,7 +34,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kernels import dora_combine, factored_weight_norm, lora_delta
 from lightning_peft.config import REWRITES_BASE, LoRAConfig
 from lightning_peft.methods.base import keep_adapter_dtype
 from lightning_peft.methods.lora_base import LoRALayer, compute_dtype
@@ -48,6 +47,7 @@ from lightning_peft.quantization import (
     unpack_cpu_inference_layout,
     unusable_reason,
 )
+from peft_kernels import dora_combine, factored_weight_norm, lora_delta
 
 
 def quantization_label(module: nn.Module) -> str:

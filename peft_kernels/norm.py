@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels._validation import check_weight_norm_inputs
+from peft_kernels._validation import check_weight_norm_inputs
 
 
 def norm_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -17,10 +17,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels import naive, ops
-from kernels._validation import check_adapter_inputs
-from kernels.backends import resolve_backend
-from kernels.norm import dora_weight_norm
+from peft_kernels import naive, ops
+from peft_kernels._validation import check_adapter_inputs
+from peft_kernels.backends import resolve_backend
+from peft_kernels.norm import dora_weight_norm
 
 
 def _draw_seed(device: torch.device) -> Tensor:
@@ -126,7 +126,7 @@ def lora_linear(
         scaling: s, ``lora_alpha / r`` (rsLoRA: ``lora_alpha / sqrt(r)``).
         dropout_p: dropout probability on the adapter's input; active only when ``training``.
         training: whether dropout is active.
-        backend: "auto" | "naive" | "torch" | "triton" (see ``kernels.backends``).
+        backend: "auto" | "naive" | "torch" | "triton" (see ``peft_kernels.backends``).
 
     Returns:
         y (..., out) in x's dtype (the autocast dtype under autocast).
@@ -171,7 +171,7 @@ def dora_linear(
         x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, backend: as in
             ``lora_linear``.
         magnitude: m (out,), A's dtype.
-        weight_sq_norm: optional cached ``‖W_i‖²`` (out,) (see ``kernels.norm``); W is frozen,
+        weight_sq_norm: optional cached ``‖W_i‖²`` (out,) (see ``peft_kernels.norm``); W is frozen,
             so a layer computes it once.
         weight_norm: optional precomputed ``n`` (out,) from ``dora_weight_norm`` for these W,
             A, B and scaling (e.g. cached while decoding, when A and B do not change); it then

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels.norm import dora_weight_norm, norm_dtype, weight_row_sq_norm
+from peft_kernels.norm import dora_weight_norm, norm_dtype, weight_row_sq_norm
 
 
 def _check_inputs(

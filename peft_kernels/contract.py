@@ -75,7 +75,7 @@ class Grads(NamedTuple):
 
 
 class Backend(Protocol):
-    """A module implementing the contract (``kernels.torch_linear``, ``kernels.triton_linear``)."""
+    """A module implementing the contract (``peft_kernels.torch_linear``, ``.triton_linear``)."""
 
     def forward(
         self,

@@ -1,6 +1,6 @@
 """Reusable Triton pieces: autotune configs, tile helpers, the Philox dropout mask.
 
-Shared by the kernels of ``kernels.triton_linear`` (and any later fused op): the config spaces
+Shared by the kernels of ``peft_kernels.triton_linear`` (and any later fused op): the config spaces
 (Hopper / Ampere tiles; one small config under the CPU interpreter), the device helpers a GEMM
 tile loop needs (operand casts for ``tl.dot``, the rank-r tail of an extended reduction, the
 grouped tile order, a split of a loop across programs), the dropout keep-mask drawn from a

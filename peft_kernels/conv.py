@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels._validation import check_frozen_and_scalars
-from kernels.norm import dora_weight_norm, norm_dtype, weight_row_sq_norm
+from peft_kernels._validation import check_frozen_and_scalars
+from peft_kernels.norm import dora_weight_norm, norm_dtype, weight_row_sq_norm
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -236,7 +236,7 @@ def conv_dora_weight_norm(
     ``B.reshape(out/G, r)[q] @ A.reshape(r, G, c)[:, g]``. That is not the norm of the adapted
     layer's weight, but it is peft's DoRA for grouped convolutions, kept so that adapters move
     between the two packages with the same outputs. Computed factored per (q, g), as
-    ``kernels.norm`` does for linear layers.
+    ``peft_kernels.norm`` does for linear layers.
 
     Args:
         weight: W (out, in/groups, *kernel).

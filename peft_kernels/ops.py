@@ -1,11 +1,11 @@
 """How a backend runs under autograd: one op family, dispatched through a table.
 
-Two ways in, one contract (``kernels.contract``) behind both:
+Two ways in, one contract (``peft_kernels.contract``) behind both:
 
 - ``adapter_linear`` (eager): a plain ``torch.autograd.Function`` around the backend's forward
   and backward, or, when nothing needs a gradient, the backend's forward alone. No
   ``torch.library`` dispatch on the way: small calls (decoding) pay microseconds, not 0.1 ms.
-- ``lightning_peft::adapter_linear`` / ``adapter_linear_backward`` (under ``torch.compile``):
+- ``peft_kernels::adapter_linear`` / ``adapter_linear_backward`` (under ``torch.compile``):
   ``torch.library`` custom ops with fake implementations and an autograd registration, so that
   ``torch.compile(fullgraph=True)`` traces them without graph breaks.
 
@@ -27,19 +27,19 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from kernels.contract import Grads, Saved, empty, present
+from peft_kernels.contract import Grads, Saved, empty, present
 
-_NAMESPACE = "lightning_peft"
+_NAMESPACE = "peft_kernels"
 
 
 def _torch_backend() -> ModuleType:
-    from kernels import torch_linear
+    from peft_kernels import torch_linear
 
     return torch_linear
 
 
 def _triton_backend() -> ModuleType:
-    from kernels import triton_linear  # imported on first use: triton is optional
+    from peft_kernels import triton_linear  # imported on first use: triton is optional
 
     return triton_linear
 
@@ -49,7 +49,7 @@ BACKENDS: dict[str, Callable[[], ModuleType]] = {"torch": _torch_backend, "trito
 
 @functools.cache
 def backend_module(name: str) -> ModuleType:
-    """The module implementing ``kernels.contract`` for backend ``name``."""
+    """The module implementing ``peft_kernels.contract`` for backend ``name``."""
     return BACKENDS[name]()
 
 
@@ -175,7 +175,7 @@ def adapter_linear_op(
     seed: Tensor | None,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(y, u, dropout_state, base)`` as ``kernels.contract.Forward`` (base empty if unneeded)."""
+    """``(y, u, dropout_state, base)`` as ``contract.Forward`` (base empty if unneeded)."""
     impl = backend_module(backend)
     out = impl.forward(
         x, weight, bias, lora_A, lora_B, magnitude, weight_norm,

@@ -33,8 +33,8 @@ or float32). With float32 adapters on a bfloat16 base, the rank-r parts of every
 the A and B tiles) stay float32, the dense parts run on bfloat16 tiles: the adapter branch is
 never rounded to bfloat16, the base GEMMs keep their speed.
 
-This module implements ``kernels.contract`` (``forward``, ``backward``); the reusable pieces
-(autotune configs, tile helpers, the Philox mask) live in ``kernels.triton_common``.
+This module implements ``peft_kernels.contract`` (``forward``, ``backward``); the reusable pieces
+(autotune configs, tile helpers, the Philox mask) live in ``peft_kernels.triton_common``.
 """
 
 from __future__ import annotations
@@ -44,8 +44,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.contract import Forward, Grads, Saved
-from kernels.triton_common import (
+from peft_kernels.contract import Forward, Grads, Saved
+from peft_kernels.triton_common import (
     DY_CONFIGS,
     GEMM_CONFIGS,
     GEMM_PRUNE,
@@ -543,7 +543,7 @@ def _lora_grad_a_kernel(
 
 
 # ---------------------------------------------------------------------------------------------
-# Launchers: the kernels.contract functions
+# Launchers: the peft_kernels.contract functions
 # ---------------------------------------------------------------------------------------------
 
 

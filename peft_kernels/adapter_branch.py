@@ -8,13 +8,13 @@ outside it). These ops add what LoRA and DoRA put on top:
 - ``dora_combine``: DoRA from the base output and the branch,
   ``y = (m/n) ⊙ (base − b + d) + b`` (dropout off), or peft's dropout-on form
   ``y = base(x) + (m/n − 1) ⊙ (base(x̃) − b) + (m/n) ⊙ d(x̃)`` with ``x̃ = dropout(x)``.
-  The norm ``n`` is a constant for backward (DoRA paper §4.3); ``kernels.norm.
+  The norm ``n`` is a constant for backward (DoRA paper §4.3); ``peft_kernels.norm.
   factored_weight_norm`` computes it from ``W Aᵀ`` and the cached ``‖W_i‖²``.
 
 Both have a hand-written backward: eagerly through an ``autograd.Function`` (no custom-op
 dispatch, ~0.1 ms a call saved), under ``torch.compile`` through ``torch.library`` custom ops
-with fake implementations (as ``kernels.ops``), both over the same functions. What they save for
-backward, parameters aside: ``lora_delta`` keeps ``x`` and ``u = x̃ Aᵀ`` (M, r), plus the bool
+with fake implementations (as ``peft_kernels.ops``), both over the same functions. What they
+save for backward, parameters aside: ``lora_delta`` keeps ``x`` and ``u = x̃ Aᵀ`` (M, r), plus the bool
 keep-mask with dropout (never ``dropout(x)``); ``dora_combine`` keeps ``z = base − b + d``
 (M, out), for the magnitude's gradient, and the norm (out,). Never an out×in tensor.
 
@@ -30,12 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels.backends import resolve_backend
-from kernels.contract import empty, present
-from kernels.functional import _draw_seed
-from kernels.torch_linear import _dropped, keep_mask
+from peft_kernels.backends import resolve_backend
+from peft_kernels.contract import empty, present
+from peft_kernels.functional import _draw_seed
+from peft_kernels.torch_linear import _dropped, keep_mask
 
-_NAMESPACE = "lightning_peft"
+_NAMESPACE = "peft_kernels"
 
 
 # -- checks -------------------------------------------------------------------------------------
@@ -133,7 +133,7 @@ def lora_delta(
         scaling: s (``lora_alpha / r``, rsLoRA ``lora_alpha / sqrt(r)``).
         dropout_p: dropout probability on x; active only when ``training``.
         training: whether dropout is active.
-        backend: as in ``kernels.backends``; everything but ``"naive"`` runs the torch path.
+        backend: as in ``peft_kernels.backends``; everything but ``"naive"`` runs the torch path.
 
     Returns:
         d (..., out) in x's dtype.
@@ -291,7 +291,7 @@ def dora_combine(
         delta: ``s·(x̃ Aᵀ) Bᵀ`` (..., out), from ``lora_delta``.
         magnitude: m (out,), in base's dtype.
         weight_norm: n = ‖W + sBA‖_row (out,), detached (a constant in backward), in any float
-            dtype (``c`` is computed in it: at least float32 from ``kernels.norm``).
+            dtype (``c`` is computed in it: at least float32 from ``peft_kernels.norm``).
         bias: b (out,) of the base layer in base's dtype, or None; it gets the gradient of its
             explicit terms when it requires grad (the base layer adds the rest).
         base_dropped: ``x̃ Wᵀ + b`` (..., out) when dropout is on, else None.

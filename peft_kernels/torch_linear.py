@@ -1,6 +1,6 @@
 """PyTorch backend: hand-written LoRA / DoRA forward and backward (the CPU path).
 
-Implements ``kernels.contract`` (LoRA when ``magnitude`` is None). Lean by construction:
+Implements ``peft_kernels.contract`` (LoRA when ``magnitude`` is None). Lean by construction:
 in-place ``addmm_`` accumulation, no out×in temporary ever, one M×out buffer in DoRA's backward.
 Dropout draws a bool keep-mask from a generator seeded by ``seed``; the mask (1 byte per element
 of x) is the dropout state backward gets, never ``dropout(x)``.
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels.contract import Forward, Grads, Saved
+from peft_kernels.contract import Forward, Grads, Saved
 
 MIN_RECOVERABLE_SCALE = 2.0**-7
 
