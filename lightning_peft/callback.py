@@ -402,14 +402,15 @@ class PEFTCallback(Callback):
             raise InputError(
                 f"PEFTCallback: none of the {len(groups)} adapters received a gradient in the "
                 f"first step ({names}): the forward pass never calls these modules (it may read "
-                "their weights directly, as nn.MultiheadAttention does with out_proj); choose "
-                "other target_modules"
+                "their weights directly, as nn.MultiheadAttention does with out_proj, or a hub "
+                "kernel may have replaced a parent module's forward); choose other target_modules"
             )
         rank_zero_warn(
             f"PEFTCallback: {len(idle)} of the {len(groups)} adapters received no gradient in the "
             f"first step: {names}. Fine if those modules were merely unused by this batch (e.g. "
-            "experts no token reached); if their forward is bypassed they never train (and DDP "
-            "needs find_unused_parameters=True)"
+            "experts no token reached); if their forward is bypassed (a hub kernel replacing a "
+            "parent module's forward, say) they never train (and DDP needs "
+            "find_unused_parameters=True)"
         )
 
     # -- checkpoints ----------------------------------------------------------------------------
