@@ -140,7 +140,9 @@ def _rows_with_lines(path: Path) -> list[tuple[int, dict]]:
     text, suffix = check_data_file(path), path.suffix.lower()
     if suffix in (".jsonl", ".json"):
         rows = []
-        for number, line in enumerate(text.splitlines(), start=1):
+        # JSON Lines ends lines with \n only: str.splitlines would also split at U+2028, U+0085...,
+        # which json.dumps(ensure_ascii=False) leaves raw inside strings.
+        for number, line in enumerate(text.split("\n"), start=1):
             if not line.strip():
                 continue
             try:

@@ -153,6 +153,17 @@ def test_latin1_binary_and_utf16_without_bom_are_refused_by_offset(tmp_path):
         read_records(odd, "text", "label")
 
 
+def test_jsonl_lines_end_at_newlines_only(tmp_path):
+    path = tmp_path / "d.jsonl"
+    texts = ["para\u2028graph", "next\x85line"]  # left raw by json.dumps(ensure_ascii=False)
+    rows = [json.dumps({"text": t, "label": "a"}, ensure_ascii=False) for t in texts]
+    path.write_bytes(("\r\n".join(rows) + "\r\n").encode())
+    assert [r["text"] for r in read_records(path, "text", "label")] == texts
+    path.write_text(rows[0] + "\n" + rows[1] + "\n[1]\n")
+    with pytest.raises(InputError, match=rf"^{path}:3: not a JSON object$"):
+        read_records(path, "text", "label")
+
+
 def test_too_many_labels_for_the_rows_is_refused():
     records = [{"text": f"t{i}", "label": str(i // 2)} for i in range(120)]  # 60 labels
     with pytest.raises(InputError, match=r"60 distinct labels in 120 rows \(2.0 rows per label"):
