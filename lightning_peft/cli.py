@@ -48,7 +48,7 @@ from lightning_peft.injection import plan_injection
 from lightning_peft.quantization import QUANTIZE_MODES, bitsandbytes_config
 from lightning_peft.targeting import plan_targets
 from lightning_peft.tasks import FineTuneTask, check_model_dir, default_model_path
-from lightning_peft.text_data import TASKS, TextData
+from lightning_peft.text_data import TASKS, TextData, check_data_file
 
 SHORTCUTS = {"--model": "--model.model_path", "--data": "--data.path"}
 DEFAULT_OUTPUT_DIR = "runs/lightning-peft"
@@ -358,6 +358,8 @@ class PEFTCLI(LightningCLI):
         check_ckpt_path(config.get("ckpt_path"))
         if config.task not in TASKS:
             raise InputError(f"unknown task {config.task!r}; choose one of {', '.join(TASKS)}")
+        if config.data.path is not None:  # its bytes, before a model is located or converted
+            check_data_file(config.data.path)
         options = MethodOptions.from_namespace(config)
         options.check()  # before a default model is located (the first time, converted)
         if config.samples < 0:

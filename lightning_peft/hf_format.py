@@ -1,5 +1,5 @@
 """Adapters in the Hugging Face PEFT format: ``adapter_config.json`` and the weights file
-``adapter_model.safetensors``.
+``adapter_model.safetensors`` (written here), or peft's older ``adapter_model.bin`` (read only).
 
 Keys: every saved tensor ``<k>`` (a model state-dict key) is written as
 ``base_model.model.<k>``, except the tensors of an adapter layer at path ``<p>``, written as
@@ -19,6 +19,12 @@ injected (``planned_tensors``), so a load checks the whole file before touching 
 A tensor the model holds in two places (a module in two containers) is written once, under its
 first name, as peft writes it. Bottleneck adapters have no PEFT counterpart: they are written in
 the same layout with ``"peft_type": "LIGHTNING_BOTTLENECK"``, which only this package reads.
+
+``adapter_model.bin`` (peft's ``save_pretrained(..., safe_serialization=False)``) is a pickle.
+It is read as peft reads it, with ``torch.load(weights_only=True)``: that unpickler builds tensors
+and plain containers only and refuses anything else before running it, so a file carrying code
+is refused, not run; what it returns must be a dict of str -> Tensor. When a directory holds
+both files the safetensors one is read, as peft reads it.
 
 Writes are atomic per file: both files go to temporary names first, an existing config is
 removed before the new weights replace the old ones, and the config (what makes a directory an
@@ -51,6 +57,7 @@ from lightning_peft.model_helpers import adapter_state_dict
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_WEIGHTS_NAME = "adapter_model.bin"  # peft's older format, read only
 PREFIX = PEFT_PREFIX
 ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME)
 __all__ = [
@@ -63,6 +70,7 @@ __all__ = [
     "peft_key",
     "peft_keys",
     "read_config",
+    "read_weights",
     "save_adapter",
 ]
 
@@ -222,8 +230,77 @@ def read_config(directory: str | Path):
     return method.read_config(data, path)
 
 
+def _listing(directory: Path, shown: int = 8) -> str:
+    names = sorted(p.name + "/" * p.is_dir() for p in directory.iterdir())
+    if not names:
+        return "it is empty"
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return "it holds " + ", ".join(names[:shown]) + more
+
+
+def _torch_load_reason(error: Exception) -> str:
+    """What ``torch.load(weights_only=True)`` objected to, without its generic advice."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    generic = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    reason = [line for line in lines if not line.startswith(generic)]
+    return " ".join(reason or lines[:1])
+
+
+def _read_pickle_weights(path: Path) -> dict[str, Tensor]:
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # any failure to read is the file's
+        reason = _torch_load_reason(error)
+        if "GLOBAL" in reason:  # an object that is not a tensor or a plain container
+            raise ValueError(
+                f"{path} was not loaded: it holds objects other than tensors ({reason}); nothing "
+                "in it was run. peft writes only tensors there: save the adapter again with "
+                "peft's save_pretrained (adapter_model.safetensors) from a source you trust"
+            ) from None
+        raise ValueError(
+            f"{path} is not a readable torch.save file: {type(error).__name__}: {reason}"
+        ) from None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path} holds a {type(loaded).__name__}, not a dict of tensors")
+    for key, value in loaded.items():
+        if not isinstance(key, str):
+            what = f"the key {key!r} (of type {type(key).__name__}) is not a name"
+        elif not isinstance(value, Tensor):
+            what = f"{key!r} is of type {type(value).__name__}, not a tensor"
+        else:
+            continue
+        raise ValueError(f"{path}: {what}; an adapter file holds only tensors, keyed by name")
+    return loaded
+
+
+def read_weights(directory: str | Path) -> tuple[Path, dict[str, Tensor]]:
+    """(the file read, its tensors) of an adapter directory: ``adapter_model.safetensors``, else
+    peft's older ``adapter_model.bin`` (read with ``torch.load(weights_only=True)``, as peft
+    reads it: a file carrying code is refused without running it).
+
+    Raises:
+        FileNotFoundError: neither file is there (the message says what the directory holds).
+        ValueError: the file cannot be read, or holds anything but a dict of str -> Tensor.
+    """
+    directory = Path(directory)
+    path = directory / WEIGHTS_NAME
+    if path.is_file():
+        try:
+            return path, load_file(path)
+        except SafetensorError as error:
+            raise ValueError(f"{path} is not a readable safetensors file: {error}") from None
+    path = directory / PICKLE_WEIGHTS_NAME
+    if path.is_file():
+        return path, _read_pickle_weights(path)
+    raise FileNotFoundError(
+        f"{directory} has no {WEIGHTS_NAME} or {PICKLE_WEIGHTS_NAME} ({_listing(directory)})"
+    )
+
+
 def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
-    """Inject and load the adapter in ``directory`` (written here or by ``peft``) into ``model``.
+    """Inject and load the adapter in ``directory`` (written here or by ``peft``; the weights in
+    ``adapter_model.safetensors`` or peft's older ``adapter_model.bin``, see ``read_weights``)
+    into ``model``.
 
     Everything is checked before the model is touched: a directory that does not fit (missing
     or unexpected keys, wrong shapes, an unknown method) raises naming the first mismatch and
@@ -231,13 +308,7 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     """
     directory = Path(directory)
     config = read_config(directory)
-    weights_path = directory / WEIGHTS_NAME
-    if not weights_path.is_file():
-        raise FileNotFoundError(f"{weights_path} does not exist")
-    try:
-        tensors = load_file(weights_path)
-    except SafetensorError as error:
-        raise ValueError(f"{weights_path} is not a readable safetensors file: {error}") from None
+    weights_path, tensors = read_weights(directory)
     expected = planned_tensors(model, config)
     for key, shape in expected.items():
         if key not in tensors:

@@ -32,9 +32,8 @@ import torch
 from torch import Tensor
 
 from lightning_peft.errors import InputError
-from lightning_peft.hf_format import PREFIX, WEIGHTS_NAME
+from lightning_peft.hf_format import PREFIX, read_weights
 
-WEIGHT_FILES = (WEIGHTS_NAME, "adapter_model.bin")
 # (key suffix in a PEFT file, factor): linear and convolution layers, embeddings (peft's names).
 FACTOR_KEYS = (
     (".lora_A.weight", "A"),
@@ -119,19 +118,11 @@ class ModuleSpectrum:
 
 
 def _read_tensors(directory: Path) -> dict[str, Tensor]:
-    for name in WEIGHT_FILES:
-        path = directory / name
-        if not path.is_file():
-            continue
-        try:
-            if name.endswith(".safetensors"):
-                from safetensors.torch import load_file
-
-                return load_file(path)
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # a broken file is the user's input
-            raise InputError(f"{path} cannot be read: {type(error).__name__}: {error}") from None
-    raise InputError(f"{directory} has no {' or '.join(WEIGHT_FILES)}: not an adapter directory")
+    """The adapter's tensors (``hf_format.read_weights``: safetensors, or peft's older .bin)."""
+    try:
+        return read_weights(directory)[1]
+    except (OSError, ValueError) as error:  # a missing or broken file is the user's input
+        raise InputError(str(error)) from None
 
 
 def read_lora_adapter(directory: str | Path) -> tuple[object, dict[str, dict[str, Tensor]]]:

@@ -11,13 +11,17 @@ Three tasks share the records:
 - ``classification``: (text, label) for an encoder with a classification head.
 - ``causal-lm``: the text alone, next-token loss on every token.
 
-Bad rows are refused with the file and line; sizes that do not fit the file are scaled down in
-proportion (and said so); labels that cannot be learnt from the rows are refused or warned about.
+Files are read as UTF-8 (with or without a byte-order mark) or UTF-16/UTF-32 with one; other
+bytes are refused with the file and the byte offset. Bad rows are refused with the file and line;
+sizes that do not fit the file are scaled down in proportion (and said so); labels that cannot be
+learnt from the rows are refused or warned about.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import json
 import random
 from collections import Counter
@@ -67,12 +71,78 @@ def read_bbc_news() -> list[dict[str, str]]:
     return records
 
 
+# Byte-order marks and their codecs; UTF-32 LE's BOM begins with UTF-16 LE's, so it comes first.
+BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32-le"),
+    (codecs.BOM_UTF32_BE, "utf-32-be"),
+    (codecs.BOM_UTF8, "utf-8"),
+    (codecs.BOM_UTF16_LE, "utf-16-le"),
+    (codecs.BOM_UTF16_BE, "utf-16-be"),
+)
+ENCODINGS = "UTF-8 (with or without a BOM), UTF-16 or UTF-32 (LE or BE) with a BOM"
+DATA_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json")
+
+
+def _not_text(path: Path, data: bytes, offset: int, codec: str, start: int) -> InputError:
+    """The refusal of the byte at ``offset``: file, offset, line, the encodings read."""
+    line = data[start:offset].decode(codec).count("\n") + 1  # valid up to ``offset``
+    hint = " (a NUL byte: UTF-16/UTF-32 without a BOM, or not a text file)" * (data[offset] == 0)
+    return InputError(
+        f"{path}: not text in a known encoding: byte 0x{data[offset]:02x} at offset {offset} "
+        f"(line {line}){hint}; lightning-peft reads {ENCODINGS}: save the file as UTF-8"
+    )
+
+
+def read_text(path: str | Path) -> str:
+    """The text of a data file, its BOM removed: UTF-8 (with or without a BOM), or UTF-16 /
+    UTF-32 (LE or BE) with a BOM, as spreadsheet programs write "Unicode text".
+
+    Without a BOM only UTF-8 is tried: UTF-16 without one (ASCII text with a NUL after every
+    letter) is valid UTF-8, so a NUL character, which no text file holds, is refused too.
+
+    Raises:
+        InputError: the first byte that is not text in these encodings, by file and offset.
+    """
+    path = Path(path)
+    data = path.read_bytes()
+    bom, codec = next(((b, c) for b, c in BOMS if data.startswith(b)), (b"", "utf-8"))
+    start, bad = len(bom), None
+    try:
+        text = data[start:].decode(codec)
+    except UnicodeDecodeError as error:
+        bad = start + error.start
+        text = data[start:bad].decode(codec)  # the text before it, to look for a NUL there
+    nul = text.find("\0")
+    if nul >= 0:  # the first bad byte: a NUL before any undecodable one
+        raise _not_text(path, data, start + len(text[:nul].encode(codec)), codec, start)
+    if bad is not None:
+        raise _not_text(path, data, bad, codec, start)
+    return text
+
+
+def check_data_file(path: str | Path) -> str:
+    """The text of a data file that exists, has a known suffix and holds text in a known
+    encoding: the checks that need no model, which the command runs before anything is loaded.
+
+    Raises:
+        InputError: naming the file (and, for bytes that are not text, the offset).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"data file {path} does not exist")
+    if path.suffix.lower() not in DATA_SUFFIXES:
+        raise InputError(f"{path}: use a .csv, .tsv or .jsonl file")
+    return read_text(path)
+
+
 def _rows_with_lines(path: Path) -> list[tuple[int, dict]]:
     """(line number, row) of a CSV/TSV (with a header) or JSON Lines file."""
-    suffix = path.suffix.lower()
+    text, suffix = check_data_file(path), path.suffix.lower()
     if suffix in (".jsonl", ".json"):
         rows = []
-        for number, line in enumerate(path.read_text().splitlines(), start=1):
+        # JSON Lines ends lines with \n only: str.splitlines would also split at U+2028, U+0085...,
+        # which json.dumps(ensure_ascii=False) leaves raw inside strings.
+        for number, line in enumerate(text.split("\n"), start=1):
             if not line.strip():
                 continue
             try:
@@ -83,23 +153,20 @@ def _rows_with_lines(path: Path) -> list[tuple[int, dict]]:
                 raise InputError(f"{path}:{number}: not a JSON object")
             rows.append((number, row))
         return rows
-    if suffix in (".csv", ".tsv"):
-        with path.open(newline="") as handle:
-            reader = csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ",")
-            return [(reader.line_num, row) for row in reader]
-    raise InputError(f"{path}: use a .csv, .tsv or .jsonl file")
+    handle = io.StringIO(text, newline="")  # line ends as in the file, as open(newline="")
+    reader = csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ",")
+    return [(reader.line_num, row) for row in reader]
 
 
 def read_records(path: str | Path, text_column: str, label_column: str | None) -> list[dict]:
     """``[{"text", "label"}]`` (``label`` only with ``label_column``) from a CSV/JSONL file.
 
     Raises:
-        InputError: the file is missing, empty or not CSV/JSONL; it lacks a column; a row has no
-            (or an empty) text or label, named by file and line; a label is not a string or int.
+        InputError: the file is missing, empty, not CSV/JSONL or not text in a known encoding
+            (``read_text``); it lacks a column; a row has no (or an empty) text or label, named
+            by file and line; a label is not a string or int.
     """
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"data file {path} does not exist")
     rows = _rows_with_lines(path)
     if not rows:
         raise InputError(f"{path} holds no rows")

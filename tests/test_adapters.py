@@ -267,7 +267,7 @@ def _saved_adapter(tmp_path, family="llama", **kwargs):
         ("wrong_shape", "has shape"),
         ("unknown_method", "unknown adapter method"),
         ("other_model", "no module matched"),
-        ("no_weights", "does not exist"),
+        ("no_weights", "has no adapter_model.safetensors or adapter_model.bin"),
     ],
 )
 def test_load_that_does_not_fit_changes_nothing(tmp_path, damage, match):

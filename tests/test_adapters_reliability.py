@@ -5,6 +5,8 @@ import copy
 import dataclasses
 import json
 import os
+import re
+import shlex
 from collections import OrderedDict
 
 import pytest
@@ -27,13 +29,15 @@ from tiny_models import MODELS, assert_unchanged, files, logits, snapshot, token
 peft = pytest.importorskip("peft")
 
 
-def peft_saved(tmp_path, family="llama", **kwargs):
-    """A peft LoRA adapter directory (random A and B) for the tiny ``family`` model."""
+def peft_saved(tmp_path, family="llama", safe_serialization=True, **kwargs):
+    """A peft LoRA adapter directory (random A and B) for the tiny ``family`` model;
+    ``safe_serialization=False``: peft's older adapter_model.bin."""
     base = MODELS[family]()
     config = peft.LoraConfig(
         r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False, **kwargs
     )
-    peft.get_peft_model(copy.deepcopy(base), config).save_pretrained(tmp_path)
+    peft_model = peft.get_peft_model(copy.deepcopy(base), config)
+    peft_model.save_pretrained(tmp_path, safe_serialization=safe_serialization)
     return base, tmp_path
 
 
@@ -187,6 +191,104 @@ def test_unreadable_weights_file_names_it(tmp_path):
     with pytest.raises(ValueError, match="is not a readable safetensors file"):
         load_adapter(model, directory)
     assert_unchanged(model, before)
+
+
+# -- peft's older adapter_model.bin (issue 17, item 3) ------------------------------------------
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_a_peft_adapter_saved_as_bin_loads_with_peft_s_outputs(tmp_path, use_dora):
+    base, directory = peft_saved(tmp_path, use_dora=use_dora, safe_serialization=False)
+    assert sorted(files(directory)) == ["README.md", "adapter_config.json", "adapter_model.bin"]
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), directory)
+    ours = load_adapter(copy.deepcopy(base), directory)
+    ids = tokens()
+    torch.testing.assert_close(logits(ours, ids), logits(theirs, ids), rtol=1e-5, atol=1e-5)
+
+
+class RunsCode:
+    """A pickle that, unpickled, runs a shell command (here: creates ``marker``)."""
+
+    def __init__(self, marker) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {shlex.quote(self.marker)}",)
+
+
+def bin_with(directory, tensors, payload) -> None:
+    """Replace the adapter's weights with ``adapter_model.bin`` holding ``tensors`` + payload."""
+    torch.save({**tensors, **payload}, directory / "adapter_model.bin")
+
+
+def test_a_bin_that_carries_code_is_refused_and_never_run(tmp_path):
+    base, directory = peft_saved(tmp_path / "adapter", safe_serialization=False)
+    weights = directory / "adapter_model.bin"
+    marker = tmp_path / "marker"
+    bin_with(directory, torch.load(weights, weights_only=True), {"extra": RunsCode(marker)})
+    model = copy.deepcopy(base)
+    before, on_disk = snapshot(model), files(directory)
+    with pytest.raises(ValueError) as refused:
+        load_adapter(model, directory)
+    module = os.system.__module__  # posix
+    assert str(refused.value) == (
+        f"{weights} was not loaded: it holds objects other than tensors (Trying to load "
+        f"unsupported GLOBAL {module}.system whose module {module} is blocked.); nothing in it "
+        "was run. "
+        "peft writes only tensors there: save the adapter again with peft's save_pretrained "
+        "(adapter_model.safetensors) from a source you trust"
+    )
+    assert not marker.exists()  # the command never ran
+    assert_unchanged(model, before)
+    assert files(directory) == on_disk
+    torch.load(weights, weights_only=False)  # the payload is live: unpickled, it runs
+    assert marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ({"extra": 3}, "'extra' is of type int, not a tensor; an adapter file holds only "
+         "tensors, keyed by name"),
+        ({"extra": [torch.zeros(1)]}, "'extra' is of type list, not a tensor"),
+        ({7: torch.zeros(1)}, "the key 7 (of type int) is not a name; an adapter file holds"),
+    ],
+)  # fmt: skip
+def test_a_bin_with_anything_but_named_tensors_is_refused_by_name(tmp_path, content, message):
+    base, directory = peft_saved(tmp_path, safe_serialization=False)
+    weights = directory / "adapter_model.bin"
+    bin_with(directory, torch.load(weights, weights_only=True), content)
+    with pytest.raises(ValueError, match=f"^{re.escape(f'{weights}: {message}')}"):
+        load_adapter(copy.deepcopy(base), directory)
+    torch.save([torch.zeros(1)], weights)
+    with pytest.raises(ValueError, match=f"^{re.escape(f'{weights} holds a list, not a dict')}"):
+        load_adapter(copy.deepcopy(base), directory)
+    weights.write_bytes(b"\x00" * 5)
+    with pytest.raises(
+        ValueError, match=f"^{re.escape(f'{weights} is not a readable torch.save')}"
+    ):
+        load_adapter(copy.deepcopy(base), directory)
+
+
+def test_safetensors_wins_over_bin_and_neither_says_what_is_there(tmp_path):
+    base, directory = peft_saved(tmp_path / "adapter")  # adapter_model.safetensors
+    marker = tmp_path / "marker"
+    bin_with(directory, {}, {"extra": RunsCode(marker)})  # never opened: safetensors is read
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), directory)
+    ours = load_adapter(copy.deepcopy(base), directory)
+    ids = tokens()
+    torch.testing.assert_close(logits(ours, ids), logits(theirs, ids), rtol=1e-5, atol=1e-5)
+    assert not marker.exists()
+
+    for name in ("adapter_model.safetensors", "adapter_model.bin"):
+        (directory / name).unlink()
+    (directory / "weights.pt").write_bytes(b"")
+    with pytest.raises(FileNotFoundError) as refused:
+        load_adapter(copy.deepcopy(base), directory)
+    assert str(refused.value) == (
+        f"{directory} has no adapter_model.safetensors or adapter_model.bin (it holds README.md, "
+        "adapter_config.json, weights.pt)"
+    )
 
 
 # -- 5. where a save writes ---------------------------------------------------------------------

@@ -4,6 +4,7 @@ Every user error is one line on stderr, ``lightning-peft: error: ...``, exit sta
 before any training, with the files on disk as they were.
 """
 
+import codecs
 import importlib.util
 import json
 import os
@@ -77,6 +78,9 @@ def topic_rows(n: int = 24):
     return [{"text": f"{word} news item {i}", "label": word} for i in range(n) for word in words]
 
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 def run_cli(*args, cwd):
     """The command in a child process, as a user runs it."""
     return subprocess.run(
@@ -85,7 +89,12 @@ def run_cli(*args, cwd):
         capture_output=True,
         text=True,
         timeout=600,
-        env={"LIGHTNING_PEFT_THREADS": "1", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"},
+        env={
+            "LIGHTNING_PEFT_THREADS": "1",
+            "PATH": "/usr/bin:/bin",
+            "HF_HUB_OFFLINE": "1",
+            "PYTHONPATH": REPO,  # this checkout's code, not wherever the package is installed
+        },
     )
 
 
@@ -339,6 +348,21 @@ def broken_model_dirs(root, models):
     return out
 
 
+def latin1_csv(directory):
+    """A CSV saved as Latin-1: its first é (byte 0xe9) is at offset 14, on line 2."""
+    path = directory / "latin1.csv"
+    rows = "".join(f"café {i},{'ab'[i % 2]}\n" for i in range(20))
+    path.write_bytes(("text,label\n" + rows).encode("latin-1"))
+    return path
+
+
+def binary_jsonl(directory):
+    """A torch.save file named .jsonl (a zip: a NUL at offset 4)."""
+    path = directory / "weights.jsonl"
+    torch.save({"w": torch.zeros(3)}, path)
+    return path
+
+
 BAD_INPUTS = [
     (["--targets", "re:q_proj("], "--targets 're:q_proj(' is not a valid regular expression"),
     (["--targets", ".*q_proj"], "'.*q_proj' is not a module name; for a regular expression"),
@@ -363,6 +387,11 @@ BAD_INPUTS = [
     (["--output_dir", "A_FILE/out"], "is not writable"),
     (["--data", "/nonexistent.csv"], "data file /nonexistent.csv does not exist"),
     (["--data", "NO_LABEL"], "has no column 'label'"),
+    (["--data", "LATIN1"], "latin1.csv: not text in a known encoding: byte 0xe9 at offset 14 "
+     "(line 2); lightning-peft reads UTF-8 (with or without a BOM), UTF-16 or UTF-32 (LE or BE) "
+     "with a BOM: save the file as UTF-8"),
+    (["--data", "BINARY"], "weights.jsonl: not text in a known encoding: byte 0x00 at offset 4 "
+     "(line 1) (a NUL byte: UTF-16/UTF-32 without a BOM, or not a text file)"),
     (["--samples", "-1"], "--samples must be >= 0"),
     (["--method", "ia3", "--rank", "8"], "--rank does not apply to --method ia3 (it takes "
      "--targets, --feedforward)"),
@@ -419,6 +448,8 @@ def test_bad_input_exits_2_with_one_line(tmp_path, models, args, message, cli_in
         "A_FILE/out": str(tmp_path / "a_file" / "out"),
         "NO_LABEL": str(write_rows(tmp_path / "bad.jsonl", [{"text": "a"}, {"text": "b"}])),
         "NO_TOKENIZER": str(broken["no_tokenizer"]),
+        "LATIN1": str(latin1_csv(tmp_path)),
+        "BINARY": str(binary_jsonl(tmp_path)),
     }
     args = [substitutes.get(a, a) for a in args]
     defaults = ["--model", str(models["llama"]), "--data", str(good)]
@@ -459,6 +490,43 @@ def test_a_bad_row_is_named_by_file_and_line(tmp_path, models, rows, message, cl
     assert expected in stderr
 
 
+def test_a_data_file_that_is_not_text_is_refused_before_the_model_is_located(
+    tmp_path, monkeypatch, cli_in_process
+):
+    """No --model: the embedded model is located (the first time, converted) only after the
+    data file's bytes passed."""
+
+    def located(*args, **kwargs):
+        raise AssertionError("the default model was located before the data was checked")
+
+    monkeypatch.setattr("lightning_peft.cli.default_model_path", located)
+    out = tmp_path / "out"
+    for data in (latin1_csv(tmp_path), binary_jsonl(tmp_path)):
+        code, _, stderr = cli_in_process(
+            "fit", "--task", "classification", "--data", str(data), "--output_dir", str(out)
+        )
+        assert code == 2 and stderr.count("\n") == 1, stderr[-2000:]
+        assert stderr.startswith(f"lightning-peft: error: {data}: not text in a known encoding")
+        assert not out.exists()
+
+
+def test_a_utf16_spreadsheet_export_trains(tmp_path, models, cli_in_process):
+    """``--task classification --data f.csv`` with f.csv in UTF-16 LE with a BOM, the encoding
+    of spreadsheet programs' "Unicode text"."""
+    data = tmp_path / "f.csv"
+    rows = "".join(f"{r['text']},{r['label']}\r\n" for r in topic_rows())
+    data.write_bytes(codecs.BOM_UTF16_LE + ("text,label\r\n" + rows).encode("utf-16-le"))
+    out = tmp_path / "out"
+    code, _, stderr = cli_in_process(
+        "fit", "--task", "classification", "--model", str(models["bert"]), "--data", str(data),
+        "--rank", "2", "--output_dir", str(out), "--trainer.max_steps=1", "--samples=0",
+        "--data.train_size=8", "--data.val_size=8", *QUIET,
+    )  # fmt: skip
+    assert code == 0, stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["train_size"], summary["val_size"]) == (8, 8)
+
+
 def test_a_bug_keeps_its_traceback(tmp_path, models, monkeypatch, cli_in_process):
     def broken(*args, **kwargs):
         raise RuntimeError("a bug, not the user's fault")
@@ -477,6 +545,23 @@ def test_bad_input_from_a_real_process_has_no_traceback(tmp_path):
         "lightning-peft: error: model directory /nonexistent/model does not exist; pass a local "
         "transformers model"
     ]
+
+
+def test_a_binary_data_file_from_a_real_process_is_one_line(tmp_path, models):
+    data = binary_jsonl(tmp_path)
+    out = tmp_path / "out"
+    result = run_cli(
+        "fit", "--model", str(models["llama"]), "--data", str(data), "--output_dir", str(out),
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines() == [
+        f"lightning-peft: error: {data}: not text in a known encoding: byte 0x00 at offset 4 "
+        "(line 1) (a NUL byte: UTF-16/UTF-32 without a BOM, or not a text file); lightning-peft "
+        "reads UTF-8 (with or without a BOM), UTF-16 or UTF-32 (LE or BE) with a BOM: save the "
+        "file as UTF-8"
+    ]
+    assert not out.exists()
 
 
 def test_fit_help_says_what_model_and_targets_are(capsys):

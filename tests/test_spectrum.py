@@ -192,8 +192,11 @@ def write_bottleneck(tmp_path):
         (["ADAPTER", "--model", "/nonexistent"], "model directory /nonexistent does not exist"),
         (["ADAPTER", "--model", "OTHER"], "is --model the adapter's base model?"),
         ([], "the following arguments are required: adapter_dir"),
+        (["NO_WEIGHTS"], "has no adapter_model.safetensors or adapter_model.bin (it holds "
+         "adapter_config.json)"),
+        (["NOT_TENSORS"], "adapter_model.bin: 'x' is of type int, not a tensor"),
     ],
-)
+)  # fmt: skip
 def test_inspect_bad_input_is_one_line(tmp_path, capsys, args, message):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -206,7 +209,16 @@ def test_inspect_bad_input_is_one_line(tmp_path, capsys, args, message):
                     num_attention_heads=2, num_key_value_heads=1, vocab_size=64)
     )  # fmt: skip
     other.save_pretrained(tmp_path / "other")
+    for name, bin_content in (("no_weights", None), ("not_tensors", {"x": 3})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_config.json").write_bytes(
+            (tmp_path / "adapter" / "adapter_config.json").read_bytes()
+        )
+        if bin_content is not None:
+            torch.save(bin_content, tmp_path / name / "adapter_model.bin")
     substitutes = {
+        "NO_WEIGHTS": str(tmp_path / "no_weights"),
+        "NOT_TENSORS": str(tmp_path / "not_tensors"),
         "BOTTLENECK": str(write_bottleneck(tmp_path)),
         "ADAPTER": str(tmp_path / "adapter"),
         "OTHER": str(tmp_path / "other"),

