@@ -14,9 +14,10 @@ outside it). These ops add what LoRA and DoRA put on top:
 Both have a hand-written backward: eagerly through an ``autograd.Function`` (no custom-op
 dispatch, ~0.1 ms a call saved), under ``torch.compile`` through ``torch.library`` custom ops
 with fake implementations (as ``peft_kernels.ops``), both over the same functions. What they
-save for backward, parameters aside: ``lora_delta`` keeps ``x`` and ``u = x̃ Aᵀ`` (M, r), plus the bool
-keep-mask with dropout (never ``dropout(x)``); ``dora_combine`` keeps ``z = base − b + d``
-(M, out), for the magnitude's gradient, and the norm (out,). Never an out×in tensor.
+save for backward, parameters aside: ``lora_delta`` keeps ``x`` and ``u = x̃ Aᵀ`` (M, r), plus
+the bool keep-mask with dropout (never ``dropout(x)``); ``dora_combine`` keeps
+``z = base − b + d`` (M, out), for the magnitude's gradient, and the norm (out,).
+Never an out×in tensor.
 
 Backends: ``"naive"`` is plain autograd (the reference); every other backend runs the torch
 implementation here. The branch is two rank-r GEMMs and an elementwise combine, with no base
