@@ -90,9 +90,11 @@ def _check_inputs(
     magnitude: Tensor | None = None,
     lora_bias: Tensor | None = None,
 ) -> None:
-    base = {"x": x, "weight": weight, "bias": bias}
-    adapter = {"lora_A": lora_A, "lora_B": lora_B, "lora_bias": lora_bias, "magnitude": magnitude}
-    base, adapter = ({k: v for k, v in d.items() if v is not None} for d in (base, adapter))
+    base = {"x": x, "weight": weight} | ({} if bias is None else {"bias": bias})
+    adapter = {"lora_A": lora_A, "lora_B": lora_B}
+    adapter.update(
+        {k: v for k, v in (("lora_bias", lora_bias), ("magnitude", magnitude)) if v is not None}
+    )
     named = base | adapter
     for name, tensor in named.items():
         if not isinstance(tensor, Tensor):
