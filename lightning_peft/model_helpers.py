@@ -18,6 +18,9 @@ from lightning_peft.methods import AdapterLayer, adapter_layers
 def merge_adapters(model: nn.Module) -> int:
     """Merge every adapter layer into its base weight (idempotent); returns how many.
 
+    A layer the model reaches by several paths (one block held in two places) is one layer: it
+    merges once.
+
     Raises:
         ValueError: the model has a layer that cannot merge (e.g. a bottleneck adapter, which is
             non-linear; a LoRA on a grouped convolution; a layer whose weight another module
@@ -34,27 +37,30 @@ def merge_adapters(model: nn.Module) -> int:
     return len(layers)
 
 
-def _parameter_owners(model: nn.Module) -> dict[int, list[str]]:
-    """``{id(parameter): [every "<module path>.<name>" that holds it]}``."""
-    owners: dict[int, list[str]] = {}
+def _parameter_owners(model: nn.Module) -> dict[int, list[tuple[str, nn.Module]]]:
+    """``{id(parameter): [("<module path>.<name>", module) for every path that holds it]}``
+    (a module reached by two paths is listed under both)."""
+    owners: dict[int, list[tuple[str, nn.Module]]] = {}
     for path, module in model.named_modules(remove_duplicate=False):
         for name, param in module._parameters.items():
             if param is not None:
-                owners.setdefault(id(param), []).append(f"{path}.{name}" if path else name)
+                owners.setdefault(id(param), []).append(
+                    (f"{path}.{name}" if path else name, module)
+                )
     return owners
 
 
 def _shared_weight_refusal(path: str, layer: AdapterLayer, owners: dict) -> str | None:
-    """A merge writes the base tensors the layer holds in place: refuse when a module outside
-    the layer holds one of them too (tied weights), since the merge would change it as well."""
+    """A merge writes the base tensors the layer holds in place: refuse when another module holds
+    one of them too (tied weights), since the merge would change it as well. The layer itself
+    reached by another path is no other module: its merge is the same merge, done once."""
     if layer.merged:
         return None
     adapter = set(layer.adapter_parameter_names())
     for name, param in layer._parameters.items():
         if param is None or name in adapter:
             continue
-        here = f"{path}.{name}" if path else name
-        others = [owner for owner in owners.get(id(param), []) if owner != here]
+        others = [owner for owner, module in owners.get(id(param), []) if module is not layer]
         if others:
             return (
                 f"its {name} is also {others[0]!r} (tied weights), which merging would change "

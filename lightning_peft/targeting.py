@@ -5,7 +5,9 @@
   model's output layer (``get_output_embeddings()``);
 - ``exclude_modules`` (same rules) and anything inside ``modules_to_save`` are never targets;
 - ``layers_to_transform`` keeps modules whose first ``<name>.<index>.`` (or
-  ``<layers_pattern>.<index>.``) index is listed;
+  ``<layers_pattern>.<index>.``) index is listed; a module listed by its full name in
+  ``target_modules`` is kept whatever its index (peft's ``check_target_module_exists`` returns on
+  the full-name match before the layer filter);
 - each target goes to the first layer class of the config's method that adapts it; a target no
   class adapts is refused by name, and so is a module whose parent never calls it (the
   ``out_proj`` of ``nn.MultiheadAttention``, which LoRA adapts through the attention module
@@ -32,6 +34,11 @@ def name_matches(targets: list[str] | str | None, name: str) -> bool:
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
     return name in targets or any(name.endswith(f".{target}") for target in targets)
+
+
+def named_in_full(targets: list[str] | str | None, name: str) -> bool:
+    """Whether a target list names ``name`` whole (not as a suffix; a string never does)."""
+    return bool(targets) and not isinstance(targets, str) and name in targets
 
 
 def inside_modules_to_save(modules_to_save: list[str] | None, name: str) -> bool:
@@ -136,7 +143,12 @@ def plan_targets(model: nn.Module, config) -> TargetPlan:
     layers = getattr(config, "layers_to_transform", None)
     if layers is not None:
         wanted = {layers} if isinstance(layers, int) else set(layers)
-        kept = [n for n in kept if layer_index(n, config.layers_pattern) in wanted]
+        kept = [
+            n
+            for n in kept
+            if named_in_full(config.target_modules, n)
+            or layer_index(n, config.layers_pattern) in wanted
+        ]
     if not kept:
         raise ValueError(_no_match_message(config, [n for n, _ in modules], matched))
     plan = TargetPlan()

@@ -9,7 +9,14 @@ Shapes, as peft's conv layers hold them (N = 1, 2 or 3 spatial dimensions, G = `
 - ``lora_B`` B (out, r/G, 1, …, 1): a 1×…×1 convolution with W's groups;
 - ``magnitude`` m (out,) (DoRA).
 
-LoRA: ``y = conv(x, W) + b + s·conv(conv(dropout(x), A), B)``.
+LoRA: ``y = conv(x, W) + b + s·(conv(conv(dropout(x), A), B) + b_B)`` (``b_B``: B's bias,
+``lora_bias``, optional).
+
+Dtypes, as ``lora_linear``'s: ``x``, ``weight`` and ``bias`` share the compute dtype; the adapter
+tensors (``lora_A``, ``lora_B``, ``lora_bias``, ``magnitude``) share the adapter dtype, the compute
+dtype or wider. float32 adapters on a bfloat16 base run the whole adapter branch in float32 (x
+cast up, as peft's ``_cast_input_dtype`` does); the base convolution runs in x's dtype, the two
+are added in the adapter dtype and the sum is rounded to x's dtype once, as peft's ``_ConvNd``.
 
 With G = 1 the update is one convolution, ``ΔW[o] = s·Σ_j B[o, j]·A[j]`` (``conv_delta_weight``),
 so it merges into W. With G > 1 output channel o (in group g) reads the A-channels of group g,
@@ -28,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from peft_kernels._validation import check_frozen_and_scalars
+from peft_kernels._validation import _ADAPTER_DTYPES, check_frozen_and_scalars
 from peft_kernels.norm import dora_weight_norm, norm_dtype, weight_row_sq_norm
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -81,19 +88,32 @@ def _check_inputs(
     scaling: float,
     dropout_p: float,
     magnitude: Tensor | None = None,
+    lora_bias: Tensor | None = None,
 ) -> None:
-    named = {"x": x, "weight": weight, "lora_A": lora_A, "lora_B": lora_B}
-    named.update({k: v for k, v in (("bias", bias), ("magnitude", magnitude)) if v is not None})
+    base = {"x": x, "weight": weight} | ({} if bias is None else {"bias": bias})
+    adapter = {"lora_A": lora_A, "lora_B": lora_B}
+    adapter.update(
+        {k: v for k, v in (("lora_bias", lora_bias), ("magnitude", magnitude)) if v is not None}
+    )
+    named = base | adapter
     for name, tensor in named.items():
         if not isinstance(tensor, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+    for group, like in ((base, "x"), (adapter, "lora_A")):
+        for name, tensor in group.items():
+            if tensor.dtype != group[like].dtype:
+                raise TypeError(
+                    f"{name} has dtype {tensor.dtype} but {like} has {group[like].dtype}; "
+                    "cast them to one dtype"
+                )
+    if (x.dtype, lora_A.dtype) not in _ADAPTER_DTYPES:
+        raise TypeError(
+            f"the adapter tensors have dtype {lora_A.dtype}, narrower than x's {x.dtype} (or "
+            "not floating): use x's dtype or a wider one"
+        )
     for name, tensor in named.items():
-        if tensor.dtype != x.dtype:
-            raise TypeError(
-                f"{name} has dtype {tensor.dtype} but x has {x.dtype}; cast them to one dtype"
-            )
         if tensor.device != x.device:
             raise ValueError(f"{name} is on {tensor.device} but x is on {x.device}")
     _check_factors(weight, lora_A, lora_B, groups)
@@ -104,8 +124,11 @@ def _check_inputs(
             f"weight {tuple(weight.shape)} with groups={groups}, got {tuple(x.shape)}"
         )
     out_channels = weight.shape[0]
-    if bias is not None and tuple(bias.shape) != (out_channels,):
-        raise ValueError(f"bias must be (out,) = ({out_channels},), got {tuple(bias.shape)}")
+    for name, vector in (("bias", bias), ("lora_bias", lora_bias)):
+        if vector is not None and tuple(vector.shape) != (out_channels,):
+            raise ValueError(
+                f"{name} must be (out,) = ({out_channels},), got {tuple(vector.shape)}"
+            )
     if magnitude is not None and tuple(magnitude.shape) != (out_channels,):
         raise ValueError(
             f"magnitude must be (out,) = ({out_channels},), got {tuple(magnitude.shape)}"
@@ -113,10 +136,14 @@ def _check_inputs(
     check_frozen_and_scalars(weight, scaling, dropout_p)
 
 
-def _lora_path(x: Tensor, lora_A: Tensor, lora_B: Tensor, stride, padding, dilation, groups):
-    """``conv(conv(x, A), B)``: (batch, in, *spatial) -> (batch, out, *spatial_out)."""
+def _lora_path(
+    x: Tensor, lora_A: Tensor, lora_B: Tensor, lora_bias, stride, padding, dilation, groups
+):
+    """``conv(conv(x, A), B) + b_B``: (batch, in, *spatial) -> (batch, out, *spatial_out), in
+    the adapter dtype (x cast up to it)."""
     conv = _conv_for(lora_A)
-    return conv(conv(x, lora_A, None, stride, padding, dilation), lora_B, None, 1, 0, 1, groups)
+    after_A = conv(x.to(lora_A.dtype), lora_A, None, stride, padding, dilation)
+    return conv(after_A, lora_B, lora_bias, 1, 0, 1, groups)
 
 
 def lora_conv(
@@ -133,31 +160,37 @@ def lora_conv(
     padding: int | tuple[int, ...] | str = 0,
     dilation: int | tuple[int, ...] = 1,
     groups: int = 1,
+    lora_bias: Tensor | None = None,
 ) -> Tensor:
-    """LoRA convolution: ``y = conv(x, W) + b + scaling · conv(conv(dropout(x), A), B)``.
+    """LoRA convolution: ``y = conv(x, W) + b + scaling · (conv(conv(dropout(x), A), B) + b_B)``.
 
     Args:
         x: (batch, in, *spatial), N = 1, 2 or 3 spatial dimensions.
-        weight: W (out, in/groups, *kernel), frozen (must not require grad).
-        bias: (out,) or None; it gets a gradient when it requires grad.
-        lora_A: A (r, in, *kernel), applied with ``stride``, ``padding`` and ``dilation``.
-        lora_B: B (out, r/groups, 1, …): a 1×…×1 convolution with ``groups``.
+        weight: W (out, in/groups, *kernel), frozen (must not require grad), x's dtype.
+        bias: (out,) or None, x's dtype; it gets a gradient when it requires grad.
+        lora_A: A (r, in, *kernel), applied with ``stride``, ``padding`` and ``dilation``; x's
+            dtype or wider (e.g. float32 on a bfloat16 base: the branch then runs in float32).
+        lora_B: B (out, r/groups, 1, …): a 1×…×1 convolution with ``groups``; A's dtype.
         scaling: s, ``lora_alpha / r`` (rsLoRA: ``lora_alpha / sqrt(r)``).
         dropout_p: dropout probability on the adapter's input; active only when ``training``.
         stride, padding, dilation, groups: W's, as in ``torch.nn.functional.conv2d``.
+        lora_bias: b_B (out,), B's bias (peft's ``lora_bias``), A's dtype, or None.
 
     Returns:
-        y (batch, out, *spatial_out) in x's dtype.
+        y (batch, out, *spatial_out) in x's dtype: ``conv(x, W) + b`` in x's dtype, the branch
+        in the adapter dtype, their sum rounded once (peft's ``_ConvNd``).
 
     Raises:
         TypeError / ValueError: bad dtypes, shapes, devices, ``r == 0``, ``r`` or ``out`` not a
             multiple of ``groups``, a weight that requires grad, ``dropout_p`` outside [0, 1).
     """
-    _check_inputs(x, weight, bias, lora_A, lora_B, groups, scaling, dropout_p)
+    _check_inputs(x, weight, bias, lora_A, lora_B, groups, scaling, dropout_p, None, lora_bias)
     geometry = (stride, padding, dilation)
     base = _conv_for(weight)(x, weight, bias, *geometry, groups)
-    x_dropped = F.dropout(x, dropout_p, training) if dropout_p > 0 else x
-    return base + _lora_path(x_dropped, lora_A, lora_B, *geometry, groups) * scaling
+    x_adapter = x.to(lora_A.dtype)
+    x_dropped = F.dropout(x_adapter, dropout_p, training) if dropout_p > 0 else x_adapter
+    lora = _lora_path(x_dropped, lora_A, lora_B, lora_bias, *geometry, groups) * scaling
+    return (base + lora).to(x.dtype)
 
 
 def dora_conv(
@@ -185,10 +218,13 @@ def dora_conv(
     - dropout on, exactly as peft: ``y = conv(x, W) + b + (g − 1) ⊙ conv(x̃, W) + g ⊙ s·L(x̃)``
       with ``x̃ = dropout(x)``.
 
+    The convolutions with W run in x's dtype (x̃ rounded to it), everything else in the adapter
+    dtype (at least that of n), and y is rounded to x's dtype once.
+
     Args:
         x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, stride, padding,
             dilation, groups: as in ``lora_conv``.
-        magnitude: m (out,).
+        magnitude: m (out,), A's dtype.
         weight_sq_norm: optional cached ``‖W[o]‖²`` (out,) (``weight_row_sq_norm`` of W
             flattened to (out, -1)).
 
@@ -200,20 +236,19 @@ def dora_conv(
         weight, lora_A, lora_B, scaling, groups=groups, weight_sq_norm=weight_sq_norm
     )
     channel = (1, -1) + (1,) * (weight.dim() - 2)
-    scale = (magnitude.to(norm.dtype) / norm).to(x.dtype).view(channel)
+    wide = torch.promote_types(lora_A.dtype, norm.dtype)
+    scale = (magnitude.to(wide) / norm.to(wide)).view(channel)
     geometry = (stride, padding, dilation)
     conv = _conv_for(weight)
     if training and dropout_p > 0:
-        x_dropped = F.dropout(x, dropout_p, True)
-        lora = _lora_path(x_dropped, lora_A, lora_B, *geometry, groups) * scaling
-        return (
-            conv(x, weight, bias, *geometry, groups)
-            + (scale - 1) * conv(x_dropped, weight, None, *geometry, groups)
-            + scale * lora
-        )
-    lora = _lora_path(x, lora_A, lora_B, *geometry, groups) * scaling
+        x_dropped = F.dropout(x.to(lora_A.dtype), dropout_p, True)
+        lora = _lora_path(x_dropped, lora_A, lora_B, None, *geometry, groups) * scaling
+        base_dropped = conv(x_dropped.to(x.dtype), weight, None, *geometry, groups)
+        y = conv(x, weight, bias, *geometry, groups) + (scale - 1) * base_dropped + scale * lora
+        return y.to(x.dtype)
+    lora = _lora_path(x, lora_A, lora_B, None, *geometry, groups) * scaling
     y = scale * (conv(x, weight, None, *geometry, groups) + lora)
-    return y if bias is None else y + bias.view(channel)
+    return (y if bias is None else y + bias.view(channel)).to(x.dtype)
 
 
 def conv_dora_weight_norm(
@@ -263,14 +298,15 @@ def conv_dora_weight_norm(
             scaling,
             weight_sq_norm,
         )
-    dtype = norm_dtype(weight.dtype)
+    dtype = torch.promote_types(norm_dtype(weight.dtype), norm_dtype(lora_A.dtype))
     rows = out_channels // groups
     w = weight.reshape(rows, groups, -1)  # w[q, g] = W[q·G + g] flattened
     a = lora_A.reshape(rank, groups, -1)  # a[:, g] = A's flattened columns g·c … (g+1)·c
     b = lora_B.reshape(rows, rank).to(dtype)  # peft's B.view(-1, r)
     if weight_sq_norm is None:
         weight_sq_norm = weight_row_sq_norm(weight.reshape(out_channels, -1))
-    wa = torch.einsum("qgc,rgc->qgr", w, a.to(w.dtype)).to(dtype)  # (out/G, G, r)
+    product_dtype = torch.promote_types(w.dtype, a.dtype)  # fp32 adapters stay fp32
+    wa = torch.einsum("qgc,rgc->qgr", w.to(product_dtype), a.to(product_dtype)).to(dtype)
     cross = (wa * b[:, None, :]).sum(-1)  # ⟨W[o], B'[q] a_g⟩
     a = a.to(dtype)
     aat = torch.einsum("rgc,sgc->grs", a, a)  # (G, r, r)

@@ -19,7 +19,10 @@ from lightning_peft import (
     LoRAConfig,
     inject_adapters,
     load_adapter,
+    merge_adapters,
     save_adapter,
+    unload,
+    unmerge_adapters,
 )
 from lightning_peft.config import PEFT_IGNORED_FIELDS, PEFT_ONLY_FIELDS, PEFT_UNSUPPORTED_FIELDS
 from lightning_peft.targeting import select_targets
@@ -71,6 +74,40 @@ def test_module_held_in_two_places_saves_and_loads_as_peft(tmp_path):
     )
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
     torch.testing.assert_close(logits(theirs, ids), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_module_held_in_two_places_merges_once_as_peft(tmp_path, use_dora):
+    """One decoder layer reached by two paths: its adapter layers are one layer each, whose
+    weights no *other* module holds; merge (and unmerge) run once, the merged model equals
+    peft's, and save/load still works after the round trip."""
+    base = MODELS["llama"]()
+    base.model.last_layer = base.model.layers[-1]
+    kwargs = {"r": 4, "target_modules": ["q_proj", "v_proj"], "init_lora_weights": False}
+    ours = copy.deepcopy(base)
+    inject_adapters(ours, LoRAConfig(use_dora=use_dora, **kwargs))
+    q_proj = ours.model.layers[-1].self_attn.q_proj
+    assert ours.model.last_layer.self_attn.q_proj is q_proj
+    save_adapter(ours, tmp_path)
+    ids = tokens()
+    unmerged, weight = logits(ours, ids), q_proj.weight.clone()
+    assert merge_adapters(ours) == 4  # two layers x (q_proj, v_proj), each once
+    assert q_proj.merged
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).merge_and_unload()
+    their_q_proj = theirs.model.layers[-1].self_attn.q_proj
+    torch.testing.assert_close(q_proj.weight, their_q_proj.weight, rtol=0, atol=1e-6)
+    torch.testing.assert_close(logits(ours, ids), logits(theirs, ids), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits(ours, ids), unmerged, rtol=1e-5, atol=1e-5)
+    assert unmerge_adapters(ours) == 4 and not q_proj.merged
+    torch.testing.assert_close(q_proj.weight, weight, rtol=0, atol=1e-6)  # unmerged once
+    torch.testing.assert_close(logits(ours, ids), unmerged, rtol=1e-6, atol=1e-6)
+    save_adapter(ours, tmp_path / "again")
+    reloaded = load_adapter(copy.deepcopy(base), tmp_path / "again")
+    torch.testing.assert_close(logits(reloaded, ids), unmerged)
+    plain = unload(ours)  # merges, and both paths get the plain module back
+    assert type(plain.model.last_layer.self_attn.q_proj) is nn.Linear
+    assert plain.model.last_layer is plain.model.layers[-1]
+    torch.testing.assert_close(logits(plain, ids), unmerged, rtol=1e-5, atol=1e-5)
 
 
 def test_one_module_under_two_parents_is_refused():

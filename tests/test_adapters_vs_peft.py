@@ -98,6 +98,37 @@ def test_targeting_picks_the_modules_peft_picks(family, targets):
     )
 
 
+LAYER_FILTERS = [  # (family, target_modules, layers_to_transform, layers_pattern)
+    ("llama", ["q_proj", "v_proj"], [1], None),
+    ("llama", ["self_attn.q_proj", "mlp.up_proj"], 0, "layers"),
+    # a full name is adapted whatever its layer index, a suffix only in the listed layers
+    ("llama", ["model.layers.0.self_attn.q_proj", "v_proj"], [1], None),
+    ("llama", ["model.layers.1.mlp.down_proj", "q_proj"], 0, "layers"),
+    ("llama", ["model.layers.1.self_attn.k_proj"], 0, None),  # only a full name, "filtered out"
+    ("llama", ["lm_head", "o_proj"], [0, 1], ["layers"]),  # a full name with no layer index
+    ("gpt2", ["transformer.h.0.attn.c_attn", "c_proj"], [1], "h"),
+    ("bert", ["bert.encoder.layer.1.attention.self.query", "value"], 0, "layer"),
+    ("llama", r"model\.layers\.0\..*_proj", None, None),  # a regex: no layer filter allowed
+]
+
+
+@pytest.mark.parametrize(
+    ("family", "targets", "layers", "pattern"),
+    LAYER_FILTERS,
+    ids=[f"{case[0]}-{i}" for i, case in enumerate(LAYER_FILTERS)],
+)
+def test_layer_filter_picks_the_modules_peft_picks(family, targets, layers, pattern):
+    """peft's ``check_target_module_exists``: a module named whole in ``target_modules`` is
+    adapted before ``layers_to_transform`` / ``layers_pattern`` are looked at."""
+    base = MODELS[family]()
+    kwargs = {"target_modules": targets, "layers_to_transform": layers, "layers_pattern": pattern}
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kwargs))
+    ours = sorted(select_targets(base, LoRAConfig(**kwargs)))
+    assert ours == peft_adapted_names(theirs)
+    modules = dict(base.named_modules())
+    assert {t for t in targets if t in modules} <= set(ours)  # every full name, for a list
+
+
 @pytest.mark.parametrize(
     "extra",
     [

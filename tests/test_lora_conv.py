@@ -182,8 +182,26 @@ def test_bad_inputs_are_named():
         lora_conv(torch.randn(1, 3, 5, 5), weight, bias, lora_A, lora_B, 1.0)
     with pytest.raises(ValueError, match=r"3-, 4- or 5-D"):
         lora_conv(x, weight.flatten(1), bias, lora_A, lora_B, 1.0)
+    with pytest.raises(TypeError, match="narrower than x's"):
+        lora_conv(x.double(), weight.double(), bias.double(), lora_A, lora_B, 1.0)
+    with pytest.raises(TypeError, match=r"lora_bias has dtype torch\.float64"):
+        lora_conv(x, weight, bias, lora_A, lora_B, 1.0, lora_bias=bias.double())
     with pytest.raises(ValueError, match="requires grad"):
         lora_conv(x, weight.requires_grad_(True), bias, lora_A, lora_B, 1.0)
+
+
+def test_float32_adapters_on_a_bfloat16_base_add_in_float32_and_round_once():
+    """peft's ``_ConvNd``: the base convolution in bf16, the branch (x cast up, B's bias
+    included) in fp32, their sum rounded to bf16 once."""
+    weight, bias, lora_A, lora_B = factors(6, 4, (3, 3), 2, dtype=torch.float32)
+    lora_bias = torch.randn(6)
+    x = torch.randn(2, 4, 5, 5).bfloat16()
+    weight, bias = weight.bfloat16(), bias.bfloat16()
+    got = lora_conv(x, weight, bias, lora_A, lora_B, 0.7, padding=1, lora_bias=lora_bias)
+    branch = F.conv2d(F.conv2d(x.float(), lora_A, None, 1, 1), lora_B, lora_bias)
+    want = (F.conv2d(x, weight, bias, 1, 1) + branch * 0.7).bfloat16()
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 # -- the layer, against peft --------------------------------------------------------------------

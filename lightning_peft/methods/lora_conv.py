@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_peft.config import REWRITES_BASE, LoRAConfig
-from lightning_peft.methods.lora_base import LoRALayer, add_lora_bias, compute_dtype
+from lightning_peft.methods.lora_base import LoRALayer, compute_dtype
 from peft_kernels import (
     conv_delta_weight,
     conv_dora_weight_norm,
@@ -43,8 +43,7 @@ class LoRAConv(LoRALayer):
     """
 
     row_noun = "output channel"
-    # The forward computes n from the factors cast to the compute dtype: a norm cached from the
-    # factors in their own dtype would not be those numbers.
+    # ``dora_conv`` computes n itself (it takes no precomputed norm).
     reuses_inference_norm = False
 
     # -- declarations ---------------------------------------------------------------------------
@@ -113,27 +112,39 @@ class LoRAConv(LoRALayer):
             "groups": base.groups,
         }
 
+    # x (batch, in, *spatial) -> (batch, out, *spatial_out). x, W and b go to the compute dtype
+    # (the autocast dtype under autocast, as a convolution's operands would); the adapters keep
+    # their own dtype, or x's where that is wider: float32 adapters on a bfloat16 base run the
+    # branch in float32 and the sum is rounded once, as peft does (``peft_kernels.lora_conv``).
+
     def _args(self, x: Tensor) -> tuple[torch.dtype, tuple]:
+        """(adapter dtype, the op's positional arguments up to B)."""
         dtype = compute_dtype(x)
         # detach(): W is frozen (under FSDP1 it can arrive as a view that requires grad).
         weight = self.weight.detach().to(dtype)
-        bias = add_lora_bias(self.bias, self.lora_bias, self.scaling, dtype)
-        return dtype, (x.to(dtype), weight, bias, *self._factors(dtype))
+        bias = None if self.bias is None else self.bias.to(dtype)
+        wide = torch.promote_types(dtype, self.lora_A.dtype)
+        return wide, (x.to(dtype), weight, bias, *self._factors(wide))
 
     def _factors(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         return self.lora_A.to(dtype), self.lora_B.to(dtype)
 
     def lora_output(self, x: Tensor) -> Tensor:
-        """x (batch, in, *spatial) -> (batch, out, *spatial_out)."""
-        _, args = self._args(x)
+        wide, args = self._args(x)
+        lora_bias = None if self.lora_bias is None else self.lora_bias.to(wide)
         with torch.autocast(x.device.type, enabled=False):
             return lora_conv(
-                *args, self.scaling, self.dropout_p, training=self.training, **self.geometry()
+                *args,
+                self.scaling,
+                self.dropout_p,
+                training=self.training,
+                lora_bias=lora_bias,
+                **self.geometry(),
             )
 
     def dora_output(self, x: Tensor, weight_sq_norm: Tensor, weight_norm: None) -> Tensor:
-        dtype, args = self._args(x)
-        magnitude = self.lora_magnitude.reshape(-1).to(dtype)
+        wide, args = self._args(x)
+        magnitude = self.lora_magnitude.reshape(-1).to(wide)
         with torch.autocast(x.device.type, enabled=False):
             return dora_conv(
                 *args,
