@@ -60,16 +60,17 @@ partitions, and manual optimization may step before every backward pass: no chec
 
 Divergence (``check_finite=True``, the default). Before every optimizer step the callback tests
 the loss of each backward pass since the last step and the gradients of every trained tensor for
-NaN and infinity: one fused max-abs reduction over all of them and one host synchronisation (plus
-one scalar all-reduce when there are several processes). At the first non-finite value ``fit``
-stops with a ``DivergenceError`` naming the step, the first trained tensor whose gradient is not
-finite, and the newest checkpoint whose tensors are all finite; the adapters are not updated with
-it, and nothing is written to ``save_adapter_to``. Under a gradient scaler (``16-mixed``) a step
-the scaler skips (its own inf/NaN check after unscaling) is not an error: the scaler lowers its
-scale and goes on. An adapter that is not finite when training ends (an update that overflowed
-in the last step) is not written either. ``check_finite=False`` leaves all of this to Lightning
-(no check; a non-finite adapter is written, with a warning). DeepSpeed frees ``.grad``: there
-only the loss is tested.
+NaN and infinity: one fused norm reduction over all of them and one host synchronisation (plus
+one scalar all-reduce when there are several processes); a flagged tensor is confirmed exactly
+(an L2 norm also overflows for huge finite values). At the first non-finite value ``fit`` stops
+with a ``DivergenceError`` naming the step, the first trained tensor whose gradient is not
+finite, and the newest checkpoint whose tensors are all finite; the adapters are not updated
+with it, and nothing is written to ``save_adapter_to``. Under a gradient scaler (``16-mixed``) a
+step the scaler skips (its own inf/NaN check after unscaling) is not an error: the scaler lowers
+its scale and goes on. An adapter that is not finite when training ends (an update that
+overflowed in the last step) is not written either. ``check_finite=False`` leaves all of this to
+Lightning (no check; a non-finite adapter is written, with a warning). DeepSpeed frees
+``.grad``: there only the loss is tested.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ from lightning_peft.finite import (
     describe_non_finite,
     last_finite_checkpoint,
     local,
-    non_finite_flags,
+    maybe_non_finite,
     non_finite_tensors,
 )
 from lightning_peft.hf_format import check_save_directory, save_adapter
@@ -454,8 +455,8 @@ class PEFTCallback(Callback):
         found_inf = _scaler_found_inf(trainer, optimizer)
         flags = torch.stack(
             [
-                non_finite_flags(grads).any().to(device),
-                non_finite_flags(losses).any().to(device),
+                maybe_non_finite(grads).any().to(device),
+                maybe_non_finite(losses).any().to(device),
                 (found_inf if found_inf is not None else torch.zeros(())).to(device) > 0,
             ]
         )
@@ -470,24 +471,31 @@ class PEFTCallback(Callback):
             # unscale themselves) and skips the step: not a divergence.
             if scaler_skips or (found_inf is None and bad_grads):
                 return
-        raise DivergenceError(self._divergence_message(trainer, pl_module, losses, bad_grads))
+        # Rare from here on: which tensors, exactly (an overflowed norm of finite values is not
+        # a NaN); every process gets here together (the flags were reduced).
+        found = self._non_finite_gradients(trainer, with_gradients)
+        if found or bad_loss:
+            raise DivergenceError(self._divergence_message(trainer, losses, found))
+
+    def _non_finite_gradients(
+        self, trainer: pl.Trainer, with_gradients: bool
+    ) -> list[tuple[str, int, int]]:
+        """The trained tensors whose gradient holds NaN or infinity (on any process: the first
+        process that has one names its first)."""
+        grads = {n: p.grad for n, p in self._trained if p.grad is not None and with_gradients}
+        found = non_finite_tensors(grads)
+        if trainer.world_size > 1 and torch.distributed.is_initialized():
+            gathered: list[Any] = [None] * trainer.world_size
+            torch.distributed.all_gather_object(gathered, found)
+            found = next((f for f in gathered if f), [])
+        return found
 
     def _divergence_message(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        losses: list[Tensor],
-        bad_grads: bool,
+        self, trainer: pl.Trainer, losses: list[Tensor], found: list[tuple[str, int, int]]
     ) -> str:
         """What went non-finite where, and what is left: one line (every process builds it)."""
         loss_values = torch.stack(losses).float().tolist() if losses else []
         bad_losses = [v for v in loss_values if not math.isfinite(v)]
-        grads = {n: p.grad for n, p in self._trained if p.grad is not None}
-        found = non_finite_tensors(grads)
-        if trainer.world_size > 1 and torch.distributed.is_initialized():
-            gathered: list[Any] = [None] * trainer.world_size
-            torch.distributed.all_gather_object(gathered, found[:1])
-            found = found or next((f for f in gathered if f), [])
         parts = []
         if bad_losses:
             parts.append(f"the loss is {bad_losses[0]}")
@@ -495,8 +503,6 @@ class PEFTCallback(Callback):
             parts.append(f"the loss is finite ({loss_values[-1]:.4g})")
         if found:
             parts.append(describe_non_finite(found, len(self._trained), "gradient"))
-        elif bad_grads:
-            parts.append("a trained gradient is not finite")
         elif losses:
             parts.append("the trained tensors' gradients are finite")
         where = f"step {trainer.global_step} (epoch {trainer.current_epoch}"
@@ -510,7 +516,7 @@ class PEFTCallback(Callback):
         return (
             f"PEFTCallback: training diverged at {where}: {' and '.join(parts)}. The adapters "
             f"were not updated with this step{saved}; {checkpoint}. Lower the learning rate or "
-            "clip the gradients (check_finite=False turns this check off)"
+            "clip the gradients (check_finite=False, or --check_finite false, turns this check off)"
         )
 
     def _check_gradients(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -1,15 +1,17 @@
 """Finite checks: is there a NaN or an infinity in these tensors, and where.
 
-``non_finite_flags`` is the per-step test of ``PEFTCallback``: one fused max-abs reduction
-(``torch._foreach_norm(..., ord=inf)``) over all the tensors, no host synchronisation; the
-caller reads the result once. The max-abs norm is NaN or infinite exactly when the tensor holds a
-NaN or an infinity; the usual L2 norm is not a test (it overflows to inf for finite values above
-~1e19 in float32). The other functions run only once something was found, or once per save.
+``maybe_non_finite`` is the per-step test of ``PEFTCallback``: one fused L2-norm reduction
+(``torch._foreach_norm``) over all the tensors, no host synchronisation; the caller reads the
+result once. A tensor's L2 norm is NaN or infinite whenever it holds a NaN or an infinity, and
+also, a false alarm, when its finite values are so large (above ~1e19 in float32) that the sum of
+squares overflows; ``non_finite_tensors`` therefore confirms each flagged tensor exactly (count
+of non-finite values) before anything is reported. The max-abs norm (``ord=inf``) would need no
+confirmation but costs ~5x as much on the CPU (18 ms against 3.7 ms for the demo's 420 LoRA
+tensors, 4.9M values, one thread).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -23,25 +25,28 @@ def local(tensor: Tensor) -> Tensor:
     return to_local() if callable(to_local) else tensor
 
 
-def non_finite_flags(tensors: Sequence[Tensor]) -> Tensor:
-    """A bool vector, True where ``tensors[i]`` holds a NaN or an infinity (on the tensors'
-    device; no host synchronisation). ``tensors``: any shapes and floating dtypes, one device."""
+def maybe_non_finite(tensors: Sequence[Tensor]) -> Tensor:
+    """A bool vector, True where ``tensors[i]`` holds a NaN or an infinity, or finite values so
+    large that its L2 norm overflows (see the module docstring); False means finite. On the
+    tensors' device, no host synchronisation. ``tensors``: any shapes and floating dtypes, one
+    device."""
     if not tensors:
         return torch.zeros(0, dtype=torch.bool)
-    norms = torch._foreach_norm(list(tensors), ord=math.inf)
-    return ~torch.isfinite(torch.stack(norms))
+    return ~torch.isfinite(torch.stack(torch._foreach_norm(list(tensors))))
 
 
 def non_finite_tensors(tensors: Mapping[str, Tensor]) -> list[tuple[str, int, int]]:
     """``[(name, non-finite values, values)]`` of the floating tensors that hold a NaN or an
-    infinity, in ``tensors``' order."""
+    infinity, in ``tensors``' order (this process's shards of DTensors): one fused reduction,
+    then an exact count for the tensors it flags."""
     floating = {k: v for k, v in tensors.items() if v.is_floating_point() and v.numel()}
-    flags = non_finite_flags([local(v).detach() for v in floating.values()]).tolist()
-    return [
+    flags = maybe_non_finite([local(v).detach() for v in floating.values()]).tolist()
+    counts = [
         (name, int((~torch.isfinite(local(value).detach())).sum()), value.numel())
-        for (name, value), bad in zip(floating.items(), flags, strict=True)
-        if bad
+        for (name, value), flagged in zip(floating.items(), flags, strict=True)
+        if flagged
     ]
+    return [entry for entry in counts if entry[1]]
 
 
 def describe_non_finite(found: list[tuple[str, int, int]], total: int, noun: str) -> str:

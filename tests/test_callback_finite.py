@@ -87,8 +87,8 @@ def test_a_diverging_run_stops_at_the_first_nan_naming_step_tensor_and_checkpoin
         f"and the gradients of 8 of the 8 trained tensors are not finite, first {FIRST} (256 of "
         "256 values NaN or infinite). The adapters were not updated with this step; nothing was "
         f"written to {destination}; the last checkpoint with finite tensors is {checkpoint} "
-        f"(step {step}). Lower the learning rate or clip the gradients (check_finite=False turns "
-        "this check off)"
+        f"(step {step}). Lower the learning rate or clip the gradients (check_finite=False, or "
+        "--check_finite false, turns this check off)"
     )
     assert run.global_step == step
     assert not destination.exists() and not (tmp_path / "peft_adapter_fallback").exists()
@@ -122,6 +122,32 @@ def test_a_nan_loss_with_finite_gradients_names_its_step(tmp_path, accumulate, s
     assert len(module.losses) == 4 and run.global_step == step
     now = adapter_state_dict(module)
     assert all(torch.equal(now[k], v) for k, v in seen.adapters.items())
+
+
+class HugeLoss(PlainCausalLM):
+    """A loss scaled by 1e30: finite, with finite gradients whose L2 norms overflow float32."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx) * 1e30
+        assert math.isfinite(loss.item())
+        return loss
+
+
+class LargestGradient(Callback):
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        self.largest = max(g.abs().max().item() for g in grads)
+        self.norm = torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads])).item()
+
+
+def test_huge_finite_gradients_are_not_called_non_finite(tmp_path):
+    """The fused check is an L2 norm, which overflows for these; each flagged tensor is confirmed
+    exactly before anything is reported, so the run goes on and the adapter is written."""
+    destination, largest = tmp_path / "adapter", LargestGradient()
+    callback = PEFTCallback(copy.deepcopy(LORA), save_adapter_to=destination, verbose=False)
+    quiet_trainer(tmp_path, [callback, largest], 2).fit(HugeLoss(lr=1e-3))
+    assert largest.norm == math.inf and 1e20 < largest.largest < math.inf
+    assert all_finite(load_file(destination / WEIGHTS_NAME))
 
 
 def test_check_finite_false_is_lightning_s_behaviour(tmp_path):
