@@ -57,11 +57,27 @@ Under DDP and FSDP every rank decides on the gradients summed over the ranks (a 
 acting if it did on any rank). FSDP1's flat parameters may give a bypassed adapter a zero
 gradient rather than none; there it may go unnoticed. DeepSpeed moves gradients into its own
 partitions, and manual optimization may step before every backward pass: no check there.
+
+Divergence (``check_finite=True``, the default). Before every optimizer step the callback tests
+the loss of each backward pass since the last step and the gradients of every trained tensor for
+NaN and infinity: one fused norm reduction over all of them and one host synchronisation (plus
+one scalar all-reduce when there are several processes); a flagged tensor is confirmed exactly
+(an L2 norm also overflows for huge finite values). At the first non-finite value ``fit`` stops
+with a ``DivergenceError`` naming the step, the first trained tensor whose gradient is not
+finite, and the newest checkpoint whose tensors are all finite; the adapters are not updated
+with it, and nothing is written to ``save_adapter_to``. Under a gradient scaler (``16-mixed``) a
+step the scaler skips (its own inf/NaN check after unscaling) is not an error: the scaler lowers
+its scale and goes on. An adapter that is not finite when training ends (an update that
+overflowed in the last step) is not written either. ``check_finite=False`` leaves all of this to
+Lightning (no check; a non-finite adapter is written, with a warning). DeepSpeed frees
+``.grad``: there only the loss is tested.
 """
 
 from __future__ import annotations
 
 import inspect
+import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +97,14 @@ from lightning_peft.distributed import (
     is_sharded_strategy,
     strategy_is,
 )
-from lightning_peft.errors import InputError
+from lightning_peft.errors import DivergenceError, InputError, NonFiniteError
+from lightning_peft.finite import (
+    describe_non_finite,
+    last_finite_checkpoint,
+    local,
+    maybe_non_finite,
+    non_finite_tensors,
+)
 from lightning_peft.hf_format import check_save_directory, save_adapter
 from lightning_peft.injection import find_injection, inject_adapters, injection_report
 from lightning_peft.methods import method_for
@@ -131,6 +154,9 @@ class PEFTCallback(Callback):
         fsdp2_layer_cls: with ``ModelParallelStrategy``, the block class(es) to shard with FSDP2
             after injection (e.g. ``LlamaDecoderLayer``); the user's ``configure_model`` then only
             builds the model. Users who shard themselves call ``inject_adapters`` first.
+        check_finite: stop ``fit`` at the first NaN or infinity in the loss or the trained
+            gradients, and never write a non-finite adapter (see the module docstring). False:
+            no check, as in Lightning (a non-finite adapter is written, with a warning).
 
     Raises (from ``trainer.fit``, before the first optimizer step; ``InputError`` is a
     ``ValueError``):
@@ -140,6 +166,9 @@ class PEFTCallback(Callback):
             already has adapters of another config, ``merge_on_train_end`` under a sharded
             strategy, the optimizers hold no adapter, or no adapter received a gradient in the
             first step.
+        DivergenceError: (a ``RuntimeError``, during training) the loss or a trained gradient
+            is NaN or infinite, or (at the end) a trained tensor is; named with the step and the
+            newest finite checkpoint. Nothing is written to ``save_adapter_to`` then.
         RuntimeError: (at the end) the adapter could not be written to ``save_adapter_to``; the
             message names the fallback directory it was written to.
 
@@ -160,6 +189,7 @@ class PEFTCallback(Callback):
         verbose: bool = True,
         module: str | None = None,
         fsdp2_layer_cls: type | tuple[type, ...] | None = None,
+        check_finite: bool = True,
     ) -> None:
         method = method_for(config)  # TypeError for a config of no registered method
         if merge_on_train_end and not method.mergeable:
@@ -174,6 +204,7 @@ class PEFTCallback(Callback):
         self.verbose = verbose
         self.module = module
         self.fsdp2_layer_cls = fsdp2_layer_cls
+        self.check_finite = check_finite
         self.report = None
         self._trainer: pl.Trainer | None = None
         self._reset_run_state()
@@ -183,6 +214,9 @@ class PEFTCallback(Callback):
         self._checkpoint: CheckpointContents | None = None  # read from ckpt_path in setup
         self._states_to_restore: dict[str, Any] | None = None  # this process's, for the loaders
         self._gradients_checked = False
+        self._losses: list[Tensor] = []  # of the backward passes since the last optimizer step
+        self._trained: list[tuple[str, nn.Parameter]] | None = None  # what the finite check reads
+        self._batch_idx: int | None = None
         self._training_done = False
         self._replaced_configure_model: Any = _UNSET
 
@@ -371,17 +405,119 @@ class PEFTCallback(Callback):
             rank_zero_warn(f"PEFTCallback: random states not restored: {'; '.join(skipped)}")
 
     @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._batch_idx = batch_idx
+
+    @override
+    def on_before_backward(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor
+    ) -> None:
+        if self.check_finite:
+            self._losses.append(loss.detach())  # the loss as backpropagated (scaled under AMP)
+
+    @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        if self._gradients_checked:
+        deepspeed = strategy_is(trainer.strategy, "DeepSpeedStrategy")
+        if not self._gradients_checked:
+            self._gradients_checked = True
+            # Manual optimization may step before every backward pass has run; DeepSpeed frees
+            # .grad.
+            if pl_module.automatic_optimization and not deepspeed:
+                self._check_gradients(trainer, pl_module)
+        if self.check_finite:
+            self._check_finite(trainer, pl_module, optimizer, with_gradients=not deepspeed)
+
+    def _check_finite(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        optimizer: torch.optim.Optimizer,
+        with_gradients: bool,
+    ) -> None:
+        """One fused reduction over the losses since the last step and the trained gradients,
+        one host synchronisation; raise ``DivergenceError`` at a non-finite value, unless a
+        gradient scaler skips this step."""
+        if self._trained is None:  # after the strategy wrapped the model: the live parameters
+            self._trained = [
+                (clean_name(n), p) for n, p in pl_module.named_parameters() if p.requires_grad
+            ]
+        losses, self._losses = self._losses, []
+        grads = []
+        if with_gradients:
+            grads = [local(p.grad) for _, p in self._trained if p.grad is not None]
+        if not grads and not losses:
             return
-        self._gradients_checked = True
-        # Manual optimization may step before every backward pass has run; DeepSpeed frees .grad.
-        if pl_module.automatic_optimization and not strategy_is(
-            trainer.strategy, "DeepSpeedStrategy"
-        ):
-            self._check_gradients(trainer, pl_module)
+        device = (grads or losses)[0].device
+        found_inf = _scaler_found_inf(trainer, optimizer)
+        flags = torch.stack(
+            [
+                maybe_non_finite(grads).any().to(device),
+                maybe_non_finite(losses).any().to(device),
+                (found_inf if found_inf is not None else torch.zeros(())).to(device) > 0,
+            ]
+        )
+        if trainer.world_size > 1:  # sharded gradients, per-process losses: decide together
+            flags = trainer.strategy.reduce(flags.float(), reduce_op="sum") > 0
+        bad_grads, bad_loss, scaler_skips = flags.tolist()  # the one host synchronisation
+        if not (bad_grads or bad_loss):
+            return
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None and scaler.is_enabled():
+            # The scaler tests every gradient after unscaling (or in step() for optimizers that
+            # unscale themselves) and skips the step: not a divergence.
+            if scaler_skips or (found_inf is None and bad_grads):
+                return
+        # Rare from here on: which tensors, exactly (an overflowed norm of finite values is not
+        # a NaN); every process gets here together (the flags were reduced).
+        found = self._non_finite_gradients(trainer, with_gradients)
+        if found or bad_loss:
+            raise DivergenceError(self._divergence_message(trainer, losses, found))
+
+    def _non_finite_gradients(
+        self, trainer: pl.Trainer, with_gradients: bool
+    ) -> list[tuple[str, int, int]]:
+        """The trained tensors whose gradient holds NaN or infinity (on any process: the first
+        process that has one names its first)."""
+        grads = {n: p.grad for n, p in self._trained if p.grad is not None and with_gradients}
+        found = non_finite_tensors(grads)
+        if trainer.world_size > 1 and torch.distributed.is_initialized():
+            gathered: list[Any] = [None] * trainer.world_size
+            torch.distributed.all_gather_object(gathered, found)
+            found = next((f for f in gathered if f), [])
+        return found
+
+    def _divergence_message(
+        self, trainer: pl.Trainer, losses: list[Tensor], found: list[tuple[str, int, int]]
+    ) -> str:
+        """What went non-finite where, and what is left: one line (every process builds it)."""
+        loss_values = torch.stack(losses).float().tolist() if losses else []
+        bad_losses = [v for v in loss_values if not math.isfinite(v)]
+        parts = []
+        if bad_losses:
+            parts.append(f"the loss is {bad_losses[0]}")
+        elif loss_values:
+            parts.append(f"the loss is finite ({loss_values[-1]:.4g})")
+        if found:
+            parts.append(describe_non_finite(found, len(self._trained), "gradient"))
+        elif losses:
+            parts.append("the trained tensors' gradients are finite")
+        where = f"step {trainer.global_step} (epoch {trainer.current_epoch}"
+        where += f", batch {self._batch_idx})" if self._batch_idx is not None else ")"
+        saved = (
+            f"; nothing was written to {self.save_adapter_to}"
+            if self.save_adapter_to is not None
+            else ""
+        )
+        checkpoint = last_finite_checkpoint(_checkpoint_paths(trainer))
+        return (
+            f"PEFTCallback: training diverged at {where}: {' and '.join(parts)}. The adapters "
+            f"were not updated with this step{saved}; {checkpoint}. Lower the learning rate or "
+            "clip the gradients (check_finite=False, or --check_finite false, turns this check off)"
+        )
 
     def _check_gradients(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Name the adapters that received no gradient in this first step (summed over the
@@ -489,7 +625,16 @@ class PEFTCallback(Callback):
         state = full_state_dict(trainer.strategy, pl_module)  # a collective on sharded runs
         try:
             if trainer.is_global_zero:
-                _save_or_fall_back(pl_module, self.save_adapter_to, state, run_dir, self.overwrite)
+                if not self.check_finite:
+                    _warn_non_finite(pl_module, state)
+                _save_or_fall_back(
+                    pl_module,
+                    self.save_adapter_to,
+                    state,
+                    run_dir,
+                    self.overwrite,
+                    allow_non_finite=not self.check_finite,
+                )
         finally:  # should rank zero fail, the other ranks must not wait here forever
             trainer.strategy.barrier("peft_save_adapter")
 
@@ -537,19 +682,35 @@ def adapter_parameters_by_module(pl_module: nn.Module) -> dict[str, list[nn.Para
 
 
 def _save_or_fall_back(
-    pl_module: nn.Module, directory: Path, state: dict[str, Tensor], run_dir: Path, overwrite: bool
+    pl_module: nn.Module,
+    directory: Path,
+    state: dict[str, Tensor],
+    run_dir: Path,
+    overwrite: bool,
+    allow_non_finite: bool = False,
 ) -> None:
     """``save_adapter`` to ``directory``; if that fails, to a new directory in ``run_dir``, and
     raise naming both: the trained adapter is never lost."""
     try:
-        save_adapter(pl_module, directory, state_dict=state, overwrite=overwrite)
+        save_adapter(
+            pl_module,
+            directory,
+            state_dict=state,
+            overwrite=overwrite,
+            allow_non_finite=allow_non_finite,
+        )
         rank_zero_info(f"PEFTCallback: adapter written to {directory}")
         return
+    except NonFiniteError as error:  # no fallback either: a non-finite adapter is never written
+        raise DivergenceError(
+            f"PEFTCallback: training ended with a non-finite adapter: {error.detail}. It was not "
+            f"written to {directory} (nor anywhere else); check_finite=False writes it anyway"
+        ) from error
     except Exception as error:
         failure = error
     fallback = _new_path(run_dir / FALLBACK_NAME)
     try:
-        save_adapter(pl_module, fallback, state_dict=state)
+        save_adapter(pl_module, fallback, state_dict=state, allow_non_finite=allow_non_finite)
     except Exception as second:
         raise RuntimeError(
             f"PEFTCallback could not write the trained adapter to {directory} ({failure}) nor "
@@ -560,6 +721,40 @@ def _save_or_fall_back(
         f"PEFTCallback could not write the trained adapter to {directory} ({failure}); it was "
         f"written to {fallback} instead"
     ) from failure
+
+
+def _warn_non_finite(pl_module: nn.Module, state: Mapping[str, Tensor]) -> None:
+    """``check_finite=False``: the adapter is written as it is, but not silently."""
+    keys = adapter_state_dict(pl_module)  # keyed as pl_module.state_dict(), as state is
+    bad = non_finite_tensors({k: state[k] for k in keys if k in state})
+    if bad:
+        rank_zero_warn(
+            "PEFTCallback(check_finite=False): "
+            + describe_non_finite(bad, len(keys), "value")
+            + "; the adapter is written as it is"
+        )
+
+
+def _scaler_found_inf(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> Tensor | None:
+    """Whether the precision plugin's ``GradScaler`` found inf/NaN when it unscaled this
+    optimizer's gradients (Lightning unscales before ``on_before_optimizer_step``), as a tensor;
+    None without an enabled scaler or before it unscaled (optimizers that unscale in step())."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    if scaler is None or not scaler.is_enabled():
+        return None
+    state = getattr(scaler, "_per_optimizer_states", {}).get(id(optimizer), {})
+    found = state.get("found_inf_per_device") or {}
+    if not found:
+        return None
+    return sum(v.to(next(iter(found.values())).device) for v in found.values())
+
+
+def _checkpoint_paths(trainer: pl.Trainer) -> list[Path]:
+    """The checkpoints this run wrote (its ``ModelCheckpoint`` callbacks') or resumed from."""
+    paths = [trainer.ckpt_path] if trainer.ckpt_path else []
+    for saver in trainer.checkpoint_callbacks:
+        paths += [saver.last_model_path, saver.best_model_path, *saver.best_k_models]
+    return [Path(p) for p in paths if p and "://" not in str(p)]
 
 
 def _new_path(path: Path) -> Path:

@@ -12,7 +12,10 @@ BERT demo (all-MiniLM-L6-v2 with a head on the same articles). Shortcuts: ``--mo
 ADAPTER_DIR`` reports an adapter's spectra (``lightning_peft.spectrum``).
 
 A user error (a bad option, file or directory) prints one line, ``lightning-peft: error: ...``,
-and exits with status 2, before any training; anything else is a bug and keeps its traceback.
+and exits with status 2, before any training. A run that diverges (a NaN or an infinity in the
+loss or the adapters' gradients: ``DivergenceError``) prints one line of the same form and exits
+with status 1: the run started and failed, as opposed to a command to fix before it starts
+(``--check_finite false`` turns the check off). Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from lightning_peft.cli_methods import (
     describe,
 )
 from lightning_peft.curves import CurveRecorder
-from lightning_peft.errors import InputError
+from lightning_peft.errors import DivergenceError, InputError
 from lightning_peft.hf_format import CONFIG_NAME, WEIGHTS_NAME
 from lightning_peft.injection import plan_injection
 from lightning_peft.quantization import QUANTIZE_MODES, bitsandbytes_config
@@ -328,6 +331,14 @@ class PEFTCLI(LightningCLI):
             help="replace an adapter already in OUTPUT_DIR/adapter (else the run is refused)",
         )
         parser.add_argument(
+            "--check_finite",
+            type=bool,
+            default=True,
+            help="stop at the first NaN or infinity in the loss or the adapters' gradients (one "
+            "line naming the step, the tensor and the last finite checkpoint; exit status 1) and "
+            "never write a non-finite adapter; false: no check, as in Lightning",
+        )
+        parser.add_argument(
             "--samples", type=int, default=3, help="instruct: held-out answers shown before/after"
         )
         parser.link_arguments("task", "model.task")
@@ -401,6 +412,7 @@ class PEFTCLI(LightningCLI):
             save_adapter_to=self.output_dir / "adapter",
             overwrite=self._config().overwrite,  # checked before the run: refused or asked for
             verbose=False,
+            check_finite=self._config().check_finite,
         )
         self.curves = CurveRecorder()
         extra = [
@@ -584,6 +596,9 @@ def main(args: list[str] | None = None) -> None:
     except InputError as error:
         print(f"lightning-peft: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    except DivergenceError as error:  # the run started and failed: 1, not a usage error's 2
+        print(f"lightning-peft: error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -45,6 +45,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from lightning_peft.distributed import clean_name
+from lightning_peft.errors import NonFiniteError
+from lightning_peft.finite import non_finite_tensors
 from lightning_peft.injection import (
     find_injection,
     inject_adapters,
@@ -148,6 +150,7 @@ def save_adapter(
     state_dict: Mapping[str, Tensor] | None = None,
     *,
     overwrite: bool = False,
+    allow_non_finite: bool = False,
 ) -> Path:
     """Write the adapters of ``model`` to ``directory`` in the Hugging Face PEFT format.
 
@@ -161,12 +164,15 @@ def save_adapter(
             of a sharded model); by default the model's own tensors.
         overwrite: replace an adapter already in ``directory`` (by default that is an error,
             raised before anything is written).
+        allow_non_finite: write tensors that hold NaN or infinity (by default refused, before
+            anything is written: such an adapter is the trace of a diverged run).
 
     Returns:
         the directory.
 
     Raises:
-        ValueError: the model has no adapters. FileExistsError / PermissionError: see
+        ValueError: the model has no adapters. NonFiniteError (a ``ValueError``): a tensor
+        holds NaN or infinity, named with the count. FileExistsError / PermissionError: see
         ``check_save_directory``. Nothing is written then.
     """
     found = find_injection(model)
@@ -182,9 +188,26 @@ def save_adapter(
         if state_dict is not None:
             tensor = state_dict[prefix + key]
         tensors[names[key]] = tensor.detach().contiguous().cpu()
+    if not allow_non_finite:
+        _refuse_non_finite(directory, tensors)
     config = method_for(state.config).write_config(root, state.config, state.targets)
     _write_atomically(directory, _without_aliases(tensors), config)
     return directory
+
+
+def _refuse_non_finite(directory: Path, tensors: dict[str, Tensor]) -> None:
+    found = non_finite_tensors(tensors)
+    if not found:
+        return
+    name, bad, size = found[0]
+    others = f" (and {len(found) - 1} more of the {len(tensors)} tensors)" if len(found) > 1 else ""
+    detail = f"{name} holds {bad:,} NaN or infinite values of {size:,}{others}"
+    error = NonFiniteError(
+        f"refusing to write a non-finite adapter to {directory}: {detail}; pass "
+        "allow_non_finite=True to write it anyway"
+    )
+    error.detail = detail
+    raise error
 
 
 def _write_atomically(directory: Path, tensors: dict[str, Tensor], config: dict) -> None:

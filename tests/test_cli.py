@@ -8,6 +8,7 @@ import codecs
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -293,6 +294,35 @@ def test_an_existing_adapter_needs_overwrite(tmp_path, models, cli_in_process):
         snapshot(out)["adapter/adapter_model.safetensors"]
         != first["adapter/adapter_model.safetensors"]
     )
+
+
+def test_a_diverged_run_exits_1_with_one_line_and_no_adapter(tmp_path, models, cli_in_process):
+    """--model.lr 1e12: the run stops at the first non-finite gradient, one line on stderr (the
+    callback's message), exit status 1 (the run started: not a usage error's 2), no adapter;
+    --check_finite false gives Lightning's behaviour (the run ends, the NaN adapter is written)."""
+    data = write_rows(tmp_path / "data.jsonl", topic_rows())
+    out = tmp_path / "out"
+    args = ("fit", "--model", str(models["llama"]), "--data", str(data), "--rank", "2",
+            "--output_dir", str(out), "--data.train_size=16", "--data.val_size=4",
+            "--trainer.max_steps=6", "--samples=0", "--model.lr=1e12", *QUIET)  # fmt: skip
+    code, _, stderr = cli_in_process(*args)
+    assert code == 1 and "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert re.fullmatch(
+        r"lightning-peft: error: PEFTCallback: training diverged at step \d+ \(epoch 0, batch "
+        r"\d+\): the loss is (nan|inf|finite \([^)]*\)) and the gradients of \d+ of the 28 "
+        r"trained tensors are not finite, first model\.model\.layers\.0\.self_attn\.q_proj\."
+        r"lora_A \(\d+ of 64 values NaN or infinite\)\. The adapters were not updated with this "
+        rf"step; nothing was written to {re.escape(str(out / 'adapter'))}; no checkpoint was "
+        r"written\. Lower the learning rate or clip the gradients \(check_finite=False, or "
+        r"--check_finite false, turns this check off\)",
+        last,
+    ), last
+    assert not (out / "adapter").exists() and not (out / "summary.json").exists()
+    code, _, stderr = cli_in_process(*args, "--check_finite", "false")
+    assert code == 0, stderr[-2000:]
+    weights = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert len(weights) == 28 and not all(torch.isfinite(t).all() for t in weights.values())
 
 
 def test_a_resumed_run_reports_the_restored_model_before_training(tmp_path, models, cli_in_process):
