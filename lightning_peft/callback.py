@@ -414,6 +414,14 @@ class PEFTCallback(Callback):
     def on_before_backward(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor
     ) -> None:
+        if not self._gradients_checked and not loss.requires_grad:
+            # Else backward fails with torch's "element 0 of tensors does not require grad".
+            raise InputError(
+                "PEFTCallback: the loss does not depend on any trained tensor: the forward pass "
+                "never calls the adapted modules (it may read their weights directly, or a hub "
+                "kernel may have replaced a parent module's forward), or the loss was computed "
+                "without autograd; choose other target_modules"
+            )
         if self.check_finite:
             self._losses.append(loss.detach())  # the loss as backpropagated (scaled under AMP)
 

@@ -76,3 +76,17 @@ def test_when_a_hub_kernel_bypasses_every_adapter_training_stops_before_an_updat
     with pytest.raises(InputError, match=r"none of the 6 adapters received a gradient"):
         run.fit(module)
     assert run.global_step == 0
+
+
+def test_when_the_loss_reaches_no_trained_tensor_training_stops_with_a_named_cause(tmp_path):
+    """Every adapter bypassed and nothing else trained: torch's backward would fail with
+    "element 0 of tensors does not require grad"; the callback names the cause first."""
+    config = LoRAConfig(r=2, target_modules=["gate_proj", "up_proj", "down_proj"])
+    module = KernelizedMLPCausalLM()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    run = quiet_trainer(tmp_path, [PEFTCallback(config, verbose=False)], 2)
+    with pytest.raises(InputError, match=r"the loss does not depend on any trained tensor"):
+        run.fit(module)
+    assert run.global_step == 0
+    after = module.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items() if k in after)
