@@ -17,9 +17,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from peft_kernels import naive, ops
+from peft_kernels import ops
 from peft_kernels._validation import check_adapter_inputs
-from peft_kernels.backends import resolve_backend
+from peft_kernels.backends import TABLE, backend_module, resolve_backend
 from peft_kernels.norm import dora_weight_norm
 
 
@@ -70,10 +70,8 @@ def _adapter_linear(
             )
     check_adapter_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, magnitude)
     backend = resolve_backend(backend, x.device)
-    if backend == "naive":
-        if magnitude is None:
-            return naive.lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training)
-        return naive.dora_linear(
+    if not TABLE[backend].hand_written:  # naive: the layer as plain autograd ops
+        return backend_module(backend).adapter_linear(
             x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, training
         )
     dropout_p = float(dropout_p) if training else 0.0
