@@ -1,0 +1,164 @@
+"""One way to write an op: its eager ``autograd.Function`` and its ``torch.library`` custom op
+are both built by ``dual_op`` from the same functions.
+
+An op is written as five plain functions over flat positional arguments ``args``:
+
+- ``forward(*args) -> (out, *residuals)``: the computation. ``out`` is what callers get; the
+  residuals (tensors or None) are there for ``save``. Its annotated signature is the custom op's
+  schema, so it says once which arguments are tensors, optional tensors, floats, strings.
+- ``forward_fake(*args)``: ``forward``'s outputs as empty tensors of the right shapes and dtypes
+  (shape ``(0,)`` where ``forward`` gives None), for ``torch.compile``'s fake tensors.
+- ``save(args, outputs) -> (tensors, options)``: what backward gets: tensors (None allowed) for
+  ``save_for_backward`` and a tuple of non-tensor options. Under ``torch.compile`` a None
+  residual arrives as an empty tensor: ``save`` maps it back (``contract.present``).
+- ``backward(grad, saved, *options, needs) -> grads``: ``grad`` is the gradient of ``out``,
+  ``saved`` the list ``save`` kept, ``needs`` one bool per differentiable argument (in the order
+  of ``differentiable``); ``grads`` has one entry per differentiable argument, None where not
+  needed. Its annotations give the backward custom op's schema.
+- ``backward_fake(grad, saved, *options, needs)``: ``grads`` as empty tensors (shape ``(0,)``
+  where ``backward`` gives None).
+- optionally ``route(grad, grads, *options) -> grads``: run after ``backward``, outside the
+  custom op, when gradients are the incoming ``grad`` itself or one tensor serves two
+  arguments: custom ops may return neither, and a copy would cost a pass over memory. Then
+  ``backward`` returns what ``route`` needs, and ``route`` one entry per differentiable argument.
+
+``dual_op`` returns ``call(*args) -> out`` that runs one of three ways:
+
+- eager, no differentiable argument requires grad: ``forward(*args)[0]`` and nothing else (a
+  decoding step at M=1 pays one Python call, not a custom-op dispatch of ~0.1 ms);
+- eager, with grad: an ``autograd.Function`` whose forward calls ``forward`` and ``save`` and
+  whose backward calls ``backward``;
+- under ``torch.compile``: ``torch.ops.peft_kernels.<name>``, whose registered autograd calls
+  ``torch.ops.peft_kernels.<name>_backward``: traced without graph breaks. Custom ops return no
+  None and no alias of an input, so there a None output becomes ``*_fake``'s empty tensor for
+  its slot and an output that is an input is cloned.
+
+``call.op`` and ``call.function`` are the custom op and the ``autograd.Function``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from peft_kernels.contract import present
+
+NAMESPACE = "peft_kernels"
+
+
+def _schema(fn: Callable) -> str:
+    """``fn``'s arguments as a ``torch.library`` schema, returning ``Tensor[]``."""
+    hints = typing.get_type_hints(fn)
+    signature = inspect.signature(fn)
+    params = [p.replace(annotation=hints[p.name]) for p in signature.parameters.values()]
+
+    def prototype(): ...
+
+    prototype.__signature__ = signature.replace(parameters=params, return_annotation=list[Tensor])
+    return torch.library.infer_schema(prototype, mutates_args=())
+
+
+def _custom_op(name: str, fn: Callable, fake: Callable) -> torch.library.CustomOpDef:
+    """``fn`` as the custom op ``peft_kernels::name``: None outputs become ``fake``'s empty
+    tensors; an output that is an input or an earlier output is cloned (``route`` avoids that)."""
+
+    def impl(*args):
+        outputs = list(fn(*args))
+        if any(out is None for out in outputs):
+            empties = fake(*args)
+            outputs = [e if out is None else out for out, e in zip(outputs, empties, strict=True)]
+        seen = [t for a in args for t in (a if isinstance(a, list) else [a]) if t is not None]
+        for i, out in enumerate(outputs):
+            if any(out is t for t in seen):  # an input, or an output already returned
+                outputs[i] = out = out.clone()
+            seen.append(out)
+        return outputs
+
+    op = torch.library.custom_op(f"{NAMESPACE}::{name}", impl, mutates_args=(), schema=_schema(fn))
+    op.register_fake(lambda *args: list(fake(*args)))
+    return op
+
+
+def dual_op(
+    name: str,
+    *,
+    forward: Callable[..., Sequence[Tensor | None]],
+    forward_fake: Callable[..., Sequence[Tensor]],
+    save: Callable[[tuple, Sequence[Tensor | None]], tuple[tuple, tuple]],
+    backward: Callable[..., Sequence[Tensor | None]],
+    backward_fake: Callable[..., Sequence[Tensor]],
+    differentiable: Sequence[str],
+    route: Callable[..., Sequence[Tensor | None]] | None = None,
+) -> Callable[..., Tensor]:
+    """Build ``call(*args)``, the eager ``autograd.Function`` and the custom ops
+    ``peft_kernels::{name}`` / ``{name}_backward`` from one set of functions (module docstring).
+
+    ``differentiable`` names the arguments of ``forward`` that may get a gradient, in the order
+    of ``backward``'s ``needs`` and ``grads``; the others always get None.
+    """
+    arg_names = list(inspect.signature(forward).parameters)
+    positions = tuple(arg_names.index(arg) for arg in differentiable)
+    n_args = len(arg_names)
+
+    def in_input_order(grads: Sequence[Tensor | None], needs: Sequence[bool]) -> tuple:
+        """One gradient per argument of ``forward``: None where not needed (or empty)."""
+        result = [None] * n_args
+        for position, grad, need in zip(positions, grads, needs, strict=True):
+            if need:
+                result[position] = present(grad)
+        return tuple(result)
+
+    class Function(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *args):
+            outputs = forward(*args)
+            tensors, options = save(args, outputs)
+            ctx.save_for_backward(*tensors)
+            ctx.options = options
+            return outputs[0]
+
+        @staticmethod
+        def backward(ctx, grad):
+            needs = [ctx.needs_input_grad[i] for i in positions]
+            grads = backward(grad, list(ctx.saved_tensors), *ctx.options, needs)
+            if route is not None:
+                grads = route(grad, grads, *ctx.options)
+            return in_input_order(grads, needs)
+
+    Function.__name__ = Function.__qualname__ = f"{name}_function"
+
+    op = _custom_op(name, forward, forward_fake)
+    backward_op = _custom_op(f"{name}_backward", backward, backward_fake)
+
+    def setup_context(ctx, inputs, output) -> None:
+        tensors, options = save(inputs, output)
+        ctx.save_for_backward(*tensors)
+        ctx.options = options
+
+    def op_backward(ctx, grads):
+        needs = [ctx.needs_input_grad[i] for i in positions]
+        grad = grads[0]
+        grads = backward_op(grad, list(ctx.saved_tensors), *ctx.options, needs)
+        if route is not None:
+            grads = route(grad, grads, *ctx.options)
+        return in_input_order(grads, needs)
+
+    op.register_autograd(op_backward, setup_context=setup_context)
+
+    def call(*args) -> Tensor:
+        if torch.compiler.is_compiling():
+            return op(*args)[0]
+        if torch.is_grad_enabled():
+            for position in positions:
+                arg = args[position]
+                if arg is not None and arg.requires_grad:
+                    return Function.apply(*args)
+        return forward(*args)[0]
+
+    call.__name__ = call.__qualname__ = name
+    call.op, call.function = op, Function
+    return call
