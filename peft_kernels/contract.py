@@ -62,7 +62,8 @@ class Forward(NamedTuple):
 
 
 class Saved(NamedTuple):
-    """What backward gets: the forward's inputs and the tensors ``Forward`` asked to keep."""
+    """What backward gets: the forward's inputs (``AdapterArgs``' fields, in its order) and the
+    tensors ``Forward`` asked to keep."""
 
     x: Tensor
     weight: Tensor

@@ -104,50 +104,42 @@ def dual_op(
     positions = tuple(arg_names.index(arg) for arg in differentiable)
     n_args = len(arg_names)
 
-    def in_input_order(grads: Sequence[Tensor | None], needs: Sequence[bool]) -> tuple:
+    def keep(ctx, args: tuple, outputs: Sequence[Tensor | None]) -> None:
+        tensors, options = save(args, outputs)
+        ctx.save_for_backward(*tensors)
+        ctx.options = options
+
+    def gradients(ctx, grad: Tensor, backward_fn: Callable) -> tuple:
         """One gradient per argument of ``forward``: None where not needed (or empty)."""
+        needs = [ctx.needs_input_grad[i] for i in positions]
+        grads = backward_fn(grad, list(ctx.saved_tensors), *ctx.options, needs)
+        if route is not None:
+            grads = route(grad, grads, *ctx.options)
         result = [None] * n_args
-        for position, grad, need in zip(positions, grads, needs, strict=True):
+        for position, g, need in zip(positions, grads, needs, strict=True):
             if need:
-                result[position] = present(grad)
+                result[position] = present(g)
         return tuple(result)
 
     class Function(torch.autograd.Function):
         @staticmethod
         def forward(ctx, *args):
             outputs = forward(*args)
-            tensors, options = save(args, outputs)
-            ctx.save_for_backward(*tensors)
-            ctx.options = options
+            keep(ctx, args, outputs)
             return outputs[0]
 
         @staticmethod
         def backward(ctx, grad):
-            needs = [ctx.needs_input_grad[i] for i in positions]
-            grads = backward(grad, list(ctx.saved_tensors), *ctx.options, needs)
-            if route is not None:
-                grads = route(grad, grads, *ctx.options)
-            return in_input_order(grads, needs)
+            return gradients(ctx, grad, backward)
 
     Function.__name__ = Function.__qualname__ = f"{name}_function"
 
     op = _custom_op(name, forward, forward_fake)
     backward_op = _custom_op(f"{name}_backward", backward, backward_fake)
-
-    def setup_context(ctx, inputs, output) -> None:
-        tensors, options = save(inputs, output)
-        ctx.save_for_backward(*tensors)
-        ctx.options = options
-
-    def op_backward(ctx, grads):
-        needs = [ctx.needs_input_grad[i] for i in positions]
-        grad = grads[0]
-        grads = backward_op(grad, list(ctx.saved_tensors), *ctx.options, needs)
-        if route is not None:
-            grads = route(grad, grads, *ctx.options)
-        return in_input_order(grads, needs)
-
-    op.register_autograd(op_backward, setup_context=setup_context)
+    op.register_autograd(
+        lambda ctx, grads: gradients(ctx, grads[0], backward_op),
+        setup_context=lambda ctx, inputs, output: keep(ctx, inputs, output),
+    )
 
     def call(*args) -> Tensor:
         if torch.compiler.is_compiling():
