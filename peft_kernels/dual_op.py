@@ -1,7 +1,8 @@
 """One way to write an op: its eager ``autograd.Function`` and its ``torch.library`` custom op
 are both built by ``dual_op`` from the same functions.
 
-An op is written as five plain functions over flat positional arguments ``args``:
+An op is written as five plain functions (and an optional sixth) over flat positional
+arguments ``args``:
 
 - ``forward(*args) -> (out, *residuals)``: the computation. ``out`` is what callers get; the
   residuals (tensors or None) are there for ``save``. Its annotated signature is the custom op's
@@ -22,7 +23,8 @@ An op is written as five plain functions over flat positional arguments ``args``
   arguments: custom ops may return neither, and a copy would cost a pass over memory. Then
   ``backward`` returns what ``route`` needs, and ``route`` one entry per differentiable argument.
 
-``dual_op`` returns ``call(*args) -> out`` that runs one of three ways:
+``dual_op`` returns ``call(*args) -> out`` (arguments as ``forward``'s, by position or by name)
+that runs one of three ways:
 
 - eager, no differentiable argument requires grad: ``forward(*args)[0]`` and nothing else (a
   decoding step at M=1 pays one Python call, not a custom-op dispatch of ~0.1 ms);
@@ -30,8 +32,8 @@ An op is written as five plain functions over flat positional arguments ``args``
   whose backward calls ``backward``;
 - under ``torch.compile``: ``torch.ops.peft_kernels.<name>``, whose registered autograd calls
   ``torch.ops.peft_kernels.<name>_backward``: traced without graph breaks. Custom ops return no
-  None and no alias of an input, so there a None output becomes ``*_fake``'s empty tensor for
-  its slot and an output that is an input is cloned.
+  None and no alias of an input or of another output, so there a None output becomes
+  ``*_fake``'s empty tensor for its slot and such an alias is cloned.
 
 ``call.op`` and ``call.function`` are the custom op and the ``autograd.Function``.
 """
@@ -100,7 +102,8 @@ def dual_op(
     ``differentiable`` names the arguments of ``forward`` that may get a gradient, in the order
     of ``backward``'s ``needs`` and ``grads``; the others always get None.
     """
-    arg_names = list(inspect.signature(forward).parameters)
+    signature = inspect.signature(forward)
+    arg_names = list(signature.parameters)
     positions = tuple(arg_names.index(arg) for arg in differentiable)
     n_args = len(arg_names)
 
@@ -141,7 +144,9 @@ def dual_op(
         setup_context=lambda ctx, inputs, output: keep(ctx, inputs, output),
     )
 
-    def call(*args) -> Tensor:
+    def call(*args, **kwargs) -> Tensor:
+        if kwargs:  # named arguments: bound to forward's signature (positional calls skip this)
+            args = signature.bind(*args, **kwargs).args
         if torch.compiler.is_compiling():
             return op(*args)[0]
         if torch.is_grad_enabled():
@@ -152,5 +157,6 @@ def dual_op(
         return forward(*args)[0]
 
     call.__name__ = call.__qualname__ = name
+    call.__doc__ = forward.__doc__
     call.op, call.function = op, Function
     return call

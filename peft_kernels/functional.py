@@ -84,21 +84,14 @@ def _adapter_linear(
         raise ValueError(
             f"weight_norm must be (out,) = ({weight.shape[0]},), got {tuple(weight_norm.shape)}"
         )
-    rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    flat = x.ndim == 2
+    rows = x if flat else x.reshape(-1, x.shape[-1])
     y = ops.adapter_linear(
         rows if rows.is_contiguous() else rows.contiguous(),
-        weight,
-        bias,
-        lora_A,
-        lora_B,
-        magnitude,
-        weight_norm,
-        scaling=scaling,
-        dropout_p=dropout_p,
-        seed=seed,
-        backend=backend,
-    )
-    return y if x.dim() == 2 else y.view(*x.shape[:-1], weight.shape[0])
+        weight, bias, lora_A, lora_B, magnitude, weight_norm,
+        float(scaling), dropout_p, seed, backend,
+    )  # fmt: skip
+    return y if flat else y.view(*x.shape[:-1], weight.shape[0])
 
 
 def lora_linear(

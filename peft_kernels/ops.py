@@ -36,7 +36,12 @@ def _forward(
     seed: Tensor | None,
     backend: str,
 ) -> Forward:
-    """``(y (M, out), u (M, r), dropout state, base)`` from ``backend`` (``contract.Forward``)."""
+    """y (M, out) of the adapter layer on ``backend`` ("torch" | "triton"), x (M, in).
+
+    LoRA when ``magnitude`` and ``weight_norm`` are None, else DoRA; shapes, dtypes and math as
+    in ``peft_kernels.contract`` (``seed``: int64 (1,) when ``dropout_p > 0``, else None).
+    As an op's forward: ``(y, u (M, r), dropout state, base)``, the backend's ``Forward``.
+    """
     return backend_module(backend).forward(
         x, weight, bias, lora_A, lora_B, magnitude, weight_norm,
         scaling=scaling, dropout_p=dropout_p, seed=seed,
@@ -101,7 +106,7 @@ def _backward_fake(grad_y, saved, scaling, dropout_p, backend, needs) -> Grads:
     )
 
 
-adapter_linear_impl = dual_op(
+adapter_linear = dual_op(
     "adapter_linear",
     forward=_forward,
     forward_fake=_forward_fake,
@@ -110,31 +115,4 @@ adapter_linear_impl = dual_op(
     backward_fake=_backward_fake,
     differentiable=Grads._fields,
 )
-adapter_linear_op = adapter_linear_impl.op  # torch.ops.peft_kernels.adapter_linear
-
-
-def adapter_linear(
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    lora_A: Tensor,
-    lora_B: Tensor,
-    magnitude: Tensor | None,
-    weight_norm: Tensor | None,
-    *,
-    scaling: float,
-    dropout_p: float,
-    seed: Tensor | None,
-    backend: str,
-) -> Tensor:
-    """y (M, out) of the adapter layer on ``backend`` ("torch" | "triton"), x (M, in).
-
-    LoRA when ``magnitude`` and ``weight_norm`` are None, else DoRA; shapes and math as in
-    ``peft_kernels.contract``. Eagerly the backend runs directly (through an
-    ``autograd.Function`` only when some input requires grad); under ``torch.compile`` the
-    custom op runs.
-    """
-    return adapter_linear_impl(
-        x, weight, bias, lora_A, lora_B, magnitude, weight_norm,
-        float(scaling), float(dropout_p), seed, backend,
-    )  # fmt: skip
+adapter_linear_op = adapter_linear.op  # torch.ops.peft_kernels.adapter_linear
