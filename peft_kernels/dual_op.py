@@ -112,8 +112,9 @@ def dual_op(
         ctx.save_for_backward(*tensors)
         ctx.options = options
 
-    def gradients(ctx, grad: Tensor, backward_fn: Callable) -> tuple:
-        """One gradient per argument of ``forward``: None where not needed (or empty)."""
+    def gradients(ctx, grad: Tensor, backward_fn: Callable, empty_is_none: bool) -> tuple:
+        """One gradient per argument of ``forward``: None where not needed (or, from the
+        custom op, ``empty_is_none``, an empty placeholder)."""
         needs = [ctx.needs_input_grad[i] for i in positions]
         grads = backward_fn(grad, list(ctx.saved_tensors), *ctx.options, needs)
         if route is not None:
@@ -121,7 +122,7 @@ def dual_op(
         result = [None] * n_args
         for position, g, need in zip(positions, grads, needs, strict=True):
             if need:
-                result[position] = present(g)
+                result[position] = present(g) if empty_is_none else g
         return tuple(result)
 
     class Function(torch.autograd.Function):
@@ -133,14 +134,14 @@ def dual_op(
 
         @staticmethod
         def backward(ctx, grad):
-            return gradients(ctx, grad, backward)
+            return gradients(ctx, grad, backward, empty_is_none=False)
 
     Function.__name__ = Function.__qualname__ = f"{name}_function"
 
     op = _custom_op(name, forward, forward_fake)
     backward_op = _custom_op(f"{name}_backward", backward, backward_fake)
     op.register_autograd(
-        lambda ctx, grads: gradients(ctx, grads[0], backward_op),
+        lambda ctx, grads: gradients(ctx, grads[0], backward_op, empty_is_none=True),
         setup_context=lambda ctx, inputs, output: keep(ctx, inputs, output),
     )
 
