@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+from typing import NoReturn
 
 import torch
 from torch import Tensor
 
-_FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_FLOATING = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))
 # (x dtype, adapter dtype) pairs allowed: the adapters in x's dtype or a wider one
 _ADAPTER_DTYPES = {
     (x, adapter)
@@ -15,56 +16,6 @@ _ADAPTER_DTYPES = {
     for adapter in _FLOATING
     if torch.promote_types(x, adapter) == adapter
 }
-
-
-def _all_fine(x, weight, bias, lora_A, lora_B, scaling, dropout_p, magnitude) -> bool:
-    """True only if every check of ``check_adapter_inputs`` passes, in a few microseconds.
-
-    The common case of every call (a decoding step runs this 200 times per token); anything it
-    does not recognise sends the caller to the detailed checks, which name the problem.
-    """
-    try:
-        if not (
-            isinstance(x, Tensor)
-            and isinstance(weight, Tensor)
-            and isinstance(lora_A, Tensor)
-            and isinstance(lora_B, Tensor)
-        ):
-            return False
-        dtype, adapter_dtype, device = x.dtype, lora_A.dtype, x.device
-        out_features, in_features = weight.shape
-        rank, a_in = lora_A.shape
-        fine = (
-            (dtype, adapter_dtype) in _ADAPTER_DTYPES
-            and weight.dtype == dtype
-            and lora_B.dtype == adapter_dtype
-            and x.shape[-1] == in_features == a_in
-            and rank > 0
-            and lora_B.shape == (out_features, rank)
-            and not weight.requires_grad
-            and weight.device == device
-            and lora_A.device == device
-            and lora_B.device == device
-            and 0.0 <= dropout_p < 1.0
-            and math.isfinite(scaling)
-        )
-        if fine and bias is not None:
-            fine = (
-                isinstance(bias, Tensor)
-                and bias.dtype == dtype
-                and bias.shape == (out_features,)
-                and bias.device == device
-            )
-        if fine and magnitude is not None:
-            fine = (
-                isinstance(magnitude, Tensor)
-                and magnitude.dtype == adapter_dtype
-                and magnitude.shape == (out_features,)
-                and magnitude.device == device
-            )
-        return fine
-    except (AttributeError, TypeError, ValueError, IndexError):
-        return False
 
 
 def check_adapter_inputs(
@@ -77,89 +28,119 @@ def check_adapter_inputs(
     dropout_p: float,
     magnitude: Tensor | None = None,
 ) -> None:
-    """Check the arguments of ``lora_linear`` / ``dora_linear``.
+    """Check the arguments of ``lora_linear`` / ``dora_linear``; raise naming the first problem.
 
     Dtypes: ``x``, ``weight``, ``bias`` share one; ``lora_A``, ``lora_B``, ``magnitude`` share
-    another, equal to it or wider.
+    another, equal to it or wider. Shapes: x (..., in), weight (out, in), bias (out,),
+    lora_A (r, in) with r >= 1, lora_B (out, r), magnitude (out,); all on x's device.
+
+    One flat sequence of cheap tests (a decoding step runs this for every adapted layer, once
+    per token): the messages are built only when a test fails.
 
     Raises:
         TypeError: a non-tensor argument, a non-floating ``x``, or mismatched dtypes.
         ValueError: mismatched shapes, ``r == 0``, tensors on different devices, a ``weight``
             that requires grad, or ``dropout_p`` / ``scaling`` out of range.
     """
-    if not _all_fine(x, weight, bias, lora_A, lora_B, scaling, dropout_p, magnitude):
-        _name_the_problem(x, weight, bias, lora_A, lora_B, scaling, dropout_p, magnitude)
+    if not isinstance(x, Tensor):
+        _not_a_tensor("x", x)
+    if not isinstance(weight, Tensor):
+        _not_a_tensor("weight", weight)
+    if bias is not None and not isinstance(bias, Tensor):
+        _not_a_tensor("bias", bias)
+    if not isinstance(lora_A, Tensor):
+        _not_a_tensor("lora_A", lora_A)
+    if not isinstance(lora_B, Tensor):
+        _not_a_tensor("lora_B", lora_B)
+    if magnitude is not None and not isinstance(magnitude, Tensor):
+        _not_a_tensor("magnitude", magnitude)
 
-
-def _name_the_problem(x, weight, bias, lora_A, lora_B, scaling, dropout_p, magnitude) -> None:
-    """The detailed checks of ``check_adapter_inputs``: raise naming the first problem."""
-    base = {"x": x, "weight": weight}
-    if bias is not None:
-        base["bias"] = bias
-    adapter = {"lora_A": lora_A, "lora_B": lora_B}
-    if magnitude is not None:
-        adapter["magnitude"] = magnitude
-    named = base | adapter
-    for name, tensor in named.items():
-        if not isinstance(tensor, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
-    for name, tensor in base.items():
-        if tensor.dtype != x.dtype:
-            raise TypeError(
-                f"{name} has dtype {tensor.dtype} but x has {x.dtype}; cast them to one dtype"
-            )
-    adapter_dtype = lora_A.dtype
-    for name, tensor in adapter.items():
-        if tensor.dtype != adapter_dtype:
-            raise TypeError(
-                f"{name} has dtype {tensor.dtype} but lora_A has {adapter_dtype}; the adapter "
-                "tensors share one dtype"
-            )
-    if not adapter_dtype.is_floating_point or (
-        torch.promote_types(x.dtype, adapter_dtype) != adapter_dtype
+    dtype, adapter_dtype, device = x.dtype, lora_A.dtype, x.device
+    if dtype not in _FLOATING and not dtype.is_floating_point:
+        raise TypeError(f"x must be a floating-point tensor, got dtype {dtype}")
+    if weight.dtype != dtype:
+        _dtype_mismatch("weight", weight, "x", dtype, "cast them to one dtype")
+    if bias is not None and bias.dtype != dtype:
+        _dtype_mismatch("bias", bias, "x", dtype, "cast them to one dtype")
+    if lora_B.dtype != adapter_dtype:
+        _dtype_mismatch("lora_B", lora_B, "lora_A", adapter_dtype, _ADAPTERS_SHARE)
+    if magnitude is not None and magnitude.dtype != adapter_dtype:
+        _dtype_mismatch("magnitude", magnitude, "lora_A", adapter_dtype, _ADAPTERS_SHARE)
+    if (dtype, adapter_dtype) not in _ADAPTER_DTYPES and not (
+        adapter_dtype.is_floating_point
+        and torch.promote_types(dtype, adapter_dtype) == adapter_dtype
     ):
         raise TypeError(
-            f"the adapters have dtype {adapter_dtype}, narrower than x's {x.dtype}; they must "
+            f"the adapters have dtype {adapter_dtype}, narrower than x's {dtype}; they must "
             "have x's dtype or a wider one (e.g. float32 adapters on a bfloat16 base)"
         )
-    for name, tensor in named.items():
-        if tensor.device != x.device:
-            raise ValueError(f"{name} is on {tensor.device} but x is on {x.device}")
+    if weight.device != device:
+        _elsewhere("weight", weight, device)
+    if bias is not None and bias.device != device:
+        _elsewhere("bias", bias, device)
+    if lora_A.device != device:
+        _elsewhere("lora_A", lora_A, device)
+    if lora_B.device != device:
+        _elsewhere("lora_B", lora_B, device)
+    if magnitude is not None and magnitude.device != device:
+        _elsewhere("magnitude", magnitude, device)
 
-    if x.dim() < 1:
-        raise ValueError("x must have at least one dimension (..., in_features)")
-    for name in ("weight", "lora_A", "lora_B"):
-        if named[name].dim() != 2:
-            raise ValueError(f"{name} must be 2-D, got shape {tuple(named[name].shape)}")
-    out_features, in_features = weight.shape
-    rank = lora_A.shape[0]
-    if x.shape[-1] != in_features:
+    try:  # unpacking checks the dimensions; on failure, name the first tensor at fault
+        x_features = x.shape[-1]
+        out_features, in_features = weight.shape
+        rank, a_in_features = lora_A.shape
+        b_out_features, b_rank = lora_B.shape
+    except (IndexError, ValueError):
+        if x.ndim < 1:
+            raise ValueError("x must have at least one dimension (..., in_features)") from None
+        for name, tensor in (("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
+            if tensor.ndim != 2:
+                raise ValueError(f"{name} must be 2-D, got shape {tuple(tensor.shape)}") from None
+        raise
+    if x_features != in_features:
         raise ValueError(
-            f"x has {x.shape[-1]} features in its last dimension but weight {tuple(weight.shape)} "
+            f"x has {x_features} features in its last dimension but weight {tuple(weight.shape)} "
             f"expects in_features={in_features}"
         )
     if rank == 0:
         raise ValueError("rank r must be >= 1, but lora_A has 0 rows")
-    if lora_A.shape[1] != in_features:
+    if a_in_features != in_features:
         raise ValueError(
             f"lora_A must be (r, in_features) = (r, {in_features}), got {tuple(lora_A.shape)}"
         )
-    if tuple(lora_B.shape) != (out_features, rank):
+    if b_out_features != out_features or b_rank != rank:
         raise ValueError(
             f"lora_B must be (out_features, r) = ({out_features}, {rank}), "
             f"got {tuple(lora_B.shape)}"
         )
-    if bias is not None and tuple(bias.shape) != (out_features,):
-        raise ValueError(
-            f"bias must be (out_features,) = ({out_features},), got {tuple(bias.shape)}"
-        )
-    if magnitude is not None and tuple(magnitude.shape) != (out_features,):
-        raise ValueError(
-            f"magnitude must be (out_features,) = ({out_features},), got {tuple(magnitude.shape)}"
-        )
+    if bias is not None and bias.shape != (out_features,):
+        _not_out_features("bias", bias, out_features)
+    if magnitude is not None and magnitude.shape != (out_features,):
+        _not_out_features("magnitude", magnitude, out_features)
     check_frozen_and_scalars(weight, scaling, dropout_p)
+
+
+_ADAPTERS_SHARE = "the adapter tensors share one dtype"
+
+
+def _not_a_tensor(name: str, value) -> NoReturn:
+    raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+
+
+def _elsewhere(name: str, tensor: Tensor, device: torch.device) -> NoReturn:
+    raise ValueError(f"{name} is on {tensor.device} but x is on {device}")
+
+
+def _not_out_features(name: str, tensor: Tensor, out_features: int) -> NoReturn:
+    raise ValueError(
+        f"{name} must be (out_features,) = ({out_features},), got {tuple(tensor.shape)}"
+    )
+
+
+def _dtype_mismatch(
+    name: str, tensor: Tensor, like: str, dtype: torch.dtype, hint: str
+) -> NoReturn:
+    raise TypeError(f"{name} has dtype {tensor.dtype} but {like} has {dtype}; {hint}")
 
 
 def check_frozen_and_scalars(weight: Tensor, scaling: float, dropout_p: float) -> None:

@@ -11,12 +11,12 @@ outside it). These ops add what LoRA and DoRA put on top:
   The norm ``n`` is a constant for backward (DoRA paper §4.3); ``peft_kernels.norm.
   factored_weight_norm`` computes it from ``W Aᵀ`` and the cached ``‖W_i‖²``.
 
-Both have a hand-written backward: eagerly through an ``autograd.Function`` (no custom-op
-dispatch, ~0.1 ms a call saved), under ``torch.compile`` through ``torch.library`` custom ops
-with fake implementations (as ``peft_kernels.ops``), both over the same functions. What they
-save for backward, parameters aside: ``lora_delta`` keeps ``x`` and ``u = x̃ Aᵀ`` (M, r), plus
-the bool keep-mask with dropout (never ``dropout(x)``); ``dora_combine`` keeps ``z = base − b + d``
-(M, out), for the magnitude's gradient, and the norm (out,). Never an out×in tensor.
+Both have a hand-written backward, written once as forward / backward / fake functions and
+built by ``peft_kernels.dual_op`` into an eager ``autograd.Function`` (no custom-op dispatch)
+and ``torch.library`` custom ops for ``torch.compile``. What they save for backward, parameters
+aside: ``lora_delta`` keeps ``x`` and ``u = x̃ Aᵀ`` (M, r), plus the bool keep-mask with dropout
+(never ``dropout(x)``); ``dora_combine`` keeps ``z = base − b + d`` (M, out), for the magnitude's
+gradient, and the norm (out,). Never an out×in tensor.
 
 Backends: ``"naive"`` is plain autograd (the reference); every other backend runs the torch
 implementation here. The branch is two rank-r GEMMs and an elementwise combine, with no base
@@ -30,13 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from peft_kernels.backends import resolve_backend
-from peft_kernels.contract import empty, present
+from peft_kernels.backends import TABLE, resolve_backend
+from peft_kernels.contract import present
+from peft_kernels.dual_op import dual_op
 from peft_kernels.functional import _draw_seed
 from peft_kernels.torch_linear import _dropped, keep_mask
-
-_NAMESPACE = "peft_kernels"
-
 
 # -- checks -------------------------------------------------------------------------------------
 
@@ -144,73 +142,28 @@ def lora_delta(
     _check_branch(x, lora_A, lora_B, dropout_p)
     backend = resolve_backend(backend, x.device)
     dropout_p = float(dropout_p) if training else 0.0
-    if backend == "naive":
+    if not TABLE[backend].hand_written:  # naive: plain autograd
         return F.linear(F.linear(F.dropout(x, dropout_p, training), lora_A), lora_B) * scaling
     seed = _draw_seed(x.device) if dropout_p > 0 else None
-    rows, scaling = _rows(x), float(scaling)
-    if torch.compiler.is_compiling():  # the custom op: traced without a graph break
-        delta, _, _ = lora_delta_forward(rows, lora_A, lora_B, scaling, dropout_p, seed)
-    else:  # eager: the same functions without the custom-op dispatch (~0.1 ms a call)
-        delta = _LoRADelta.apply(rows, lora_A, lora_B, scaling, dropout_p, seed)
+    delta = _lora_delta(_rows(x), lora_A, lora_B, float(scaling), dropout_p, seed)
     return delta.view(*x.shape[:-1], lora_B.shape[0])
 
 
-def _delta_forward(x, lora_A, lora_B, scaling, dropout_p, seed):
-    """``(d (M, out), u (M, r), keep (M, in) bool or None)``."""
-    keep = None if seed is None else keep_mask(seed, tuple(x.shape), dropout_p)
-    u = _dropped(x, keep, dropout_p) @ lora_A.T
-    return (u @ lora_B.T).mul_(scaling), u, keep
-
-
-def _delta_backward(grad, x, lora_A, lora_B, u, keep, scaling, dropout_p, needs_grad_x):
-    """``(grad_x or None, grad_A, grad_B)``."""
-    grad = grad.contiguous()
-    grad_b_proj = grad @ lora_B  # (M, r)
-    grad_lora_B = (grad.T @ u).mul_(scaling)
-    grad_lora_A = (grad_b_proj.T @ _dropped(x, keep, dropout_p)).mul_(scaling)
-    grad_x = None
-    if needs_grad_x:
-        grad_x = (grad_b_proj @ lora_A).mul_(scaling)
-        if keep is not None:
-            grad_x.mul_(keep).mul_(1.0 / (1.0 - dropout_p))
-    return grad_x, grad_lora_A, grad_lora_B
-
-
-class _LoRADelta(torch.autograd.Function):
-    """Eager ``lora_delta``: forward and backward as the custom op runs them."""
-
-    @staticmethod
-    def forward(ctx, x, lora_A, lora_B, scaling, dropout_p, seed):
-        delta, u, keep = _delta_forward(x, lora_A, lora_B, scaling, dropout_p, seed)
-        ctx.save_for_backward(x, lora_A, lora_B, u, keep)
-        ctx.scaling, ctx.dropout_p = scaling, dropout_p
-        return delta
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, lora_A, lora_B, u, keep = ctx.saved_tensors
-        grads = _delta_backward(
-            grad, x, lora_A, lora_B, u, keep, ctx.scaling, ctx.dropout_p, ctx.needs_input_grad[0]
-        )
-        return (*grads, None, None, None)
-
-
-@torch.library.custom_op(f"{_NAMESPACE}::lora_delta_forward", mutates_args=())
-def lora_delta_forward(
+def _delta_forward(
     x: Tensor,
     lora_A: Tensor,
     lora_B: Tensor,
     scaling: float,
     dropout_p: float,
     seed: Tensor | None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``(d (M, out), u (M, r), keep)``; keep is the (M, in) bool mask, or empty without dropout."""
-    delta, u, keep = _delta_forward(x, lora_A, lora_B, scaling, dropout_p, seed)
-    return delta, u, empty(x, torch.bool) if keep is None else keep
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(d (M, out), u (M, r), keep (M, in) bool or None)``."""
+    keep = None if seed is None else keep_mask(seed, tuple(x.shape), dropout_p)
+    u = _dropped(x, keep, dropout_p) @ lora_A.T
+    return (u @ lora_B.T).mul_(scaling), u, keep
 
 
-@lora_delta_forward.register_fake
-def _(x, lora_A, lora_B, scaling, dropout_p, seed):
+def _delta_forward_fake(x, lora_A, lora_B, scaling, dropout_p, seed):
     return (
         x.new_empty(x.shape[0], lora_B.shape[0]),
         x.new_empty(x.shape[0], lora_A.shape[0]),
@@ -218,52 +171,51 @@ def _(x, lora_A, lora_B, scaling, dropout_p, seed):
     )
 
 
-@torch.library.custom_op(f"{_NAMESPACE}::lora_delta_backward", mutates_args=())
-def lora_delta_backward(
+def _delta_save(args: tuple, out: tuple) -> tuple[tuple, tuple[float, float]]:
+    """``x, A, B, u`` and the keep-mask (None without dropout); never ``dropout(x)``."""
+    x, lora_A, lora_B, scaling, dropout_p, _seed = args
+    _, u, keep = out
+    return (x, lora_A, lora_B, u, present(keep)), (scaling, dropout_p)
+
+
+def _delta_backward(
     grad: Tensor,
-    x: Tensor,
-    lora_A: Tensor,
-    lora_B: Tensor,
-    u: Tensor,
-    keep: Tensor | None,
+    saved: list[Tensor | None],
     scaling: float,
     dropout_p: float,
-    needs_grad_x: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``(grad_x or empty, grad_A, grad_B)``; ``keep`` is None without dropout."""
-    grad_x, grad_lora_A, grad_lora_B = _delta_backward(
-        grad, x, lora_A, lora_B, u, keep, scaling, dropout_p, needs_grad_x
-    )
-    return (empty(x) if grad_x is None else grad_x), grad_lora_A, grad_lora_B
+    needs: list[bool],
+) -> tuple[Tensor | None, Tensor, Tensor]:
+    """``(grad_x or None, grad_A, grad_B)``."""
+    x, lora_A, lora_B, u, keep = saved
+    grad = grad.contiguous()
+    grad_b_proj = grad @ lora_B  # (M, r)
+    grad_lora_B = (grad.T @ u).mul_(scaling)
+    grad_lora_A = (grad_b_proj.T @ _dropped(x, keep, dropout_p)).mul_(scaling)
+    grad_x = None
+    if needs[0]:
+        grad_x = (grad_b_proj @ lora_A).mul_(scaling)
+        if keep is not None:
+            grad_x.mul_(keep).mul_(1.0 / (1.0 - dropout_p))
+    return grad_x, grad_lora_A, grad_lora_B
 
 
-@lora_delta_backward.register_fake
-def _(grad, x, lora_A, lora_B, u, keep, scaling, dropout_p, needs_grad_x):
+def _delta_backward_fake(grad, saved, scaling, dropout_p, needs):
+    x, lora_A, lora_B, _u, _keep = saved
     return (
-        torch.empty_like(x) if needs_grad_x else x.new_empty(0),
+        torch.empty_like(x) if needs[0] else x.new_empty(0),
         torch.empty_like(lora_A),
         torch.empty_like(lora_B),
     )
 
 
-def _lora_delta_setup_context(ctx, inputs, output) -> None:
-    x, lora_A, lora_B, scaling, dropout_p, _seed = inputs
-    _, u, keep = output
-    ctx.save_for_backward(x, lora_A, lora_B, u, present(keep))
-    ctx.scaling, ctx.dropout_p = scaling, dropout_p
-
-
-def _lora_delta_backward_autograd(ctx, grad, grad_u, grad_keep):
-    x, lora_A, lora_B, u, keep = ctx.saved_tensors
-    needs_grad_x = ctx.needs_input_grad[0]
-    grad_x, grad_lora_A, grad_lora_B = lora_delta_backward(
-        grad, x, lora_A, lora_B, u, keep, ctx.scaling, ctx.dropout_p, needs_grad_x
-    )
-    return (grad_x if needs_grad_x else None), grad_lora_A, grad_lora_B, None, None, None
-
-
-lora_delta_forward.register_autograd(
-    _lora_delta_backward_autograd, setup_context=_lora_delta_setup_context
+_lora_delta = dual_op(
+    "lora_delta",
+    forward=_delta_forward,
+    forward_fake=_delta_forward_fake,
+    save=_delta_save,
+    backward=_delta_backward,
+    backward_fake=_delta_backward_fake,
+    differentiable=("x", "lora_A", "lora_B"),
 )
 
 
@@ -305,24 +257,14 @@ def dora_combine(
     base) − b + delta`` saved from forward, ``grad_b = Σ g ⊙ (1 − c)``.
     """
     _check_combine(base, delta, magnitude, weight_norm, bias, base_dropped)
-    if resolve_backend(backend, base.device) == "naive":
+    if not TABLE[resolve_backend(backend, base.device)].hand_written:  # naive: plain autograd
         column_scale = _column_scale(magnitude, weight_norm, base.dtype)
         b = 0 if bias is None else bias
         if base_dropped is None:
             return column_scale * (base - b + delta) + b
         return base + (column_scale - 1) * (base_dropped - b) + column_scale * delta
-    args = (
-        _rows(base),
-        _rows(delta),
-        magnitude,
-        weight_norm,
-        bias,
-        None if base_dropped is None else _rows(base_dropped),
-    )
-    if torch.compiler.is_compiling():
-        y, _ = dora_combine_forward(*args)
-    else:
-        y = _DoRACombine.apply(*args)
+    dropped = None if base_dropped is None else _rows(base_dropped)
+    y = _dora_combine(_rows(base), _rows(delta), magnitude, weight_norm, bias, dropped)
     return y.view(base.shape)
 
 
@@ -330,7 +272,14 @@ def _column_scale(magnitude: Tensor, weight_norm: Tensor, dtype: torch.dtype) ->
     return (magnitude.to(weight_norm.dtype) / weight_norm).to(dtype)
 
 
-def _combine_forward(base, delta, magnitude, weight_norm, bias, base_dropped):
+def _combine_forward(
+    base: Tensor,
+    delta: Tensor,
+    magnitude: Tensor,
+    weight_norm: Tensor,
+    bias: Tensor | None,
+    base_dropped: Tensor | None,
+) -> tuple[Tensor, Tensor]:
     """``(y (M, out), z (M, out))`` with ``z = (base_dropped or base) − b + delta``."""
     column_scale = _column_scale(magnitude, weight_norm, base.dtype)
     z = (base if base_dropped is None else base_dropped) + delta
@@ -346,109 +295,58 @@ def _combine_forward(base, delta, magnitude, weight_norm, bias, base_dropped):
     return y, z
 
 
-def _combine_backward(grad, z, magnitude, weight_norm, needs_grad_bias):
-    """``(c ⊙ g, grad_m, grad_b or None)``."""
+def _combine_forward_fake(base, delta, magnitude, weight_norm, bias, base_dropped):
+    return torch.empty_like(base), torch.empty_like(base)
+
+
+def _combine_save(args: tuple, out: tuple) -> tuple[tuple, tuple[bool]]:
+    """``z`` (M, out), m and n; whether dropout was on."""
+    _base, _delta, magnitude, weight_norm, _bias, base_dropped = args
+    return (out[1], magnitude, weight_norm), (base_dropped is not None,)
+
+
+def _combine_backward(
+    grad: Tensor,
+    saved: list[Tensor | None],
+    dropped: bool,
+    needs: list[bool],
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(c ⊙ g, grad_m, grad_b or None)``; ``_combine_route`` hands them to the inputs."""
+    z, magnitude, weight_norm = saved
     grad = grad.contiguous()
     grad_scaled = grad * _column_scale(magnitude, weight_norm, grad.dtype)
     grad_magnitude = (grad * z).sum(0).to(weight_norm.dtype).div_(weight_norm).to(magnitude.dtype)
+    needs_grad_bias = needs[3]
     grad_bias = grad.sum(0).sub_(grad_scaled.sum(0)) if needs_grad_bias else None  # Σ g(1 − c)
     return grad_scaled, grad_magnitude, grad_bias
 
 
-def _route_combine_grads(grad, grad_scaled, dropped):
-    """``(grad_base, grad_base_dropped)``: base gets g and base_dropped (c − 1) ⊙ g with
-    dropout; without, base gets c ⊙ g, the tensor delta gets (autograd never writes into it)."""
-    if dropped:
-        return grad, grad_scaled - grad
-    return grad_scaled, None
-
-
-class _DoRACombine(torch.autograd.Function):
-    """Eager ``dora_combine``: forward and backward as the custom op runs them."""
-
-    @staticmethod
-    def forward(ctx, base, delta, magnitude, weight_norm, bias, base_dropped):
-        y, z = _combine_forward(base, delta, magnitude, weight_norm, bias, base_dropped)
-        ctx.save_for_backward(z, magnitude, weight_norm)
-        ctx.dropped = base_dropped is not None
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):
-        z, magnitude, weight_norm = ctx.saved_tensors
-        grad_scaled, grad_magnitude, grad_bias = _combine_backward(
-            grad, z, magnitude, weight_norm, ctx.needs_input_grad[4]
-        )
-        grad_base, grad_base_dropped = _route_combine_grads(grad, grad_scaled, ctx.dropped)
-        return grad_base, grad_scaled, grad_magnitude, None, grad_bias, grad_base_dropped
-
-
-@torch.library.custom_op(f"{_NAMESPACE}::dora_combine_forward", mutates_args=())
-def dora_combine_forward(
-    base: Tensor,
-    delta: Tensor,
-    magnitude: Tensor,
-    weight_norm: Tensor,
-    bias: Tensor | None,
-    base_dropped: Tensor | None,
-) -> tuple[Tensor, Tensor]:
-    """``(y (M, out), z (M, out))`` with ``z = (base_dropped or base) − b + delta``."""
-    return _combine_forward(base, delta, magnitude, weight_norm, bias, base_dropped)
-
-
-@dora_combine_forward.register_fake
-def _(base, delta, magnitude, weight_norm, bias, base_dropped):
-    return torch.empty_like(base), torch.empty_like(base)
-
-
-@torch.library.custom_op(f"{_NAMESPACE}::dora_combine_backward", mutates_args=())
-def dora_combine_backward(
-    grad: Tensor,
-    z: Tensor,
-    magnitude: Tensor,
-    weight_norm: Tensor,
-    needs_grad_bias: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``(c ⊙ g, grad_m, grad_b or empty)``; the caller routes ``c ⊙ g`` (and g) to the inputs."""
-    grad_scaled, grad_magnitude, grad_bias = _combine_backward(
-        grad, z, magnitude, weight_norm, needs_grad_bias
-    )
-    return grad_scaled, grad_magnitude, empty(grad) if grad_bias is None else grad_bias
-
-
-@dora_combine_backward.register_fake
-def _(grad, z, magnitude, weight_norm, needs_grad_bias):
+def _combine_backward_fake(grad, saved, dropped, needs):
+    _z, magnitude, _weight_norm = saved
     return (
         torch.empty_like(grad),
         torch.empty_like(magnitude),
-        grad.new_empty(grad.shape[1]) if needs_grad_bias else grad.new_empty(0),
+        grad.new_empty(grad.shape[1]) if needs[3] else grad.new_empty(0),
     )
 
 
-def _dora_combine_setup_context(ctx, inputs, output) -> None:
-    _base, _delta, magnitude, weight_norm, _bias, base_dropped = inputs
-    _, z = output
-    ctx.save_for_backward(z, magnitude, weight_norm)
-    ctx.dropped = base_dropped is not None
+def _combine_route(grad: Tensor, grads: tuple, dropped: bool) -> tuple:
+    """Gradients of (base, delta, magnitude, bias, base_dropped). With dropout base gets g and
+    base_dropped (c − 1) ⊙ g; without, base gets c ⊙ g, the tensor delta gets (autograd never
+    writes into it)."""
+    grad_scaled, grad_magnitude, grad_bias = grads
+    if dropped:
+        return grad, grad_scaled, grad_magnitude, grad_bias, grad_scaled - grad
+    return grad_scaled, grad_scaled, grad_magnitude, grad_bias, None
 
 
-def _dora_combine_backward_autograd(ctx, grad, grad_z):
-    z, magnitude, weight_norm = ctx.saved_tensors
-    needs_grad_bias = ctx.needs_input_grad[4]
-    grad_scaled, grad_magnitude, grad_bias = dora_combine_backward(
-        grad, z, magnitude, weight_norm, needs_grad_bias
-    )
-    grad_base, grad_base_dropped = _route_combine_grads(grad, grad_scaled, ctx.dropped)
-    return (
-        grad_base,
-        grad_scaled,
-        grad_magnitude,
-        None,
-        grad_bias if needs_grad_bias else None,
-        grad_base_dropped,
-    )
-
-
-dora_combine_forward.register_autograd(
-    _dora_combine_backward_autograd, setup_context=_dora_combine_setup_context
+_dora_combine = dual_op(
+    "dora_combine",
+    forward=_combine_forward,
+    forward_fake=_combine_forward_fake,
+    save=_combine_save,
+    backward=_combine_backward,
+    backward_fake=_combine_backward_fake,
+    differentiable=("base", "delta", "magnitude", "bias", "base_dropped"),
+    route=_combine_route,
 )

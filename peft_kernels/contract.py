@@ -40,6 +40,18 @@ import torch
 from torch import Tensor
 
 
+class AdapterArgs(NamedTuple):
+    """The tensors of an adapter layer, in the order every op and backend takes them."""
+
+    x: Tensor  # (M, in), compute dtype
+    weight: Tensor  # W (out, in), frozen, compute dtype
+    bias: Tensor | None  # (out,), compute dtype
+    lora_A: Tensor  # A (r, in), adapter dtype
+    lora_B: Tensor  # B (out, r), adapter dtype
+    magnitude: Tensor | None  # m (out,), adapter dtype; None: LoRA
+    weight_norm: Tensor | None  # n (out,), at least float32; None: LoRA
+
+
 class Forward(NamedTuple):
     """What a backend's forward returns."""
 
@@ -50,7 +62,8 @@ class Forward(NamedTuple):
 
 
 class Saved(NamedTuple):
-    """What backward gets: the forward's inputs and the tensors ``Forward`` asked to keep."""
+    """What backward gets: the forward's inputs (``AdapterArgs``' fields, in its order) and the
+    tensors ``Forward`` asked to keep."""
 
     x: Tensor
     weight: Tensor

@@ -17,9 +17,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from peft_kernels import naive, ops
+from peft_kernels import ops
 from peft_kernels._validation import check_adapter_inputs
-from peft_kernels.backends import resolve_backend
+from peft_kernels.backends import TABLE, backend_module, resolve_backend
 from peft_kernels.norm import dora_weight_norm
 
 
@@ -70,10 +70,8 @@ def _adapter_linear(
             )
     check_adapter_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, magnitude)
     backend = resolve_backend(backend, x.device)
-    if backend == "naive":
-        if magnitude is None:
-            return naive.lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training)
-        return naive.dora_linear(
+    if not TABLE[backend].hand_written:  # naive: the layer as plain autograd ops
+        return backend_module(backend).adapter_linear(
             x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, training
         )
     dropout_p = float(dropout_p) if training else 0.0
@@ -86,21 +84,14 @@ def _adapter_linear(
         raise ValueError(
             f"weight_norm must be (out,) = ({weight.shape[0]},), got {tuple(weight_norm.shape)}"
         )
-    rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    flat = x.ndim == 2
+    rows = x if flat else x.reshape(-1, x.shape[-1])
     y = ops.adapter_linear(
         rows if rows.is_contiguous() else rows.contiguous(),
-        weight,
-        bias,
-        lora_A,
-        lora_B,
-        magnitude,
-        weight_norm,
-        scaling=scaling,
-        dropout_p=dropout_p,
-        seed=seed,
-        backend=backend,
-    )
-    return y if x.dim() == 2 else y.view(*x.shape[:-1], weight.shape[0])
+        weight, bias, lora_A, lora_B, magnitude, weight_norm,
+        float(scaling), dropout_p, seed, backend,
+    )  # fmt: skip
+    return y if flat else y.view(*x.shape[:-1], weight.shape[0])
 
 
 def lora_linear(

@@ -71,3 +71,20 @@ def dora_linear(
     lora = F.linear(F.linear(x.to(wide), lora_A), lora_B) * scaling
     y = column_scale * (F.linear(x, weight) + lora)
     return (y if bias is None else y + bias).to(x.dtype)
+
+
+def adapter_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    magnitude: Tensor | None,
+    scaling: float,
+    dropout_p: float = 0.0,
+    training: bool = True,
+) -> Tensor:
+    """``lora_linear`` (``magnitude`` None) or ``dora_linear``: the naive backend's layer."""
+    if magnitude is None:
+        return lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training)
+    return dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, training)

@@ -13,15 +13,17 @@ any tile of the mask can be regenerated anywhere, and masks are never stored.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-# The interpreter (CPU) runs one small config: autotuning there would take minutes.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from peft_kernels.backends import triton_interpreted
+
+# The interpreter (CPU) runs one small config: autotuning there would take minutes. Read once,
+# at import, as triton reads it when the kernels are decorated.
+INTERPRET = triton_interpreted()
 # Widest rank tile; larger ranks are covered by several tiles (loops or extra programs).
 MAX_BLOCK_R = 64
 GROUP_M = 8  # row-blocks per group in the L2-friendly tile order of the GEMM kernels

@@ -200,3 +200,24 @@ def test_dora_output_modified_in_place_is_an_error_not_a_wrong_gradient():
     y.mul_(2.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.sum().backward()
+
+
+@pytest.mark.parametrize("case", ["lora", "dora_dropout", "delta_dropout", "combine", "dropped"])
+def test_custom_ops_pass_opcheck(case):
+    """Every op dual_op builds: schema, fake tensors and autograd registration agree."""
+    from peft_kernels import adapter_branch, dora_weight_norm, ops
+
+    inputs = make_inputs("dora", 5, 7, 6, 3, dtype=torch.float64)
+    x, w, b, a, bb, m = (
+        inputs[k] for k in ("x", "weight", "bias", "lora_A", "lora_B", "magnitude")
+    )
+    norm, seed = dora_weight_norm(w, a.detach(), bb.detach(), 0.5), torch.tensor([7])
+    base, delta = (torch.randn(5, 6, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    op, args = {
+        "lora": (ops.adapter_linear, (x, w, b, a, bb, None, None, 0.5, 0.0, None, "torch")),
+        "dora_dropout": (ops.adapter_linear, (x, w, None, a, bb, m, norm, 0.5, 0.3, seed, "torch")),
+        "delta_dropout": (adapter_branch._lora_delta, (x, a, bb, 0.5, 0.2, seed)),
+        "combine": (adapter_branch._dora_combine, (base, delta, m, norm, b, None)),
+        "dropped": (adapter_branch._dora_combine, (base, delta, m, norm, b, base.detach() * 2)),
+    }[case]
+    torch.library.opcheck(op.op, args)
