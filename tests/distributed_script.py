@@ -42,7 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # lightning_modules, r
 
 from lightning_modules import CausalLM, random_tokens
 from lightning_peft import LoRAConfig, PEFTCallback, adapter_state_dict
-from lightning_peft.distributed import clean_name, full_state_dict
+from lightning_peft.core.distributed import clean_name
+from lightning_peft.lightning.distributed import full_state_dict
 
 CONFIG = LoRAConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
 FIRST_STEPS = 3

@@ -20,8 +20,8 @@ from lightning_peft import (
     unload,
     unmerge_adapters,
 )
-from lightning_peft.hf_format import peft_keys
-from lightning_peft.methods import adapter_layers
+from lightning_peft.methods.registry import adapter_layers
+from lightning_peft.peft_format.files import peft_keys
 
 
 @dataclass

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_peft.quantization import bitsandbytes_kind, disable_cpu_inference_packing
+from lightning_peft.core.bnb import bitsandbytes_kind, disable_cpu_inference_packing
 
 NEEDS_BNB = pytest.mark.skipif(
     importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed"
@@ -98,6 +98,6 @@ def save_tiny_llama(directory: Path, seed: int = 0) -> Path:
 
 def load_tiny_4bit(directory: Path, mode: str = "nf4", **kwargs) -> nn.Module:
     """The tiny Llama of ``directory`` loaded quantized by transformers, reference-ready."""
-    from lightning_peft.quantization import load_quantized
+    from lightning_peft.lightning.precision import load_quantized
 
     return no_cpu_packing(load_quantized(directory, mode, **kwargs))

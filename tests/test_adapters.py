@@ -21,7 +21,7 @@ from lightning_peft import (
     unload,
     unmerge_adapters,
 )
-from lightning_peft.methods import adapter_layers
+from lightning_peft.methods.registry import adapter_layers
 from tiny_models import MODELS, TARGETS, assert_unchanged, logits, snapshot, tokens
 
 CONFIGS = {

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-import lightning_peft.methods
+import lightning_peft.methods.registry
 from lightning_peft import (
     AdapterConfig,
     IA3Config,
@@ -29,15 +29,17 @@ from lightning_peft import (
     unload,
     unmerge_adapters,
 )
-from lightning_peft.hf_format import peft_key
-from lightning_peft.injection import planned_tensors
-from lightning_peft.methods import METHODS, Method, adapter_layers
-from lightning_peft.methods.bottleneck import BottleneckAdapter
-from lightning_peft.methods.lora import LORA, LoRALinear
-from lightning_peft.methods.lora_conv import LoRAConv
-from lightning_peft.methods.lora_embedding import LoRAEmbedding
-from lightning_peft.methods.lora_mha import LoRAMultiheadAttention
-from lightning_peft.methods.lora_quantized import QuantizedLoRALinear
+from lightning_peft.core.adapter import Method
+from lightning_peft.methods.bottleneck.layers import BottleneckAdapter
+from lightning_peft.methods.lora.conv import LoRAConv
+from lightning_peft.methods.lora.embedding import LoRAEmbedding
+from lightning_peft.methods.lora.linear import LoRALinear
+from lightning_peft.methods.lora.method import LORA
+from lightning_peft.methods.lora.mha import LoRAMultiheadAttention
+from lightning_peft.methods.lora.quantized import QuantizedLoRALinear
+from lightning_peft.methods.registry import METHODS, adapter_layers
+from lightning_peft.model.injection import planned_tensors
+from lightning_peft.peft_format.files import peft_key
 from quantized_models import QuantizedSmallModel
 from tiny_models import tiny_llama
 
@@ -397,7 +399,7 @@ def test_contract_check_catches_an_undeclared_tensor(monkeypatch, tmp_path):
         read_config=LORA.read_config,
         scope=LORA.scope,
     )
-    monkeypatch.setattr(lightning_peft.methods, "METHODS", (forgetful,))
+    monkeypatch.setattr(lightning_peft.methods.registry, "METHODS", (forgetful,))
     config = LAYER_CASES[LoRALinear][1]["lora"]
     with pytest.raises(AssertionError, match="undeclared adapter tensors"):
         check_method_on(SmallModel, config, ForgetfulLoRALinear, tmp_path)

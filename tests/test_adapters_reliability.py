@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-import lightning_peft.hf_format as hf_format
+import lightning_peft.peft_format.files as hf_format
 from lightning_peft import (
     AdapterConfig,
     LoRAConfig,
@@ -24,8 +24,12 @@ from lightning_peft import (
     unload,
     unmerge_adapters,
 )
-from lightning_peft.config import PEFT_IGNORED_FIELDS, PEFT_ONLY_FIELDS, PEFT_UNSUPPORTED_FIELDS
-from lightning_peft.targeting import select_targets
+from lightning_peft.methods.lora.config import (
+    PEFT_IGNORED_FIELDS,
+    PEFT_ONLY_FIELDS,
+    PEFT_UNSUPPORTED_FIELDS,
+)
+from lightning_peft.model.targeting import select_targets
 from peft_interop import peft_adapted_names
 from tiny_models import MODELS, assert_unchanged, files, logits, snapshot, tokens
 

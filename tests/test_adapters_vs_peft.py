@@ -15,7 +15,7 @@ from lightning_peft import (
     unload,
     unmerge_adapters,
 )
-from lightning_peft.targeting import select_targets
+from lightning_peft.model.targeting import select_targets
 from peft_interop import peft_adapted_names
 from tiny_models import MODELS, TARGETS, logits, tokens
 

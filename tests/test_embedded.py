@@ -4,8 +4,8 @@ import importlib.util
 
 import pytest
 
-from lightning_peft import embedded
-from lightning_peft.errors import InputError
+from lightning_peft.cli import embedded
+from lightning_peft.core.errors import InputError
 
 
 def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):

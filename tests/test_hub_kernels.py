@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from lightning_modules import PlainCausalLM, quiet_trainer
 from lightning_peft import LoRAConfig, PEFTCallback
-from lightning_peft.errors import InputError
+from lightning_peft.core.errors import InputError
 from tiny_models import tiny_llama
 
 

@@ -21,7 +21,7 @@ from lightning_peft import (
     unload,
     unmerge_adapters,
 )
-from lightning_peft.targeting import select_targets
+from lightning_peft.model.targeting import select_targets
 from peft_kernels import ia3_linear, ia3_merge, ia3_scale
 from tiny_models import MODELS, assert_unchanged, snapshot, tokens
 

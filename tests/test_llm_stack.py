@@ -226,7 +226,7 @@ def test_smollm2_adapted_generation_matches_merged_and_embeddings_stay_tied():
     generation with the KV cache before merging equals generation after."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lightning_peft.embedded import smollm2_path
+    from lightning_peft.cli.embedded import smollm2_path
 
     path = smollm2_path()
     tokenizer = AutoTokenizer.from_pretrained(path)

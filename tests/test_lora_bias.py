@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from lightning_peft import LoRAConfig, inject_adapters, save_adapter
-from lightning_peft.hf_format import read_config
+from lightning_peft.peft_format.files import read_config
 from peft_interop import check_against_peft
 from tiny_models import tiny_gpt2, tokens
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_peft import LoRAConfig, inject_adapters, lora_plus_param_groups, select_targets
-from lightning_peft.methods.lora_conv import LoRAConv
+from lightning_peft.methods.lora.conv import LoRAConv
 from peft_interop import check_against_peft
 from peft_kernels import (
     conv_delta_weight,

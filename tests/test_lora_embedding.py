@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_peft import LoRAConfig, inject_adapters, merge_adapters, unmerge_adapters
-from lightning_peft.methods.lora_embedding import LoRAEmbedding
+from lightning_peft.methods.lora.embedding import LoRAEmbedding
 from peft_interop import check_against_peft
 from peft_kernels import dora_embedding, embedding_dora_weight_norm, lora_embedding
 from tiny_models import tiny_gpt2, tokens

@@ -18,7 +18,7 @@ from lightning_peft import (
     save_adapter,
     unmerge_adapters,
 )
-from lightning_peft.methods.lora_mha import LoRAMultiheadAttention
+from lightning_peft.methods.lora.mha import LoRAMultiheadAttention
 
 
 class Attention(nn.Module):

@@ -23,18 +23,17 @@ from lightning_peft import (
     unload,
     unmerge_adapters,
 )
-from lightning_peft.methods import adapter_layers
-from lightning_peft.methods.lora_quantized import QuantizedLoRALinear
-from lightning_peft.quantization import (
+from lightning_peft.core.bnb import (
     EXTRA_HINT,
     MissingExtraError,
-    bitsandbytes_config,
     bitsandbytes_kind,
     dequantized_rows,
     dequantized_weight,
-    load_quantized,
     quantized_row_sq_norm,
 )
+from lightning_peft.lightning.precision import bitsandbytes_config, load_quantized
+from lightning_peft.methods.lora.quantized import QuantizedLoRALinear
+from lightning_peft.methods.registry import adapter_layers
 from quantized_models import (
     FORMATS_4BIT,
     NEEDS_BNB,
@@ -412,7 +411,7 @@ def test_disabled_adapters_give_the_quantized_base():
 def test_dora_decoding_reuses_the_norm_and_equals_the_recorded_forward(kind, monkeypatch):
     """Forwards without autograd reuse DoRA's norm (no de-quantization of W per decoded token)
     until A changes, and give the recorded forward's output exactly, under bf16 autocast too."""
-    import lightning_peft.methods.lora_quantized as lora_quantized
+    import lightning_peft.methods.lora.quantized as lora_quantized
 
     _, base = linear_4bit(40, 24) if kind == "nf4" else linear_8bit(40, 24)
     layer = make_layer(base, use_dora=True).eval()
@@ -654,7 +653,7 @@ def test_smollm2_nf4_ours_and_peft_agree_and_a_step_lowers_the_loss(tmp_path):
     """The real model: ours over transformers' nf4 SmolLM2 equals peft's QLoRA on the same base,
     and a few QLoRA steps on one batch lower its loss."""
     peft = pytest.importorskip("peft")
-    from lightning_peft.embedded import smollm2_path
+    from lightning_peft.cli.embedded import smollm2_path
 
     directory = smollm2_path()
     ids = torch.randint(0, 49152, (2, 32), generator=torch.Generator().manual_seed(0))

@@ -17,9 +17,10 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 import lightning_modules
 from lightning_modules import CaptureOnTrainEnd, CaptureOnTrainStart, CausalLM, random_tokens
 from lightning_peft import AdapterConfig, LoRAConfig, PEFTCallback, adapter_state_dict
-from lightning_peft.methods import adapter_layers
-from lightning_peft.methods.lora_quantized import QuantizedLoRALinear
-from lightning_peft.quantization import bitsandbytes_kind, load_quantized
+from lightning_peft.core.bnb import bitsandbytes_kind
+from lightning_peft.lightning.precision import load_quantized
+from lightning_peft.methods.lora.quantized import QuantizedLoRALinear
+from lightning_peft.methods.registry import adapter_layers
 from quantized_models import NEEDS_BNB, no_cpu_packing
 
 pytestmark = NEEDS_BNB

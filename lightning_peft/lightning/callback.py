@@ -1,0 +1,836 @@
+"""``PEFTCallback``: adapters for any LightningModule, with adapter-only checkpoints.
+
+Lightning's hook order in ``fit`` is ``Callback.setup`` -> ``LightningModule.setup`` ->
+``configure_model`` -> checkpoint restore (sharded strategies: after the optimizers) -> the
+strategy wraps the model -> ``configure_optimizers`` -> ``on_fit_start`` -> ``on_train_start``
+-> the steps.
+
+Injection. The callback injects in ``setup`` when the target layers exist then (a model built in
+``__init__``), else right after the user's ``configure_model`` (a model built in
+``LightningModule.setup`` or ``configure_model``, the pattern for large and FSDP2 models),
+always before a checkpoint is restored, the model is wrapped or the optimizer is built; never
+twice. Lightning calls ``configure_model`` only when ``is_overridden`` says so, which looks
+through ``functools.wraps``: the callback's step is a plain function, so it is called whether or
+not the LightningModule defines ``configure_model``. Should no adapter be in the model anyway
+when the optimizers are built, ``on_fit_start`` raises before any step.
+
+Checks before any work. ``setup`` refuses what can be known early: a ``save_adapter_to`` that
+cannot be written or already holds an adapter, a ``ckpt_path`` that is missing, unreadable or
+truncated, or was trained with another adapter method or config; then injection refuses a config
+that does not fit the model, and a checkpoint whose tensors do not fit it. The model is untouched
+when these raise (but for the last, which needs the adapters in place). The same checkpoint checks
+run again when Lightning loads the checkpoint (``on_load_checkpoint``), so they hold even if the
+early reading of ``ckpt_path`` finds nothing.
+
+Exact resume. A checkpoint holds each process's random states (torch CPU and current CUDA
+generator, numpy, Python, the training DataLoaders' generators: ``random_state``). The callback
+restores them when Lightning loads the checkpoint, before the training loop creates its first
+DataLoader iterator (the DataLoaders' own generators at ``on_train_start``). Resuming from a
+checkpoint written at the end of an epoch then reproduces an uninterrupted run bit for bit, with
+dropout and shuffling (tested for LoRA, DoRA and adapters), under these conditions:
+
+- ``max_epochs`` bounds the run, not ``max_steps``: with ``max_steps`` set, Lightning 2.6 resumes
+  an end-of-epoch checkpoint inside the finished epoch and trains one batch there (with
+  ``max_epochs`` also set it then stops an epoch early); the callback warns;
+- the same number of processes (each restores its own states; with another number none are
+  restored, with a warning);
+- no hook draws random numbers between the restore and the first batch that the uninterrupted
+  run did not draw (e.g. in ``on_fit_start`` or ``on_train_start``); with a DataLoader's own
+  ``generator`` and ``num_workers > 0``, the first resumed epoch's worker seeds differ (its
+  iterator exists before the generator can be restored);
+- deterministic kernels (CPU; on GPUs ``torch.use_deterministic_algorithms``).
+
+Mid-epoch resumption (a checkpoint from ``every_n_train_steps``, or an interruption): Lightning
+restores the loop counters, the optimizer and the model, and the position inside the epoch only
+for DataLoaders that implement ``state_dict``/``load_state_dict`` (e.g. torchdata's
+``StatefulDataLoader``). A plain ``DataLoader`` restarts from the first batch of the epoch while
+the batch index continues: the first ``k`` batches are trained again and the last ``k`` are not
+seen in that epoch (Lightning warns); a shuffling sampler draws a new order at that restart.
+Such a resumed run trains, but it is not the uninterrupted run. The random states are
+restored all the same.
+
+Adapters that never act. After the first backward pass, adapters whose parameters received no
+gradient (a module whose ``forward`` is bypassed, an expert no token reached) are named in a
+warning; if no adapter received one, the run cannot train them and the callback raises. A warning,
+not an error, for some: modules may be legitimately unused in a step (a mixture of experts).
+Under DDP and FSDP every rank decides on the gradients summed over the ranks (a module counts as
+acting if it did on any rank). FSDP1's flat parameters may give a bypassed adapter a zero
+gradient rather than none; there it may go unnoticed. DeepSpeed moves gradients into its own
+partitions, and manual optimization may step before every backward pass: no check there.
+
+Divergence (``check_finite=True``, the default). Before every optimizer step the callback tests
+the loss of each backward pass since the last step and the gradients of every trained tensor for
+NaN and infinity: one fused norm reduction over all of them and one host synchronisation (plus
+one scalar all-reduce when there are several processes); a flagged tensor is confirmed exactly
+(an L2 norm also overflows for huge finite values). At the first non-finite value ``fit`` stops
+with a ``DivergenceError`` naming the step, the first trained tensor whose gradient is not
+finite, and the newest checkpoint whose tensors are all finite; the adapters are not updated
+with it, and nothing is written to ``save_adapter_to``. Under a gradient scaler (``16-mixed``) a
+step the scaler skips (its own inf/NaN check after unscaling) is not an error: the scaler lowers
+its scale and goes on. An adapter that is not finite when training ends (an update that
+overflowed in the last step) is not written either. ``check_finite=False`` leaves all of this to
+Lightning (no check; a non-finite adapter is written, with a warning). DeepSpeed frees
+``.grad``: there only the loss is tested.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lightning_peft.core.distributed import clean_name, is_sharded_strategy, strategy_is
+from lightning_peft.core.errors import DivergenceError, InputError, NonFiniteError
+from lightning_peft.core.finite import (
+    describe_non_finite,
+    last_finite_checkpoint,
+    local,
+    maybe_non_finite,
+    non_finite_tensors,
+)
+from lightning_peft.lightning import random_state
+from lightning_peft.lightning.checkpoints import (
+    CheckpointContents,
+    check_config,
+    check_tensors,
+    config_differences,
+    loaded_contents,
+    read_checkpoint,
+)
+from lightning_peft.lightning.distributed import fsdp2_shard, full_state_dict
+from lightning_peft.lightning.precision import quantize_for_precision
+from lightning_peft.methods.bottleneck.config import AdapterConfig
+from lightning_peft.methods.ia3.config import IA3Config
+from lightning_peft.methods.lora.config import LoRAConfig
+from lightning_peft.methods.prompt_tuning.config import PromptTuningConfig
+from lightning_peft.methods.registry import method_for
+from lightning_peft.model.helpers import adapter_state_dict, merge_adapters
+from lightning_peft.model.injection import find_injection, inject_adapters, injection_report
+from lightning_peft.model.targeting import select_targets
+from lightning_peft.peft_format.files import check_save_directory, save_adapter
+
+FALLBACK_NAME = "peft_adapter_fallback"
+_UNSET = object()  # the callback has not replaced configure_model
+_ABSENT = object()  # it has, and the LightningModule had no instance attribute of that name
+
+
+class PEFTCallback(Callback):
+    """Fine-tune any LightningModule with LoRA, DoRA, bottleneck adapters, IA³ or prompt tuning.
+
+    The base model is frozen, only adapters (plus ``modules_to_save`` and chosen biases) train,
+    checkpoints hold only those tensors and the adapter config, and resuming with
+    ``trainer.fit(..., ckpt_path=...)`` restores them, the optimizer state and the random
+    states (the callback sets ``strict_loading = False``; it checks the checkpoint itself).
+    See the module docstring for when injection happens, what is checked before any work, and
+    what an exact resume needs.
+
+    Args:
+        config: the config of a registered method (``LoRAConfig``, ``AdapterConfig``,
+            ``IA3Config``, ``PromptTuningConfig``).
+        merge_on_train_end: merge LoRA/DoRA/IA³ into the base weights when training ends
+            (single device and DDP; refused under sharded strategies).
+        save_adapter_to: write the Hugging Face PEFT-format adapter directory here when
+            training ends (rank zero; full tensors gathered under FSDP/FSDP2). Checked before
+            training; should writing fail anyway, the adapter goes to
+            ``<log dir>/peft_adapter_fallback`` and the error names it.
+        overwrite: allow ``save_adapter_to`` to hold an adapter already (replaced at the end).
+        verbose: print the table of adapted modules on rank zero.
+        module: the attribute path of the submodule to adapt (e.g. ``"model"``). By default the
+            single transformers model held by the LightningModule if there is one (so that saved
+            adapters load into it with ``peft``), else the LightningModule itself.
+        fsdp2_layer_cls: with ``ModelParallelStrategy``, the block class(es) to shard with FSDP2
+            after injection (e.g. ``LlamaDecoderLayer``); the user's ``configure_model`` then only
+            builds the model. Users who shard themselves call ``inject_adapters`` first.
+        check_finite: stop ``fit`` at the first NaN or infinity in the loss or the trained
+            gradients, and never write a non-finite adapter (see the module docstring). False:
+            no check, as in Lightning (a non-finite adapter is written, with a warning).
+
+    Raises (from ``trainer.fit``, before the first optimizer step; ``InputError`` is a
+    ``ValueError``):
+        InputError: no module matches the targets (naming close matches), the config does not
+            fit the model, ``save_adapter_to`` is not writable or holds an adapter, ``ckpt_path``
+            is missing, unreadable, or trained with another method, config or model, the model
+            already has adapters of another config, ``merge_on_train_end`` under a sharded
+            strategy, the optimizers hold no adapter, or no adapter received a gradient in the
+            first step.
+        DivergenceError: (a ``RuntimeError``, during training) the loss or a trained gradient
+            is NaN or infinite, or (at the end) a trained tensor is; named with the step and the
+            newest finite checkpoint. Nothing is written to ``save_adapter_to`` then.
+        RuntimeError: (at the end) the adapter could not be written to ``save_adapter_to``; the
+            message names the fallback directory it was written to.
+
+    Example::
+
+        config = LoRAConfig(r=16, target_modules=["q_proj", "v_proj"])
+        trainer = Trainer(callbacks=[PEFTCallback(config)])
+        trainer.fit(model)  # model: any LightningModule
+    """
+
+    def __init__(
+        self,
+        config: LoRAConfig | AdapterConfig | IA3Config | PromptTuningConfig,
+        *,
+        merge_on_train_end: bool = False,
+        save_adapter_to: str | Path | None = None,
+        overwrite: bool = False,
+        verbose: bool = True,
+        module: str | None = None,
+        fsdp2_layer_cls: type | tuple[type, ...] | None = None,
+        check_finite: bool = True,
+    ) -> None:
+        method = method_for(config)  # TypeError for a config of no registered method
+        if merge_on_train_end and not method.mergeable:
+            layer = next(cls for cls in method.layers if not cls.mergeable)
+            raise ValueError(
+                f"merge_on_train_end: {layer.__name__} adapters {layer.why_not_mergeable}"
+            )
+        self.config = config
+        self.merge_on_train_end = merge_on_train_end
+        self.save_adapter_to = Path(save_adapter_to) if save_adapter_to is not None else None
+        self.overwrite = overwrite
+        self.verbose = verbose
+        self.module = module
+        self.fsdp2_layer_cls = fsdp2_layer_cls
+        self.check_finite = check_finite
+        self.report = None
+        self._trainer: pl.Trainer | None = None
+        self._reset_run_state()
+
+    def _reset_run_state(self) -> None:
+        """What one ``fit``/``validate`` call tracks."""
+        self._checkpoint: CheckpointContents | None = None  # read from ckpt_path in setup
+        self._states_to_restore: dict[str, Any] | None = None  # this process's, for the loaders
+        self._gradients_checked = False
+        self._losses: list[Tensor] = []  # of the backward passes since the last optimizer step
+        self._trained: list[tuple[str, nn.Parameter]] | None = None  # what the finite check reads
+        self._batch_idx: int | None = None
+        self._training_done = False
+        self._replaced_configure_model: Any = _UNSET
+
+    # -- injection ------------------------------------------------------------------------------
+
+    def adapted_module(self, pl_module: pl.LightningModule) -> nn.Module:
+        """The module that gets the adapters (see ``module`` in the class docstring)."""
+        if self.module is not None:
+            try:
+                return pl_module.get_submodule(self.module)
+            except AttributeError as error:
+                raise InputError(f"PEFTCallback(module={self.module!r}): {error}") from None
+        hf_models = [c for c in pl_module.children() if _is_transformers_model(c)]
+        return hf_models[0] if len(hf_models) == 1 else pl_module
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._trainer = trainer
+        self._reset_run_state()
+        if stage == "fit":
+            self._check_fit_options(trainer)
+        ckpt_path = _requested_ckpt_path(trainer)
+        if ckpt_path is not None and "://" not in ckpt_path:  # remote paths: checked on load
+            deepspeed = strategy_is(trainer.strategy, "DeepSpeedStrategy")
+            self._checkpoint = read_checkpoint(ckpt_path, self.state_key, deepspeed)
+            if self._checkpoint is not None:
+                check_config(self._checkpoint, self.config, resuming=stage == "fit")
+        pl_module.strict_loading = False  # checkpoints hold only the trained tensors
+        if find_injection(pl_module) is not None:
+            self._adopt_injection(pl_module)  # setup runs on every fit/validate: inject once
+            return
+        try:
+            select_targets(self.adapted_module(pl_module), self.config)
+        except ValueError:
+            # The targets do not exist yet (or never will: then configure_model raises).
+            self._inject_after_configure_model(trainer, pl_module)
+            return
+        self._inject(trainer, pl_module)
+
+    def _inject_after_configure_model(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule
+    ) -> None:
+        """Make the LightningModule's ``configure_model`` inject after the user's own (which
+        may be Lightning's empty default): an instance attribute, removed when it has run."""
+        user_configure_model = pl_module.configure_model
+        self._replaced_configure_model = pl_module.__dict__.get("configure_model", _ABSENT)
+
+        def configure_model() -> None:  # no functools.wraps: is_overridden must see a new function
+            self._restore_configure_model(pl_module)
+            user_configure_model()
+            if find_injection(pl_module) is None:
+                self._inject(trainer, pl_module)
+            else:  # the user's configure_model injected (e.g. to shard themselves)
+                self._adopt_injection(pl_module)
+
+        pl_module.configure_model = configure_model
+
+    def _restore_configure_model(self, pl_module: pl.LightningModule) -> None:
+        replaced, self._replaced_configure_model = self._replaced_configure_model, _UNSET
+        if replaced is _ABSENT:
+            pl_module.__dict__.pop("configure_model", None)
+        elif replaced is not _UNSET:
+            pl_module.configure_model = replaced
+
+    def _inject(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        root = self.adapted_module(pl_module)
+        try:
+            quantize_for_precision(trainer, pl_module, root, self.config)  # BitsandbytesPrecision
+            self.report = inject_adapters(root, self.config)
+        except ValueError as error:  # no target matched (naming close matches), or does not fit
+            if isinstance(error, InputError):
+                raise
+            raise InputError(str(error)) from error
+        self._check_checkpoint_tensors(pl_module, with_shapes=True)
+        if self.fsdp2_layer_cls is not None and is_sharded_strategy(trainer.strategy):
+            fsdp2_shard(root, self.fsdp2_layer_cls, mesh=_data_parallel_mesh(pl_module))
+        if self.verbose:
+            rank_zero_info(f"PEFTCallback ({self.report.method}):\n{self.report}")
+
+    def _adopt_injection(self, pl_module: pl.LightningModule) -> None:
+        """The model has adapters already: keep them if they are this config's."""
+        config = find_injection(pl_module)[2].config
+        differences = config_differences(
+            config.method, config.to_dict(), self.config, source="the model"
+        )
+        if differences:
+            raise InputError(
+                "the model already has adapters of another configuration ("
+                + "; ".join(differences[:4])
+                + "): remove them with unload(model) first, or pass the model's configuration"
+            )
+        self._check_checkpoint_tensors(pl_module, with_shapes=True)
+        self.report = injection_report(pl_module)
+
+    def _check_checkpoint_tensors(self, pl_module: pl.LightningModule, with_shapes: bool) -> None:
+        if self._checkpoint is None:
+            return
+        trained = trained_tensors(pl_module)
+        shapes = {k: tuple(p.shape) if with_shapes else None for k, p in trained.items()}
+        check_tensors(self._checkpoint, shapes, _model_keys(pl_module))
+
+    def _check_fit_options(self, trainer: pl.Trainer) -> None:
+        if self.merge_on_train_end and is_sharded_strategy(trainer.strategy):
+            raise InputError(
+                f"merge_on_train_end is not supported under {type(trainer.strategy).__name__}: "
+                "the base weights are sharded. Save the adapter (save_adapter_to=...) and merge "
+                "it into an unsharded model with load_adapter + merge_adapters"
+            )
+        if self.save_adapter_to is not None:
+            try:
+                check_save_directory(self.save_adapter_to, self.overwrite)
+            except OSError as error:
+                raise InputError(f"save_adapter_to: {error}") from error
+
+    # -- before the first step ------------------------------------------------------------------
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if find_injection(pl_module) is None:
+            self._restore_configure_model(pl_module)
+            try:
+                select_targets(self.adapted_module(pl_module), self.config)
+            except ValueError as error:
+                raise InputError(str(error)) from error
+            targets = getattr(self.config, "target_modules", None)
+            what = f"target_modules={targets!r}" if targets is not None else "its targets"
+            raise InputError(
+                f"PEFTCallback: the model has no adapters when training starts although {what} "
+                "match modules now: they were built after configure_model. Build the model in "
+                "__init__, setup or configure_model"
+            )
+        self._check_optimizers(trainer, pl_module)
+        if trainer.is_global_zero and self.report is not None:
+            metrics = {
+                "peft/trainable_params": float(self.report.trainable_params),
+                "peft/trainable_fraction": self.report.trainable_fraction,
+            }
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=0)
+
+    def _check_optimizers(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Every adapter parameter must be in an optimizer (built after injection)."""
+        groups = [group for optimizer in trainer.optimizers for group in optimizer.param_groups]
+        in_optimizers = {id(p) for group in groups for p in group["params"]}
+        parameters = {clean_name(n): p for n, p in pl_module.named_parameters()}
+        if not in_optimizers & {id(p) for p in parameters.values()}:
+            return  # the strategy's optimizer holds copies (DeepSpeed's flat partitions)
+        adapters = [k for k in adapter_state_dict(pl_module) if k in parameters]
+        left_out = [k for k in adapters if id(parameters[k]) not in in_optimizers]
+        if not left_out:
+            return
+        message = (
+            f"the optimizers hold {len(adapters) - len(left_out)} of the {len(adapters)} adapter "
+            f"parameters (not {', '.join(left_out[:3])}{', ...' if len(left_out) > 3 else ''}): "
+            "build them in configure_optimizers from self.parameters(); the adapters are "
+            "injected before it runs"
+        )
+        if len(left_out) == len(adapters):
+            raise InputError(f"PEFTCallback: nothing would train: {message}")
+        rank_zero_warn(f"PEFTCallback: {message}")
+
+    def _restore_random_states(self, trainer: pl.Trainer, states: list[dict] | None) -> None:
+        """This process's random states from the checkpoint, right away (before the training
+        loop draws from them); its DataLoaders' generators at ``on_train_start``."""
+        if states is None:
+            return
+        if len(states) != trainer.world_size:
+            rank_zero_warn(
+                f"PEFTCallback: the checkpoint holds the random states of {len(states)} "
+                f"processes, this run has {trainer.world_size}: they are not restored, so "
+                "dropout and shuffling differ from an uninterrupted run"
+            )
+            return
+        self._states_to_restore = states[trainer.global_rank]
+        self._warn_skipped(random_state.restore(self._states_to_restore))
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        state, self._states_to_restore = self._states_to_restore, None
+        if state is not None:
+            self._warn_skipped(random_state.restore_loaders(state, trainer.train_dataloader))
+
+    @staticmethod
+    def _warn_skipped(skipped: list[str]) -> None:
+        if skipped:
+            rank_zero_warn(f"PEFTCallback: random states not restored: {'; '.join(skipped)}")
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._batch_idx = batch_idx
+
+    @override
+    def on_before_backward(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor
+    ) -> None:
+        if not self._gradients_checked and not loss.requires_grad:
+            # Else backward fails with torch's "element 0 of tensors does not require grad".
+            raise InputError(
+                "PEFTCallback: the loss does not depend on any trained tensor: the forward pass "
+                "never calls the adapted modules (it may read their weights directly, or a hub "
+                "kernel may have replaced a parent module's forward), or the loss was computed "
+                "without autograd; choose other target_modules"
+            )
+        if self.check_finite:
+            self._losses.append(loss.detach())  # the loss as backpropagated (scaled under AMP)
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        deepspeed = strategy_is(trainer.strategy, "DeepSpeedStrategy")
+        if not self._gradients_checked:
+            self._gradients_checked = True
+            # Manual optimization may step before every backward pass has run; DeepSpeed frees
+            # .grad.
+            if pl_module.automatic_optimization and not deepspeed:
+                self._check_gradients(trainer, pl_module)
+        if self.check_finite:
+            self._check_finite(trainer, pl_module, optimizer, with_gradients=not deepspeed)
+
+    def _check_finite(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        optimizer: torch.optim.Optimizer,
+        with_gradients: bool,
+    ) -> None:
+        """One fused reduction over the losses since the last step and the trained gradients,
+        one host synchronisation; raise ``DivergenceError`` at a non-finite value, unless a
+        gradient scaler skips this step."""
+        if self._trained is None:  # after the strategy wrapped the model: the live parameters
+            self._trained = [
+                (clean_name(n), p) for n, p in pl_module.named_parameters() if p.requires_grad
+            ]
+        losses, self._losses = self._losses, []
+        grads = []
+        if with_gradients:
+            grads = [local(p.grad) for _, p in self._trained if p.grad is not None]
+        if not grads and not losses:
+            return
+        device = (grads or losses)[0].device
+        found_inf = _scaler_found_inf(trainer, optimizer)
+        flags = torch.stack(
+            [
+                maybe_non_finite(grads).any().to(device),
+                maybe_non_finite(losses).any().to(device),
+                (found_inf if found_inf is not None else torch.zeros(())).to(device) > 0,
+            ]
+        )
+        if trainer.world_size > 1:  # sharded gradients, per-process losses: decide together
+            flags = trainer.strategy.reduce(flags.float(), reduce_op="sum") > 0
+        bad_grads, bad_loss, scaler_skips = flags.tolist()  # the one host synchronisation
+        if not (bad_grads or bad_loss):
+            return
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None and scaler.is_enabled():
+            # The scaler tests every gradient after unscaling (or in step() for optimizers that
+            # unscale themselves) and skips the step: not a divergence.
+            if scaler_skips or (found_inf is None and bad_grads):
+                return
+        # Rare from here on: which tensors, exactly (an overflowed norm of finite values is not
+        # a NaN); every process gets here together (the flags were reduced).
+        found = self._non_finite_gradients(trainer, with_gradients)
+        if found or bad_loss:
+            raise DivergenceError(self._divergence_message(trainer, losses, found))
+
+    def _non_finite_gradients(
+        self, trainer: pl.Trainer, with_gradients: bool
+    ) -> list[tuple[str, int, int]]:
+        """The trained tensors whose gradient holds NaN or infinity (on any process: the first
+        process that has one names its first)."""
+        grads = {n: p.grad for n, p in self._trained if p.grad is not None and with_gradients}
+        found = non_finite_tensors(grads)
+        if trainer.world_size > 1 and torch.distributed.is_initialized():
+            gathered: list[Any] = [None] * trainer.world_size
+            torch.distributed.all_gather_object(gathered, found)
+            found = next((f for f in gathered if f), [])
+        return found
+
+    def _divergence_message(
+        self, trainer: pl.Trainer, losses: list[Tensor], found: list[tuple[str, int, int]]
+    ) -> str:
+        """What went non-finite where, and what is left: one line (every process builds it)."""
+        loss_values = torch.stack(losses).float().tolist() if losses else []
+        bad_losses = [v for v in loss_values if not math.isfinite(v)]
+        parts = []
+        if bad_losses:
+            parts.append(f"the loss is {bad_losses[0]}")
+        elif loss_values:
+            parts.append(f"the loss is finite ({loss_values[-1]:.4g})")
+        if found:
+            parts.append(describe_non_finite(found, len(self._trained), "gradient"))
+        elif losses:
+            parts.append("the trained tensors' gradients are finite")
+        where = f"step {trainer.global_step} (epoch {trainer.current_epoch}"
+        where += f", batch {self._batch_idx})" if self._batch_idx is not None else ")"
+        saved = (
+            f"; nothing was written to {self.save_adapter_to}"
+            if self.save_adapter_to is not None
+            else ""
+        )
+        checkpoint = last_finite_checkpoint(_checkpoint_paths(trainer))
+        return (
+            f"PEFTCallback: training diverged at {where}: {' and '.join(parts)}. The adapters "
+            f"were not updated with this step{saved}; {checkpoint}. Lower the learning rate or "
+            "clip the gradients (check_finite=False, or --check_finite false, turns this check off)"
+        )
+
+    def _check_gradients(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Name the adapters that received no gradient in this first step (summed over the
+        processes); raise if none did."""
+        groups = adapter_parameters_by_module(pl_module)
+        if not groups:
+            return
+        acted = torch.tensor(
+            [float(any(p.grad is not None for p in params)) for params in groups.values()],
+            device=pl_module.device,
+        )
+        acted = trainer.strategy.reduce(acted, reduce_op="sum")  # every rank calls this hook
+        idle = [name for name, count in zip(groups, acted.tolist(), strict=True) if count == 0]
+        if not idle:
+            return
+        names = ", ".join(idle[:5]) + (", ..." if len(idle) > 5 else "")
+        if len(idle) == len(groups):
+            raise InputError(
+                f"PEFTCallback: none of the {len(groups)} adapters received a gradient in the "
+                f"first step ({names}): the forward pass never calls these modules (it may read "
+                "their weights directly, as nn.MultiheadAttention does with out_proj, or a hub "
+                "kernel may have replaced a parent module's forward); choose other target_modules"
+            )
+        rank_zero_warn(
+            f"PEFTCallback: {len(idle)} of the {len(groups)} adapters received no gradient in the "
+            f"first step: {names}. Fine if those modules were merely unused by this batch (e.g. "
+            "experts no token reached); if their forward is bypassed (a hub kernel replacing a "
+            "parent module's forward, say) they never train (and DDP needs "
+            "find_unused_parameters=True)"
+        )
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint records of this callback: read back in ``on_load_checkpoint``."""
+        return {
+            "method": self.config.method,
+            "config": self.config.to_dict(),
+            "random_states": self._gather_random_states(),
+        }
+
+    def _gather_random_states(self) -> list[dict[str, Any]]:
+        """Each process's random states, by global rank (a collective: Lightning builds a
+        checkpoint on every process)."""
+        trainer = self._trainer
+        loaders = trainer.train_dataloader if trainer is not None and trainer.training else None
+        local = random_state.capture(random_state.loader_generators(loaders))
+        if trainer is None or trainer.world_size == 1 or not torch.distributed.is_initialized():
+            return [local]
+        gathered: list[Any] = [None] * trainer.world_size
+        torch.distributed.all_gather_object(gathered, local)
+        return gathered
+
+    @override
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        if is_sharded_strategy(trainer.strategy) and not _full_checkpoint(trainer.strategy):
+            return  # sharded checkpoints are loaded in place: they keep the frozen keys too
+        keep = set(trained_tensors(pl_module))
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        contents = loaded_contents(checkpoint, trainer.ckpt_path, self.state_key)
+        check_config(contents, self.config, resuming=trainer.state.fn == "fit")
+        trained = dict.fromkeys(trained_tensors(pl_module))  # shapes: checked before wrapping
+        check_tensors(contents, trained, _model_keys(pl_module))
+        if trainer.state.fn == "fit":
+            self._restore_random_states(trainer, contents.peft_state.get("random_states"))
+            _warn_if_resumed_inside_a_finished_epoch(trainer, checkpoint)
+
+    # -- end of training ------------------------------------------------------------------------
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._finish(trainer, pl_module)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._training_done:
+            return
+        # Lightning skips the training loop, on_train_end included, when the restored run had
+        # already reached its limits (or limit_train_batches=0): the end work happens here.
+        if self.save_adapter_to is not None or self.merge_on_train_end:
+            rank_zero_warn(
+                "PEFTCallback: no training step ran in this fit (the checkpoint's run had already "
+                "reached the trainer's limits, or there are no training batches); the adapter "
+                "is saved or merged as it is"
+            )
+        self._finish(trainer, pl_module)
+
+    def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._training_done = True
+        if self.save_adapter_to is not None:
+            self._save_adapter(trainer, pl_module)
+        if self.merge_on_train_end:
+            merge_adapters(pl_module)
+
+    def _save_adapter(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        run_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a broadcast: every rank
+        state = full_state_dict(trainer.strategy, pl_module)  # a collective on sharded runs
+        try:
+            if trainer.is_global_zero:
+                if not self.check_finite:
+                    _warn_non_finite(pl_module, state)
+                _save_or_fall_back(
+                    pl_module,
+                    self.save_adapter_to,
+                    state,
+                    run_dir,
+                    self.overwrite,
+                    allow_non_finite=not self.check_finite,
+                )
+        finally:  # should rank zero fail, the other ranks must not wait here forever
+            trainer.strategy.barrier("peft_save_adapter")
+
+    # -- clean-up -------------------------------------------------------------------------------
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._restore_configure_model(pl_module)
+
+    @override
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self._restore_configure_model(pl_module)
+
+
+def trained_tensors(pl_module: nn.Module) -> dict[str, Tensor]:
+    """``{state_dict key: tensor}`` of what the callback checkpoints: the adapters (with
+    ``modules_to_save`` and trained biases) and any other trainable parameter, e.g. a task head
+    the LightningModule holds outside the adapted model."""
+    trainable = {
+        clean_name(n): p  # FSDP1 wrappers rename parameters, not state dict keys
+        for n, p in pl_module.named_parameters(remove_duplicate=False)
+        if p.requires_grad
+    }
+    return dict(sorted({**trainable, **adapter_state_dict(pl_module)}.items()))
+
+
+def adapter_parameters_by_module(pl_module: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """``{adapted module name: its adapter parameters}`` (names as in ``pl_module``), leaving
+    out the module's own weight and bias."""
+    found = find_injection(pl_module)
+    if found is None:
+        return {}
+    prefix = f"{found[0]}." if found[0] else ""
+    modules = [prefix + m.name for m in injection_report(pl_module).modules]
+    parameters = {clean_name(n): p for n, p in pl_module.named_parameters(remove_duplicate=False)}
+    groups: dict[str, list[nn.Parameter]] = {name: [] for name in modules}
+    for key in adapter_state_dict(pl_module):
+        owner = max((m for m in modules if key.startswith(f"{m}.")), key=len, default=None)
+        own_weight = owner is not None and key[len(owner) + 1 :] in ("weight", "bias")
+        if owner is not None and not own_weight and key in parameters:
+            groups[owner].append(parameters[key])
+    return {name: params for name, params in groups.items() if params}
+
+
+def _save_or_fall_back(
+    pl_module: nn.Module,
+    directory: Path,
+    state: dict[str, Tensor],
+    run_dir: Path,
+    overwrite: bool,
+    allow_non_finite: bool = False,
+) -> None:
+    """``save_adapter`` to ``directory``; if that fails, to a new directory in ``run_dir``, and
+    raise naming both: the trained adapter is never lost."""
+    try:
+        save_adapter(
+            pl_module,
+            directory,
+            state_dict=state,
+            overwrite=overwrite,
+            allow_non_finite=allow_non_finite,
+        )
+        rank_zero_info(f"PEFTCallback: adapter written to {directory}")
+        return
+    except NonFiniteError as error:  # no fallback either: a non-finite adapter is never written
+        raise DivergenceError(
+            f"PEFTCallback: training ended with a non-finite adapter: {error.detail}. It was not "
+            f"written to {directory} (nor anywhere else); check_finite=False writes it anyway"
+        ) from error
+    except Exception as error:
+        failure = error
+    fallback = _new_path(run_dir / FALLBACK_NAME)
+    try:
+        save_adapter(pl_module, fallback, state_dict=state, allow_non_finite=allow_non_finite)
+    except Exception as second:
+        raise RuntimeError(
+            f"PEFTCallback could not write the trained adapter to {directory} ({failure}) nor "
+            f"to {fallback} ({second}): it exists only in memory; save it with "
+            "save_adapter(model, directory)"
+        ) from failure
+    raise RuntimeError(
+        f"PEFTCallback could not write the trained adapter to {directory} ({failure}); it was "
+        f"written to {fallback} instead"
+    ) from failure
+
+
+def _warn_non_finite(pl_module: nn.Module, state: Mapping[str, Tensor]) -> None:
+    """``check_finite=False``: the adapter is written as it is, but not silently."""
+    keys = adapter_state_dict(pl_module)  # keyed as pl_module.state_dict(), as state is
+    bad = non_finite_tensors({k: state[k] for k in keys if k in state})
+    if bad:
+        rank_zero_warn(
+            "PEFTCallback(check_finite=False): "
+            + describe_non_finite(bad, len(keys), "value")
+            + "; the adapter is written as it is"
+        )
+
+
+def _scaler_found_inf(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> Tensor | None:
+    """Whether the precision plugin's ``GradScaler`` found inf/NaN when it unscaled this
+    optimizer's gradients (Lightning unscales before ``on_before_optimizer_step``), as a tensor;
+    None without an enabled scaler or before it unscaled (optimizers that unscale in step())."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    if scaler is None or not scaler.is_enabled():
+        return None
+    state = getattr(scaler, "_per_optimizer_states", {}).get(id(optimizer), {})
+    found = state.get("found_inf_per_device") or {}
+    if not found:
+        return None
+    return sum(v.to(next(iter(found.values())).device) for v in found.values())
+
+
+def _checkpoint_paths(trainer: pl.Trainer) -> list[Path]:
+    """The checkpoints this run wrote (its ``ModelCheckpoint`` callbacks') or resumed from."""
+    paths = [trainer.ckpt_path] if trainer.ckpt_path else []
+    for saver in trainer.checkpoint_callbacks:
+        paths += [saver.last_model_path, saver.best_model_path, *saver.best_k_models]
+    return [Path(p) for p in paths if p and "://" not in str(p)]
+
+
+def _new_path(path: Path) -> Path:
+    candidate, n = path, 0
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}-{n}")
+    return candidate
+
+
+def _warn_if_resumed_inside_a_finished_epoch(trainer: pl.Trainer, checkpoint: dict) -> None:
+    """With ``max_steps`` set, Lightning 2.6 resumes a checkpoint written at the end of an epoch
+    (its last batch done, the epoch not yet counted complete) inside that epoch: it trains one
+    more batch there from a fresh iterator, and with ``max_epochs`` it then stops an epoch
+    early."""
+    fit_loop = (checkpoint.get("loops") or {}).get("fit_loop") or {}
+    epochs = (fit_loop.get("epoch_progress") or {}).get("current") or {}
+    last_batch = (fit_loop.get("epoch_loop.batch_progress") or {}).get("is_last_batch")
+    if (
+        trainer.max_steps != -1
+        and last_batch
+        and epochs.get("completed", 0) < epochs.get("processed", 0)
+    ):
+        rank_zero_warn(
+            "PEFTCallback: this checkpoint ends an epoch and max_steps is set: Lightning then "
+            "resumes inside the finished epoch and trains one more batch there (with max_epochs "
+            "also set, it stops an epoch early). Bound the run with max_epochs alone for an "
+            "exact continuation"
+        )
+
+
+def _model_keys(pl_module: nn.Module) -> set[str]:
+    """Every parameter and buffer name, as state dicts key them."""
+    names = [n for n, _ in pl_module.named_parameters(remove_duplicate=False)]
+    names += [n for n, _ in pl_module.named_buffers(remove_duplicate=False)]
+    return {clean_name(n) for n in names}
+
+
+def _requested_ckpt_path(trainer: pl.Trainer) -> str | None:
+    """The ``ckpt_path`` the running ``fit``/``validate``/... will load, or None.
+
+    Lightning resolves it before ``setup`` but keeps it in a local variable of
+    ``Trainer._run`` until it loads the checkpoint, after ``setup``: read there, it lets the
+    callback refuse a bad checkpoint before the model is touched. If it is not found there
+    (another Lightning version), the same checks run in ``on_load_checkpoint``.
+    """
+    run_code = getattr(getattr(type(trainer), "_run", None), "__code__", None)
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            if frame.f_code is run_code and frame.f_locals.get("self") is trainer:
+                path = frame.f_locals.get("ckpt_path")
+                return None if path is None else str(path)
+            frame = frame.f_back
+    finally:
+        del frame
+    return None
+
+
+def _is_transformers_model(module: nn.Module) -> bool:
+    return hasattr(module, "config") and callable(getattr(module, "get_input_embeddings", None))
+
+
+def _data_parallel_mesh(pl_module: pl.LightningModule):
+    mesh = getattr(pl_module, "device_mesh", None)
+    if mesh is not None and mesh.mesh_dim_names and "data_parallel" in mesh.mesh_dim_names:
+        return mesh["data_parallel"]
+    return mesh
+
+
+def _full_checkpoint(strategy) -> bool:
+    """Whether a sharded strategy writes a full (gathered) checkpoint rather than shards."""
+    if hasattr(strategy, "_save_distributed_checkpoint"):
+        return not strategy._save_distributed_checkpoint
+    return getattr(strategy, "_state_dict_type", "full") == "full"
