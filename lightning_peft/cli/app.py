@@ -6,7 +6,7 @@ News article about?" with the topic (``--task instruct``). ``--task classificati
 BERT demo (all-MiniLM-L6-v2 with a head on the same articles). Shortcuts: ``--model DIR``
 (= ``--model.model_path``), ``--data FILE`` (= ``--data.path``); the method options
 (``--method``, ``--rank``, ``--alpha``, ``--dropout``, ``--targets``, ``--feedforward``,
-``--virtual_tokens``, ``--prompt_init``: ``lightning_peft.cli_methods``), ``--quantize``,
+``--virtual_tokens``, ``--prompt_init``: each method's ``cli`` module), ``--quantize``,
 ``--task``, ``--output_dir``, ``--overwrite``; everything else is LightningCLI's
 (``--trainer.devices``, ``--trainer.precision``, ``--config``...). ``lightning-peft inspect
 ADAPTER_DIR`` reports an adapter's spectra (``lightning_peft.spectrum``).
@@ -37,18 +37,18 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning_peft.cli.curves import CurveRecorder
 from lightning_peft.cli.data import TASKS, TextData, check_data_file
 from lightning_peft.cli.methods import (
-    FEEDFORWARD_HELP,
-    METHOD_CHOICES,
-    METHOD_LR,
-    OPTION_DEFAULTS,
-    TARGETS_HELP,
     MethodOptions,
     describe,
+    method_choices,
+    method_lr,
+    option_specs,
+    targets_help,
 )
 from lightning_peft.cli.tasks import FineTuneTask, check_model_dir, default_model_path
 from lightning_peft.core.errors import DivergenceError, InputError
 from lightning_peft.lightning.callback import PEFTCallback
 from lightning_peft.lightning.precision import QUANTIZE_MODES, bitsandbytes_config
+from lightning_peft.methods.registry import method_for
 from lightning_peft.model.injection import plan_injection
 from lightning_peft.model.targeting import plan_targets
 from lightning_peft.peft_format.files import CONFIG_NAME, WEIGHTS_NAME
@@ -141,7 +141,7 @@ def check_targets(
     peft_config,
     *,
     quantize: str | None = None,
-    feedforward_given: bool = False,
+    options: MethodOptions | None = None,
 ) -> None:
     """The adapter config fits this model: every check injection makes, run on a weightless
     copy (meta device) built from ``config.json``, before anything is loaded or trained. With
@@ -160,18 +160,14 @@ def check_targets(
     except (OSError, ValueError, KeyError) as error:
         raise InputError(f"{model_path}/config.json cannot be read: {_first_line(error)}") from None
     auto = AutoModel if task == "classification" else AutoModelForCausalLM
-    option = "--method prompt-tuning" if peft_config.method == "prompt-tuning" else "--targets"
+    command_line = method_for(peft_config).command_line
+    option = command_line.target_option if command_line is not None else "--targets"
     try:
         targets = plan_injection(_skeleton(config, auto), peft_config).targets.names
     except ValueError as error:
         raise InputError(f"{option}: {_one_line(error)}") from None
-    if feedforward_given and peft_config.feedforward_modules:
-        if not any(peft_config.is_feedforward(name) for name in targets):
-            feedforward = peft_config.feedforward_modules
-            raise InputError(
-                f"--feedforward {feedforward!r} matches none of the {len(targets)} adapted "
-                f"modules (e.g. {targets[0]!r}); name feed-forward targets, or pass none"
-            )
+    if options is not None and command_line is not None and command_line.check_plan:
+        command_line.check_plan(peft_config, targets, options.values())
     if quantize is not None:
         try:
             plan_targets(_skeleton(config, auto, quantize), peft_config)
@@ -257,53 +253,24 @@ class PEFTCLI(LightningCLI):
     training and (instruct) answers to held-out prompts before and after."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        d = OPTION_DEFAULTS
         parser.add_argument(
             "--method",
             type=str,
             default="lora",
-            help=" | ".join(METHOD_CHOICES) + " (dora: LoRA with DoRA's magnitude; adapter: "
+            help=" | ".join(method_choices()) + " (dora: LoRA with DoRA's magnitude; adapter: "
             "bottleneck adapters). An option the method does not take is refused",
         )
-        parser.add_argument(
-            "--rank",
-            type=int,
-            default=None,
-            help=f"lora/dora rank, adapter width: an integer >= 1 (default {d['rank']})",
-        )
-        parser.add_argument(
-            "--alpha",
-            type=float,
-            default=None,
-            help=f"lora/dora alpha, the update's scale is alpha/rank (default {d['alpha']:g})",
-        )
-        parser.add_argument(
-            "--dropout",
-            type=float,
-            default=None,
-            help=f"lora/dora/adapter dropout, in [0, 1) (default {d['dropout']:g})",
-        )
-        parser.add_argument(
-            "--targets", type=list[str] | str | None, default=None, help=TARGETS_HELP
-        )
-        parser.add_argument(
-            "--feedforward", type=list[str] | str | None, default=None, help=FEEDFORWARD_HELP
-        )
-        parser.add_argument(
-            "--virtual_tokens",
-            type=int,
-            default=None,
-            help=f"prompt-tuning: the number of virtual tokens, >= 1 (default "
-            f"{d['virtual_tokens']})",
-        )
-        parser.add_argument(
-            "--prompt_init",
-            type=str | None,
-            default=None,
-            help="prompt-tuning: start the virtual tokens from the embeddings of this text's "
-            "tokens (the model directory's tokenizer; cut or repeated to --virtual_tokens) "
-            "instead of at random",
-        )
+        for name, declared in option_specs().items():  # each method's options, each once
+            _, first = declared[0]
+            text = "; ".join(
+                f"{'/'.join(choices)}: {option.help}"
+                + (f" (default {option.default:g})" if isinstance(option.default, float) else "")
+                + (f" (default {option.default})" if isinstance(option.default, int) else "")
+                for choices, option in declared
+            )
+            if name == "targets":
+                text = targets_help()
+            parser.add_argument(f"--{name}", type=first.type, default=None, help=text)
         parser.add_argument(
             "--quantize",
             type=str | None,
@@ -382,13 +349,13 @@ class PEFTCLI(LightningCLI):
         check_model_dir(config.model.model_path)
         self.peft_config = options.build(config.task, config.model.model_path)
         if config.model.lr is None:  # the method's own default, else the task's (FineTuneTask)
-            config.model.lr = METHOD_LR.get(options.method)
+            config.model.lr = method_lr().get(options.method)
         check_targets(
             config.model.model_path,
             config.task,
             self.peft_config,
             quantize=config.quantize,
-            feedforward_given=options.feedforward is not None,
+            options=options,
         )
         self.output_dir = check_output_dir(config.output_dir, config.overwrite)
         logger = config.trainer.logger

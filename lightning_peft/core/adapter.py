@@ -17,11 +17,27 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from torch import nn
 
+from lightning_peft.core.command_line import CommandLine
+
 PEFT_PREFIX = "base_model.model."
+
+
+@runtime_checkable
+class AdapterConfigLike(Protocol):
+    """What every method's config is: a dataclass (``LoRAConfig``, ``AdapterConfig``,
+    ``IA3Config``, ``PromptTuningConfig``, or a method registered from outside) with the modules
+    trained in full and the fields that define its adapters. Its method is
+    ``methods.registry.method_for(config)``."""
+
+    modules_to_save: list[str] | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields that define the adapters (peft's inert fields left out)."""
+        ...
 
 
 # -- module kinds -------------------------------------------------------------------------------
@@ -307,6 +323,8 @@ class Method:
         file_prefix: the prefix of the model's own saved tensors (``modules_to_save``, trained
             biases) in a PEFT file: ``base_model.model.`` for peft's tuners, ``base_model.`` for
             its prompt-learning methods.
+        command_line: its ``lightning-peft`` options, defaults and one-line description
+            (``lightning_peft.core.command_line``); None: not on the command line.
     """
 
     name: str
@@ -318,6 +336,7 @@ class Method:
     scope: str
     select: Callable[[nn.Module, Any], list[str]] | None = None
     file_prefix: str = PEFT_PREFIX
+    command_line: CommandLine | None = None
 
     @property
     def mergeable(self) -> bool:

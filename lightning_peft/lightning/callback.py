@@ -88,6 +88,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_peft.core.adapter import AdapterConfigLike
 from lightning_peft.core.distributed import clean_name, is_sharded_strategy, strategy_is
 from lightning_peft.core.errors import DivergenceError, InputError, NonFiniteError
 from lightning_peft.core.finite import (
@@ -108,10 +109,6 @@ from lightning_peft.lightning.checkpoints import (
 )
 from lightning_peft.lightning.distributed import fsdp2_shard, full_state_dict
 from lightning_peft.lightning.precision import quantize_for_precision
-from lightning_peft.methods.bottleneck.config import AdapterConfig
-from lightning_peft.methods.ia3.config import IA3Config
-from lightning_peft.methods.lora.config import LoRAConfig
-from lightning_peft.methods.prompt_tuning.config import PromptTuningConfig
 from lightning_peft.methods.registry import method_for
 from lightning_peft.model.helpers import adapter_state_dict, merge_adapters
 from lightning_peft.model.injection import find_injection, inject_adapters, injection_report
@@ -177,7 +174,7 @@ class PEFTCallback(Callback):
 
     def __init__(
         self,
-        config: LoRAConfig | AdapterConfig | IA3Config | PromptTuningConfig,
+        config: AdapterConfigLike,
         *,
         merge_on_train_end: bool = False,
         save_adapter_to: str | Path | None = None,
@@ -296,7 +293,7 @@ class PEFTCallback(Callback):
         """The model has adapters already: keep them if they are this config's."""
         config = find_injection(pl_module)[2].config
         differences = config_differences(
-            config.method, config.to_dict(), self.config, source="the model"
+            method_for(config).name, config.to_dict(), self.config, source="the model"
         )
         if differences:
             raise InputError(
@@ -559,7 +556,7 @@ class PEFTCallback(Callback):
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint records of this callback: read back in ``on_load_checkpoint``."""
         return {
-            "method": self.config.method,
+            "method": method_for(self.config).name,
             "config": self.config.to_dict(),
             "random_states": self._gather_random_states(),
         }

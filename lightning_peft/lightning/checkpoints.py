@@ -24,9 +24,9 @@ from typing import Any
 
 import torch
 
+from lightning_peft.core.adapter import AdapterConfigLike
 from lightning_peft.core.errors import InputError
-from lightning_peft.methods.bottleneck.config import AdapterConfig
-from lightning_peft.methods.lora.config import LoRAConfig
+from lightning_peft.methods.registry import method_for
 
 # Config fields that choose how the same adapters are computed, not which adapters exist.
 IGNORED_FIELDS = ("backend",)
@@ -144,14 +144,15 @@ def _peft_state(checkpoint: dict[str, Any], state_key: str) -> dict[str, Any] | 
 def config_differences(
     method: str,
     saved: dict[str, Any],
-    config: LoRAConfig | AdapterConfig,
+    config: AdapterConfigLike,
     source: str = "the checkpoint",
 ) -> list[str]:
     """``"field: <saved> in <source>, <current> in this run"`` for each field that differs (the
     method alone if it differs; ``IGNORED_FIELDS`` skipped; a field the saved config lacks
     counts as its default)."""
-    if method != config.method:
-        return [f"method: {method!r} in {source}, {config.method!r} in this run"]
+    current_method = method_for(config).name
+    if method != current_method:
+        return [f"method: {method!r} in {source}, {current_method!r} in this run"]
     current = config.to_dict()
     defaults = _defaults(type(config))
     differences = []
@@ -169,9 +170,7 @@ def config_differences(
     return differences
 
 
-def check_config(
-    contents: CheckpointContents, config: LoRAConfig | AdapterConfig, resuming: bool
-) -> None:
+def check_config(contents: CheckpointContents, config: AdapterConfigLike, resuming: bool) -> None:
     """Raise ``InputError`` unless ``contents`` was written by the callback with ``config``.
 
     Only a run that resumes training needs the callback's state: validating or testing from a

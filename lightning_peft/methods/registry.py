@@ -1,14 +1,16 @@
-"""The adapter methods, one module each, and the registry that the rest of the package asks.
+"""The registry of adapter methods that the layers above ask (injection, the model helpers, the
+PEFT format, LoRA+, the callback, the command).
 
-A method module declares a ``Method`` (``methods.base``): its config class, its peft type, its
-layer classes (tried in order for each target: the dispatch list), and how its
+A method package declares a ``Method`` (``lightning_peft.core.adapter``): its config class, its
+peft type, its layer classes (tried in order for each target: the dispatch list), and how its
 ``adapter_config.json`` is written and read. Each layer class implements the ``AdapterLayer``
 protocol: which modules it adapts, its tensors' shapes and saved keys, how it sits in the model
 (``REPLACE`` or a ``ChildHook``), merge/unmerge where linear. Injection, the model helpers, the
 PEFT format and LoRA+ loop over this registry and that protocol.
 
-Adding a method: one module here, one entry in ``METHODS``, and its tests (the registry test
-runs every registered method on every layer type it adapts).
+Adding a method: one package in ``lightning_peft.methods`` and one entry in ``METHODS`` (or
+``register(method)`` from outside the package, ``unregister`` to take it back), and its tests
+(the registry test runs every registered method on every layer type it adapts).
 """
 
 from __future__ import annotations
@@ -23,7 +25,37 @@ from lightning_peft.methods.ia3.layers import IA3
 from lightning_peft.methods.lora.method import LORA
 from lightning_peft.methods.prompt_tuning.layers import PROMPT_TUNING
 
-METHODS: tuple[Method, ...] = (LORA, BOTTLENECK, IA3, PROMPT_TUNING)
+# In the order the command lists them; a list so that ``register`` reaches every importer.
+METHODS: list[Method] = [LORA, BOTTLENECK, IA3, PROMPT_TUNING]
+
+
+def register(method: Method) -> Method:
+    """Add ``method`` to the registry (after the built-in ones); returns it.
+
+    Raises:
+        ValueError: a registered method has its name, peft type, config class or one of its
+            ``--method`` names.
+    """
+    for other in METHODS:
+        clash = (
+            "name" if other.name == method.name
+            else "peft_type" if other.peft_type == method.peft_type
+            else "config class" if other.config_cls is method.config_cls
+            else None
+        )  # fmt: skip
+        if clash is None and other.command_line and method.command_line:
+            if set(other.command_line.choices) & set(method.command_line.choices):
+                clash = "--method name"
+        if clash is not None:
+            raise ValueError(f"method {method.name!r}: {other.name!r} has the same {clash}")
+    METHODS.append(method)
+    return method
+
+
+def unregister(method: Method) -> None:
+    """Take ``method`` out of the registry (a no-op if it is not there)."""
+    if method in METHODS:
+        METHODS.remove(method)
 
 
 def method_for(config: object) -> Method:
@@ -60,4 +92,6 @@ __all__ = [
     "adapter_layers",
     "method_for",
     "method_for_peft_type",
+    "register",
+    "unregister",
 ]

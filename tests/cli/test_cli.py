@@ -20,10 +20,10 @@ from safetensors.torch import load_file
 from lightning_peft.cli.app import PEFTCLI, expand_shortcuts, main, torch_threads
 from lightning_peft.cli.data import TextData, read_bbc_news
 from lightning_peft.cli.methods import (
-    METHOD_CHOICES,
-    METHOD_LR,
-    METHOD_OPTIONS,
     build_peft_config,
+    method_choices,
+    method_lr,
+    method_options,
     parse_targets,
 )
 from lightning_peft.cli.tasks import FineTuneTask, default_model_path
@@ -691,8 +691,8 @@ def test_method_choices_come_from_the_registry():
     from lightning_peft.methods.registry import METHODS
 
     names = [method.name for method in METHODS]
-    assert [m for m in METHOD_CHOICES if m != "dora"] == names
-    assert set(METHOD_OPTIONS) == set(METHOD_CHOICES)  # each choice has its options
+    assert [m for m in method_choices() if m != "dora"] == names
+    assert set(method_options()) == set(method_choices())  # each choice has its options
 
 
 def test_fit_help_lists_the_methods_and_their_options(capsys):
@@ -738,7 +738,7 @@ def test_ia3_on_a_llama_takes_peft_s_table(tmp_path, models, cli_in_process):
     assert any(not torch.equal(t, torch.ones_like(t)) for t in tensors.values())  # trained
     summary = json.loads((out / "summary.json").read_text())
     assert summary["trainable_params"] == sum(t.numel() for t in tensors.values()) == 160
-    assert logged_lr(out) == METHOD_LR["ia3"] == 1e-2  # the method's default learning rate
+    assert logged_lr(out) == method_lr()["ia3"] == 1e-2  # the method's default learning rate
 
 
 def logged_lr(out) -> float:

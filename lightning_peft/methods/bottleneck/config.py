@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 from lightning_peft.core.config import ALL_LINEAR, check_shared_fields, is_positive_int
 
@@ -39,8 +39,6 @@ class AdapterConfig:
     modules_to_save: list[str] | None = None
     bias: str = "none"
     adapter_dtype: str = "float32"
-
-    method: ClassVar[str] = "adapter"
 
     def __post_init__(self) -> None:
         if not is_positive_int(self.bottleneck_dim):

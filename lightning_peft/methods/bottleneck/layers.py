@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_peft.core.adapter import AdapterLayer, ChildHook, Method
+from lightning_peft.methods.bottleneck.cli import COMMAND_LINE
 from lightning_peft.methods.bottleneck.config import AdapterConfig
 
 ACTIVATIONS = {
@@ -167,4 +168,5 @@ BOTTLENECK = Method(
     read_config=read_bottleneck_config,
     scope="a bottleneck adapter needs a module whose output size is known (out_features, nf, "
     "or an nn.Linear inside)",
+    command_line=COMMAND_LINE,
 )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 from lightning_peft.core.config import (
     check_adapter_dtype,
@@ -77,8 +77,6 @@ class IA3Config:
     revision: Any = field(default=None, repr=False, compare=False)
     inference_mode: Any = field(default=False, repr=False, compare=False)
     fan_in_fan_out: Any = field(default=False, repr=False, compare=False)
-
-    method: ClassVar[str] = "ia3"
 
     def __post_init__(self) -> None:
         check_peft_type(self.peft_type, "IA3", "an IA3Config")

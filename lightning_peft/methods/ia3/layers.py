@@ -29,6 +29,7 @@ from lightning_peft.core.adapter import (
     quantized_reason,
 )
 from lightning_peft.core.matching import name_matches
+from lightning_peft.methods.ia3.cli import COMMAND_LINE
 from lightning_peft.methods.ia3.config import IA3Config, feedforward_match
 from peft_kernels import ia3_linear, ia3_merge, ia3_scale
 
@@ -274,4 +275,5 @@ IA3 = Method(
     write_config=write_ia3_config,
     read_config=read_ia3_config,
     scope="IA³ adapts nn.Linear, Conv1D, nn.Conv2d and nn.Conv3d only",
+    command_line=COMMAND_LINE,
 )

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from lightning_peft.core.adapter import AdapterLayer
 from lightning_peft.core.config import is_positive_int
-from lightning_peft.methods.lora.config import REWRITES_BASE, LoRAConfig
+from lightning_peft.methods.lora.config import REWRITES_BASE, LoRAConfig, lora_scaling
 
 # peft's keys for a layer whose factors are ``lora_A`` / ``lora_B`` (linear, convolution).
 LORA_SAVED_NAMES = {
@@ -344,7 +344,7 @@ class LoRALayer(AdapterLayer):
         object.__setattr__(self, "base_module", base)  # what unwrap() puts back; not a child
         self.r, self.lora_alpha, self.dropout_p = r, lora_alpha, float(dropout)
         self.use_rslora, self.backend = use_rslora, backend
-        self.scaling = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        self.scaling = lora_scaling(r, lora_alpha, use_rslora)
         self.variant = variant_for(use_dora)
         factory = {"device": next(base.parameters()).device, "dtype": adapter_dtype}
         for name, shape in self.factor_shapes(base, r).items():

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 from lightning_peft.core.config import (
     check_peft_type,
@@ -86,6 +86,12 @@ def _check_patterns(name: str, patterns: dict, kind: type) -> dict:
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
             raise ValueError(f"{name}[{pattern!r}] must be a positive number, got {value!r}")
     return dict(patterns)
+
+
+def lora_scaling(rank: int, alpha: float, use_rslora: bool) -> float:
+    """The update's scale: ``α / r``, or ``α / √r`` with rsLoRA (Kalajdzievski 2023,
+    https://arxiv.org/abs/2312.03732)."""
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
 @dataclass
@@ -177,8 +183,6 @@ class LoRAConfig:
     kasa_config: Any = field(default=None, repr=False, compare=False)
     ensure_weight_tying: Any = field(default=False, repr=False, compare=False)
 
-    method: ClassVar[str] = "lora"
-
     def __post_init__(self) -> None:
         _check_peft_fields({name: getattr(self, name) for name in PEFT_ONLY_FIELDS})
         if not is_positive_int(self.r):
@@ -225,7 +229,7 @@ class LoRAConfig:
         )
 
     def scaling_for(self, rank: int, alpha: float) -> float:
-        return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
+        return lora_scaling(rank, alpha, self.use_rslora)
 
     def to_dict(self) -> dict[str, Any]:
         """The fields that define the adapters (peft's inert fields left out)."""

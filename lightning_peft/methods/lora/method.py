@@ -14,6 +14,7 @@ from lightning_peft.core.adapter import (
     base_model_name,
     config_from_file,
 )
+from lightning_peft.methods.lora.cli import COMMAND_LINE
 from lightning_peft.methods.lora.config import (
     INIT_CHOICES,
     PEFT_INITS_NOT_HERE,
@@ -102,4 +103,5 @@ LORA = Method(
         "LoRA adapts nn.Linear, Conv1D, nn.Embedding, nn.Conv1d/2d/3d, nn.MultiheadAttention "
         "and bitsandbytes' Linear4bit/Linear8bitLt"
     ),
+    command_line=COMMAND_LINE,
 )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 from lightning_peft.core.config import (
     TASK_HEADS,
@@ -95,8 +95,6 @@ class PromptTuningConfig:
     revision: Any = field(default=None, repr=False, compare=False)
     num_attention_heads: Any = field(default=None, repr=False, compare=False)
     num_layers: Any = field(default=None, repr=False, compare=False)
-
-    method: ClassVar[str] = "prompt-tuning"
 
     def __post_init__(self) -> None:
         check_peft_type(self.peft_type, "PROMPT_TUNING", "a PromptTuningConfig")

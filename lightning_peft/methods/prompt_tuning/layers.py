@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from lightning_peft.core.adapter import AdapterLayer, Method, base_model_name, config_from_file
 from lightning_peft.core.matching import inside_modules_to_save
+from lightning_peft.methods.prompt_tuning.cli import COMMAND_LINE
 from lightning_peft.methods.prompt_tuning.config import (
     PROMPT_TASKS,
     PromptTuningConfig,
@@ -452,4 +453,5 @@ PROMPT_TUNING = Method(
     scope="prompt tuning adapts the input nn.Embedding of a transformers model",
     select=select_input_embedding,
     file_prefix="base_model.",
+    command_line=COMMAND_LINE,
 )
