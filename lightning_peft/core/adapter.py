@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from lightning_peft.core.command_line import CommandLine
 
@@ -138,14 +139,27 @@ class ChildHook:
     def attach(self, model: nn.Module, target: str, layer: AdapterLayer) -> None:
         module = model.get_submodule(target)
         module.add_module(self.child, layer)
-        module.register_forward_hook(self.hook)
+        keep_hook_handles(layer, module.register_forward_hook(self.hook))
 
     def detach(self, model: nn.Module, layer_path: str, layer: AdapterLayer) -> None:
-        module = model.get_submodule(self.target_path(layer_path))
-        for key, hook in list(module._forward_hooks.items()):
-            if hook is self.hook:
-                del module._forward_hooks[key]
-        delattr(module, self.child)
+        remove_hook_handles(layer)
+        delattr(model.get_submodule(self.target_path(layer_path)), self.child)
+
+
+_HANDLES = "_adapter_hook_handles"
+
+
+def keep_hook_handles(layer: nn.Module, *handles: RemovableHandle) -> None:
+    """Keep the handles of the hooks ``layer`` needs on other modules, for ``detach``: a plain
+    attribute of the layer, so ``deepcopy`` of the model copies each handle with the hook
+    dictionaries it points to."""
+    layer.__dict__.setdefault(_HANDLES, []).extend(handles)
+
+
+def remove_hook_handles(layer: nn.Module) -> None:
+    """Remove the hooks ``keep_hook_handles`` kept for ``layer``."""
+    for handle in layer.__dict__.pop(_HANDLES, []):
+        handle.remove()
 
 
 REPLACE = Replace()

@@ -133,8 +133,7 @@ class BottleneckAdapter(AdapterLayer):
 
 def attach_bottleneck(module: nn.Module, adapter: BottleneckAdapter) -> None:
     """Make ``adapter`` a child of ``module`` and run ``module``'s output through it."""
-    module.add_module(CHILD_NAME, adapter)
-    module.register_forward_hook(_apply_bottleneck)
+    BottleneckAdapter.placement.attach(module, "", adapter)
 
 
 def detach_bottleneck(module: nn.Module) -> BottleneckAdapter:

@@ -38,7 +38,14 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from lightning_peft.core.adapter import AdapterLayer, Method, base_model_name, config_from_file
+from lightning_peft.core.adapter import (
+    AdapterLayer,
+    Method,
+    base_model_name,
+    config_from_file,
+    keep_hook_handles,
+    remove_hook_handles,
+)
 from lightning_peft.core.matching import inside_modules_to_save
 from lightning_peft.methods.prompt_tuning.cli import COMMAND_LINE
 from lightning_peft.methods.prompt_tuning.config import (
@@ -106,24 +113,17 @@ class PromptPlacement:
     def attach(self, model: nn.Module, target: str, layer: PromptEmbedding) -> None:
         model.get_submodule(target).add_module(self.child, layer)
         object.__setattr__(layer, "root", model)  # not a child: no cycle in modules()
-        model.register_forward_pre_hook(_extend_inputs, with_kwargs=True)
-        model.register_forward_hook(_close_call, always_call=True)
+        keep_hook_handles(
+            layer,
+            model.register_forward_pre_hook(_extend_inputs, with_kwargs=True),
+            model.register_forward_hook(_close_call, always_call=True),
+        )
         body = _body(model)
         if body is not None:
-            body.register_forward_pre_hook(_refuse_bypass)
+            keep_hook_handles(layer, body.register_forward_pre_hook(_refuse_bypass))
 
     def detach(self, model: nn.Module, layer_path: str, layer: PromptEmbedding) -> None:
-        root = layer.__dict__["root"]
-        for module in (root, _body(root)):
-            if module is None:
-                continue
-            for hooks in (module._forward_pre_hooks, module._forward_hooks):
-                for key, hook in list(hooks.items()):
-                    if hook in (_extend_inputs, _close_call, _refuse_bypass):
-                        del hooks[key]
-                        module._forward_pre_hooks_with_kwargs.pop(key, None)
-                        module._forward_hooks_with_kwargs.pop(key, None)
-                        module._forward_hooks_always_called.pop(key, None)
+        remove_hook_handles(layer)
         delattr(model.get_submodule(self.target_path(layer_path)), self.child)
 
 
