@@ -75,9 +75,7 @@ Lightning (no check; a non-finite adapter is written, with a warning). DeepSpeed
 
 from __future__ import annotations
 
-import inspect
 import math
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +88,7 @@ from typing_extensions import override
 
 from lightning_peft.core.adapter import AdapterConfigLike
 from lightning_peft.core.distributed import clean_name, is_sharded_strategy, strategy_is
-from lightning_peft.core.errors import DivergenceError, InputError, NonFiniteError
+from lightning_peft.core.errors import DivergenceError, InputError
 from lightning_peft.core.finite import (
     describe_non_finite,
     last_finite_checkpoint,
@@ -103,19 +101,35 @@ from lightning_peft.lightning.checkpoints import (
     CheckpointContents,
     check_config,
     check_tensors,
+    checkpoint_paths,
     config_differences,
     loaded_contents,
+    model_keys,
     read_checkpoint,
+    requested_ckpt_path,
+    warn_if_resumed_inside_a_finished_epoch,
 )
-from lightning_peft.lightning.distributed import fsdp2_shard, full_state_dict
+from lightning_peft.lightning.checks import (
+    adapter_parameters_by_module,
+    scaler_found_inf,
+    trained_tensors,
+    warn_non_finite,
+)
+from lightning_peft.lightning.distributed import (
+    data_parallel_mesh,
+    fsdp2_shard,
+    full_checkpoint,
+    full_state_dict,
+    is_transformers_model,
+)
 from lightning_peft.lightning.precision import quantize_for_precision
+from lightning_peft.lightning.saving import save_or_fall_back
 from lightning_peft.methods.registry import method_for
 from lightning_peft.model.helpers import adapter_state_dict, merge_adapters
 from lightning_peft.model.injection import find_injection, inject_adapters, injection_report
 from lightning_peft.model.targeting import select_targets
-from lightning_peft.peft_format.files import check_save_directory, save_adapter
+from lightning_peft.peft_format.files import check_save_directory
 
-FALLBACK_NAME = "peft_adapter_fallback"
 _UNSET = object()  # the callback has not replaced configure_model
 _ABSENT = object()  # it has, and the LightningModule had no instance attribute of that name
 
@@ -222,7 +236,7 @@ class PEFTCallback(Callback):
                 return pl_module.get_submodule(self.module)
             except AttributeError as error:
                 raise InputError(f"PEFTCallback(module={self.module!r}): {error}") from None
-        hf_models = [c for c in pl_module.children() if _is_transformers_model(c)]
+        hf_models = [c for c in pl_module.children() if is_transformers_model(c)]
         return hf_models[0] if len(hf_models) == 1 else pl_module
 
     @override
@@ -231,7 +245,7 @@ class PEFTCallback(Callback):
         self._reset_run_state()
         if stage == "fit":
             self._check_fit_options(trainer)
-        ckpt_path = _requested_ckpt_path(trainer)
+        ckpt_path = requested_ckpt_path(trainer)
         if ckpt_path is not None and "://" not in ckpt_path:  # remote paths: checked on load
             deepspeed = strategy_is(trainer.strategy, "DeepSpeedStrategy")
             self._checkpoint = read_checkpoint(ckpt_path, self.state_key, deepspeed)
@@ -285,7 +299,7 @@ class PEFTCallback(Callback):
             raise InputError(str(error)) from error
         self._check_checkpoint_tensors(pl_module, with_shapes=True)
         if self.fsdp2_layer_cls is not None and is_sharded_strategy(trainer.strategy):
-            fsdp2_shard(root, self.fsdp2_layer_cls, mesh=_data_parallel_mesh(pl_module))
+            fsdp2_shard(root, self.fsdp2_layer_cls, mesh=data_parallel_mesh(pl_module))
         if self.verbose:
             rank_zero_info(f"PEFTCallback ({self.report.method}):\n{self.report}")
 
@@ -309,7 +323,7 @@ class PEFTCallback(Callback):
             return
         trained = trained_tensors(pl_module)
         shapes = {k: tuple(p.shape) if with_shapes else None for k, p in trained.items()}
-        check_tensors(self._checkpoint, shapes, _model_keys(pl_module))
+        check_tensors(self._checkpoint, shapes, model_keys(pl_module))
 
     def _check_fit_options(self, trainer: pl.Trainer) -> None:
         if self.merge_on_train_end and is_sharded_strategy(trainer.strategy):
@@ -453,7 +467,7 @@ class PEFTCallback(Callback):
         if not grads and not losses:
             return
         device = (grads or losses)[0].device
-        found_inf = _scaler_found_inf(trainer, optimizer)
+        found_inf = scaler_found_inf(trainer, optimizer)
         flags = torch.stack(
             [
                 maybe_non_finite(grads).any().to(device),
@@ -513,7 +527,7 @@ class PEFTCallback(Callback):
             if self.save_adapter_to is not None
             else ""
         )
-        checkpoint = last_finite_checkpoint(_checkpoint_paths(trainer))
+        checkpoint = last_finite_checkpoint(checkpoint_paths(trainer))
         return (
             f"PEFTCallback: training diverged at {where}: {' and '.join(parts)}. The adapters "
             f"were not updated with this step{saved}; {checkpoint}. Lower the learning rate or "
@@ -577,7 +591,7 @@ class PEFTCallback(Callback):
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        if is_sharded_strategy(trainer.strategy) and not _full_checkpoint(trainer.strategy):
+        if is_sharded_strategy(trainer.strategy) and not full_checkpoint(trainer.strategy):
             return  # sharded checkpoints are loaded in place: they keep the frozen keys too
         keep = set(trained_tensors(pl_module))
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
@@ -589,10 +603,10 @@ class PEFTCallback(Callback):
         contents = loaded_contents(checkpoint, trainer.ckpt_path, self.state_key)
         check_config(contents, self.config, resuming=trainer.state.fn == "fit")
         trained = dict.fromkeys(trained_tensors(pl_module))  # shapes: checked before wrapping
-        check_tensors(contents, trained, _model_keys(pl_module))
+        check_tensors(contents, trained, model_keys(pl_module))
         if trainer.state.fn == "fit":
             self._restore_random_states(trainer, contents.peft_state.get("random_states"))
-            _warn_if_resumed_inside_a_finished_epoch(trainer, checkpoint)
+            warn_if_resumed_inside_a_finished_epoch(trainer, checkpoint)
 
     # -- end of training ------------------------------------------------------------------------
 
@@ -627,8 +641,8 @@ class PEFTCallback(Callback):
         try:
             if trainer.is_global_zero:
                 if not self.check_finite:
-                    _warn_non_finite(pl_module, state)
-                _save_or_fall_back(
+                    warn_non_finite(pl_module, state)
+                save_or_fall_back(
                     pl_module,
                     self.save_adapter_to,
                     state,
@@ -650,184 +664,3 @@ class PEFTCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
         self._restore_configure_model(pl_module)
-
-
-def trained_tensors(pl_module: nn.Module) -> dict[str, Tensor]:
-    """``{state_dict key: tensor}`` of what the callback checkpoints: the adapters (with
-    ``modules_to_save`` and trained biases) and any other trainable parameter, e.g. a task head
-    the LightningModule holds outside the adapted model."""
-    trainable = {
-        clean_name(n): p  # FSDP1 wrappers rename parameters, not state dict keys
-        for n, p in pl_module.named_parameters(remove_duplicate=False)
-        if p.requires_grad
-    }
-    return dict(sorted({**trainable, **adapter_state_dict(pl_module)}.items()))
-
-
-def adapter_parameters_by_module(pl_module: nn.Module) -> dict[str, list[nn.Parameter]]:
-    """``{adapted module name: its adapter parameters}`` (names as in ``pl_module``), leaving
-    out the module's own weight and bias."""
-    found = find_injection(pl_module)
-    if found is None:
-        return {}
-    prefix = f"{found[0]}." if found[0] else ""
-    modules = [prefix + m.name for m in injection_report(pl_module).modules]
-    parameters = {clean_name(n): p for n, p in pl_module.named_parameters(remove_duplicate=False)}
-    groups: dict[str, list[nn.Parameter]] = {name: [] for name in modules}
-    for key in adapter_state_dict(pl_module):
-        owner = max((m for m in modules if key.startswith(f"{m}.")), key=len, default=None)
-        own_weight = owner is not None and key[len(owner) + 1 :] in ("weight", "bias")
-        if owner is not None and not own_weight and key in parameters:
-            groups[owner].append(parameters[key])
-    return {name: params for name, params in groups.items() if params}
-
-
-def _save_or_fall_back(
-    pl_module: nn.Module,
-    directory: Path,
-    state: dict[str, Tensor],
-    run_dir: Path,
-    overwrite: bool,
-    allow_non_finite: bool = False,
-) -> None:
-    """``save_adapter`` to ``directory``; if that fails, to a new directory in ``run_dir``, and
-    raise naming both: the trained adapter is never lost."""
-    try:
-        save_adapter(
-            pl_module,
-            directory,
-            state_dict=state,
-            overwrite=overwrite,
-            allow_non_finite=allow_non_finite,
-        )
-        rank_zero_info(f"PEFTCallback: adapter written to {directory}")
-        return
-    except NonFiniteError as error:  # no fallback either: a non-finite adapter is never written
-        raise DivergenceError(
-            f"PEFTCallback: training ended with a non-finite adapter: {error.detail}. It was not "
-            f"written to {directory} (nor anywhere else); check_finite=False writes it anyway"
-        ) from error
-    except Exception as error:
-        failure = error
-    fallback = _new_path(run_dir / FALLBACK_NAME)
-    try:
-        save_adapter(pl_module, fallback, state_dict=state, allow_non_finite=allow_non_finite)
-    except Exception as second:
-        raise RuntimeError(
-            f"PEFTCallback could not write the trained adapter to {directory} ({failure}) nor "
-            f"to {fallback} ({second}): it exists only in memory; save it with "
-            "save_adapter(model, directory)"
-        ) from failure
-    raise RuntimeError(
-        f"PEFTCallback could not write the trained adapter to {directory} ({failure}); it was "
-        f"written to {fallback} instead"
-    ) from failure
-
-
-def _warn_non_finite(pl_module: nn.Module, state: Mapping[str, Tensor]) -> None:
-    """``check_finite=False``: the adapter is written as it is, but not silently."""
-    keys = adapter_state_dict(pl_module)  # keyed as pl_module.state_dict(), as state is
-    bad = non_finite_tensors({k: state[k] for k in keys if k in state})
-    if bad:
-        rank_zero_warn(
-            "PEFTCallback(check_finite=False): "
-            + describe_non_finite(bad, len(keys), "value")
-            + "; the adapter is written as it is"
-        )
-
-
-def _scaler_found_inf(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> Tensor | None:
-    """Whether the precision plugin's ``GradScaler`` found inf/NaN when it unscaled this
-    optimizer's gradients (Lightning unscales before ``on_before_optimizer_step``), as a tensor;
-    None without an enabled scaler or before it unscaled (optimizers that unscale in step())."""
-    scaler = getattr(trainer.precision_plugin, "scaler", None)
-    if scaler is None or not scaler.is_enabled():
-        return None
-    state = getattr(scaler, "_per_optimizer_states", {}).get(id(optimizer), {})
-    found = state.get("found_inf_per_device") or {}
-    if not found:
-        return None
-    return sum(v.to(next(iter(found.values())).device) for v in found.values())
-
-
-def _checkpoint_paths(trainer: pl.Trainer) -> list[Path]:
-    """The checkpoints this run wrote (its ``ModelCheckpoint`` callbacks') or resumed from."""
-    paths = [trainer.ckpt_path] if trainer.ckpt_path else []
-    for saver in trainer.checkpoint_callbacks:
-        paths += [saver.last_model_path, saver.best_model_path, *saver.best_k_models]
-    return [Path(p) for p in paths if p and "://" not in str(p)]
-
-
-def _new_path(path: Path) -> Path:
-    candidate, n = path, 0
-    while candidate.exists():
-        n += 1
-        candidate = path.with_name(f"{path.name}-{n}")
-    return candidate
-
-
-def _warn_if_resumed_inside_a_finished_epoch(trainer: pl.Trainer, checkpoint: dict) -> None:
-    """With ``max_steps`` set, Lightning 2.6 resumes a checkpoint written at the end of an epoch
-    (its last batch done, the epoch not yet counted complete) inside that epoch: it trains one
-    more batch there from a fresh iterator, and with ``max_epochs`` it then stops an epoch
-    early."""
-    fit_loop = (checkpoint.get("loops") or {}).get("fit_loop") or {}
-    epochs = (fit_loop.get("epoch_progress") or {}).get("current") or {}
-    last_batch = (fit_loop.get("epoch_loop.batch_progress") or {}).get("is_last_batch")
-    if (
-        trainer.max_steps != -1
-        and last_batch
-        and epochs.get("completed", 0) < epochs.get("processed", 0)
-    ):
-        rank_zero_warn(
-            "PEFTCallback: this checkpoint ends an epoch and max_steps is set: Lightning then "
-            "resumes inside the finished epoch and trains one more batch there (with max_epochs "
-            "also set, it stops an epoch early). Bound the run with max_epochs alone for an "
-            "exact continuation"
-        )
-
-
-def _model_keys(pl_module: nn.Module) -> set[str]:
-    """Every parameter and buffer name, as state dicts key them."""
-    names = [n for n, _ in pl_module.named_parameters(remove_duplicate=False)]
-    names += [n for n, _ in pl_module.named_buffers(remove_duplicate=False)]
-    return {clean_name(n) for n in names}
-
-
-def _requested_ckpt_path(trainer: pl.Trainer) -> str | None:
-    """The ``ckpt_path`` the running ``fit``/``validate``/... will load, or None.
-
-    Lightning resolves it before ``setup`` but keeps it in a local variable of
-    ``Trainer._run`` until it loads the checkpoint, after ``setup``: read there, it lets the
-    callback refuse a bad checkpoint before the model is touched. If it is not found there
-    (another Lightning version), the same checks run in ``on_load_checkpoint``.
-    """
-    run_code = getattr(getattr(type(trainer), "_run", None), "__code__", None)
-    frame = inspect.currentframe()
-    try:
-        while frame is not None:
-            if frame.f_code is run_code and frame.f_locals.get("self") is trainer:
-                path = frame.f_locals.get("ckpt_path")
-                return None if path is None else str(path)
-            frame = frame.f_back
-    finally:
-        del frame
-    return None
-
-
-def _is_transformers_model(module: nn.Module) -> bool:
-    return hasattr(module, "config") and callable(getattr(module, "get_input_embeddings", None))
-
-
-def _data_parallel_mesh(pl_module: pl.LightningModule):
-    mesh = getattr(pl_module, "device_mesh", None)
-    if mesh is not None and mesh.mesh_dim_names and "data_parallel" in mesh.mesh_dim_names:
-        return mesh["data_parallel"]
-    return mesh
-
-
-def _full_checkpoint(strategy) -> bool:
-    """Whether a sharded strategy writes a full (gathered) checkpoint rather than shards."""
-    if hasattr(strategy, "_save_distributed_checkpoint"):
-        return not strategy._save_distributed_checkpoint
-    return getattr(strategy, "_state_dict_type", "full") == "full"

@@ -16,15 +16,20 @@ touched; ``loaded_contents`` reads it from a checkpoint Lightning has loaded.
 
 from __future__ import annotations
 
+import inspect
 import pickle
 import zipfile
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
 
 from lightning_peft.core.adapter import AdapterConfigLike
+from lightning_peft.core.distributed import clean_name
 from lightning_peft.core.errors import InputError
 from lightning_peft.methods.registry import method_for
 
@@ -253,3 +258,60 @@ def _plain(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     return value
+
+
+def checkpoint_paths(trainer: pl.Trainer) -> list[Path]:
+    """The checkpoints this run wrote (its ``ModelCheckpoint`` callbacks') or resumed from."""
+    paths = [trainer.ckpt_path] if trainer.ckpt_path else []
+    for saver in trainer.checkpoint_callbacks:
+        paths += [saver.last_model_path, saver.best_model_path, *saver.best_k_models]
+    return [Path(p) for p in paths if p and "://" not in str(p)]
+
+
+def warn_if_resumed_inside_a_finished_epoch(trainer: pl.Trainer, checkpoint: dict) -> None:
+    """With ``max_steps`` set, Lightning 2.6 resumes a checkpoint written at the end of an epoch
+    (its last batch done, the epoch not yet counted complete) inside that epoch: it trains one
+    more batch there from a fresh iterator, and with ``max_epochs`` it then stops an epoch
+    early."""
+    fit_loop = (checkpoint.get("loops") or {}).get("fit_loop") or {}
+    epochs = (fit_loop.get("epoch_progress") or {}).get("current") or {}
+    last_batch = (fit_loop.get("epoch_loop.batch_progress") or {}).get("is_last_batch")
+    if (
+        trainer.max_steps != -1
+        and last_batch
+        and epochs.get("completed", 0) < epochs.get("processed", 0)
+    ):
+        rank_zero_warn(
+            "PEFTCallback: this checkpoint ends an epoch and max_steps is set: Lightning then "
+            "resumes inside the finished epoch and trains one more batch there (with max_epochs "
+            "also set, it stops an epoch early). Bound the run with max_epochs alone for an "
+            "exact continuation"
+        )
+
+
+def model_keys(pl_module: nn.Module) -> set[str]:
+    """Every parameter and buffer name, as state dicts key them."""
+    names = [n for n, _ in pl_module.named_parameters(remove_duplicate=False)]
+    names += [n for n, _ in pl_module.named_buffers(remove_duplicate=False)]
+    return {clean_name(n) for n in names}
+
+
+def requested_ckpt_path(trainer: pl.Trainer) -> str | None:
+    """The ``ckpt_path`` the running ``fit``/``validate``/... will load, or None.
+
+    Lightning resolves it before ``setup`` but keeps it in a local variable of
+    ``Trainer._run`` until it loads the checkpoint, after ``setup``: read there, it lets the
+    callback refuse a bad checkpoint before the model is touched. If it is not found there
+    (another Lightning version), the same checks run in ``on_load_checkpoint``.
+    """
+    run_code = getattr(getattr(type(trainer), "_run", None), "__code__", None)
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            if frame.f_code is run_code and frame.f_locals.get("self") is trainer:
+                path = frame.f_locals.get("ckpt_path")
+                return None if path is None else str(path)
+            frame = frame.f_back
+    finally:
+        del frame
+    return None

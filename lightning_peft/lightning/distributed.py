@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import lightning.pytorch as pl
 from torch import Tensor, nn
 
 from lightning_peft.core.distributed import is_sharded_strategy, strategy_is
@@ -47,3 +48,21 @@ def full_state_dict(strategy, pl_module: nn.Module) -> Mapping[str, Tensor]:
     if is_sharded_strategy(strategy):
         return strategy.lightning_module_state_dict()
     return pl_module.state_dict()
+
+
+def is_transformers_model(module: nn.Module) -> bool:
+    return hasattr(module, "config") and callable(getattr(module, "get_input_embeddings", None))
+
+
+def data_parallel_mesh(pl_module: pl.LightningModule):
+    mesh = getattr(pl_module, "device_mesh", None)
+    if mesh is not None and mesh.mesh_dim_names and "data_parallel" in mesh.mesh_dim_names:
+        return mesh["data_parallel"]
+    return mesh
+
+
+def full_checkpoint(strategy) -> bool:
+    """Whether a sharded strategy writes a full (gathered) checkpoint rather than shards."""
+    if hasattr(strategy, "_save_distributed_checkpoint"):
+        return not strategy._save_distributed_checkpoint
+    return getattr(strategy, "_state_dict_type", "full") == "full"

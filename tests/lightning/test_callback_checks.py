@@ -225,7 +225,7 @@ def test_resume_onto_another_model_is_refused_before_any_step(
 
 def test_the_checks_also_run_when_lightning_loads_the_checkpoint(tmp_path, checkpoint, monkeypatch):
     """Without the early look at ckpt_path, on_load_checkpoint refuses it (before any step)."""
-    monkeypatch.setattr(callback_module, "_requested_ckpt_path", lambda trainer: None)
+    monkeypatch.setattr(callback_module, "requested_ckpt_path", lambda trainer: None)
     module = PlainCausalLM()
     config = LoRAConfig(r=4, lora_alpha=16, target_modules=["q_proj"])
     run = quiet_trainer(tmp_path, [PEFTCallback(config, verbose=False)], 8)
