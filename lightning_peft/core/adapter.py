@@ -15,7 +15,7 @@ class and one entry in that tuple.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -175,7 +175,8 @@ class AdapterLayer(nn.Module):
 
     - ``placement``: ``REPLACE``, a ``ChildHook``, or a method's own object with the same five
       methods (prompt tuning's ``PromptPlacement``).
-    - ``adapts(module)``: whether this class adapts ``module`` (dispatch, tried in order).
+    - ``adapts(module)``: whether this class adapts ``module`` (dispatch, tried in order);
+      ``adapts_kinds`` names those modules for error messages (``Method.scope``).
     - ``check(module, config, name)``: raise ``ValueError`` naming ``name`` for a config that
       cannot go there (before the model is touched).
     - ``adapter_shapes(module, config, name)``: ``{local name: shape}`` of the adapter tensors a
@@ -194,6 +195,8 @@ class AdapterLayer(nn.Module):
     """
 
     placement: ClassVar[Replace | ChildHook] = REPLACE
+    adapts_kinds: ClassVar[tuple[str, ...]] = ()  # the modules it adapts, for ``Method.scope``
+    over_quantized: ClassVar[bool] = False  # adapts a quantized base: listed last in the scope
     mergeable: ClassVar[bool] = False
     why_not_mergeable: ClassVar[str] = "are non-linear and cannot be merged into weights"
     saved_names: ClassVar[Mapping[str, str]] = {}
@@ -330,8 +333,11 @@ class Method:
         write_config: ``(model, config, targets) -> dict``, the ``adapter_config.json`` content.
         read_config: ``(data, path) -> config`` from an ``adapter_config.json``; refuses by name
             whatever it cannot load exactly.
-        scope: which modules it adapts, for error messages ("LoRA adapts nn.Linear and Conv1D
-            only").
+        scope: which modules it adapts, for error messages; by default ``label`` + "adapts" +
+            the layer classes' ``adapts_kinds`` (float layers first) + ``scope_note``
+            ("IA³ adapts nn.Linear, Conv1D, nn.Conv2d and nn.Conv3d only").
+        label: the method's name in messages ("LoRA", "IA³").
+        scope_note: words after the derived scope (" only").
         select: ``(model, config) -> [module names]`` for a method whose targets are not chosen
             by ``target_modules`` (prompt tuning: the input embedding); None for peft's rules.
         file_prefix: the prefix of the model's own saved tensors (``modules_to_save``, trained
@@ -347,10 +353,22 @@ class Method:
     layers: tuple[type[AdapterLayer], ...]
     write_config: Callable[[nn.Module, Any, list[str]], dict]
     read_config: Callable[[dict, Path], Any]
-    scope: str
+    scope_text: str | None = field(default=None, kw_only=True)
+    label: str | None = field(default=None, kw_only=True)
+    scope_note: str = field(default="", kw_only=True)
     select: Callable[[nn.Module, Any], list[str]] | None = None
     file_prefix: str = PEFT_PREFIX
     command_line: CommandLine | None = None
+
+    @property
+    def scope(self) -> str:
+        """Which modules it adapts (see ``scope`` above)."""
+        if self.scope_text is not None:
+            return self.scope_text
+        ordered = sorted(self.layers, key=lambda layer: layer.over_quantized)  # stable
+        kinds = [kind for layer in ordered for kind in layer.adapts_kinds]
+        listed = kinds[0] if len(kinds) == 1 else f"{', '.join(kinds[:-1])} and {kinds[-1]}"
+        return f"{self.label or self.name} adapts {listed}{self.scope_note}"
 
     @property
     def mergeable(self) -> bool:

@@ -3,6 +3,7 @@ trainable set, the report and the saved file, with the keys and shapes the layer
 before injection; the file loads back; merge, disable and unload give what they promise."""
 
 import copy
+import dataclasses
 import re
 
 import pytest
@@ -397,7 +398,7 @@ def test_contract_check_catches_an_undeclared_tensor(monkeypatch, tmp_path):
         layers=(ForgetfulLoRALinear,),
         write_config=LORA.write_config,
         read_config=LORA.read_config,
-        scope=LORA.scope,
+        scope_text=LORA.scope,
     )
     monkeypatch.setattr(lightning_peft.methods.registry, "METHODS", (forgetful,))
     config = LAYER_CASES[LoRALinear][1]["lora"]
@@ -415,4 +416,18 @@ def test_method_lookup():
     assert (
         LORA.mergeable
         and not lightning_peft.methods.method_for(AdapterConfig(target_modules=["q"])).mergeable
+    )
+
+
+def test_scope_is_derived_from_the_layer_classes():
+    """A layer type added to a method's dispatch list shows in its refusals without editing
+    a message: float layers first, the ones over a quantized base last."""
+    assert LORA.scope == (
+        "LoRA adapts nn.Linear, Conv1D, nn.Embedding, nn.Conv1d/2d/3d, nn.MultiheadAttention "
+        "and bitsandbytes' Linear4bit/Linear8bitLt"
+    )
+    narrower = dataclasses.replace(LORA, layers=(LoRALinear, LoRAEmbedding))
+    assert narrower.scope == "LoRA adapts nn.Linear, Conv1D and nn.Embedding"
+    assert "is a LayerNorm; LoRA adapts nn.Linear, Conv1D and nn.Embedding" in narrower.refusal(
+        nn.LayerNorm(4), "norm"
     )

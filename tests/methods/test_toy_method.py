@@ -55,6 +55,7 @@ class ScaleConfig:
 class OutputScale(AdapterLayer):
     """``y = (x Wᵀ + b) ⊙ s`` around a frozen ``nn.Linear``; ``s`` (out,) starts at ones."""
 
+    adapts_kinds = ("nn.Linear",)
     saved_names: ClassVar[dict[str, str]] = {
         "toy_scale": "toy_scale",
         "weight": "base_layer.weight",
@@ -123,7 +124,7 @@ TOY = Method(
     layers=(OutputScale,),
     write_config=write_config,
     read_config=read_config,
-    scope="toy-scale adapts nn.Linear only",
+    scope_note=" only",
     command_line=CommandLine(
         choices=("toy-scale",),
         options=(TARGETS,),

@@ -165,7 +165,7 @@ BOTTLENECK = Method(
     layers=(BottleneckAdapter,),
     write_config=write_bottleneck_config,
     read_config=read_bottleneck_config,
-    scope="a bottleneck adapter needs a module whose output size is known (out_features, nf, "
+    scope_text="a bottleneck adapter needs a module whose output size is known (out_features, nf, "
     "or an nn.Linear inside)",
     command_line=COMMAND_LINE,
 )

@@ -158,6 +158,8 @@ class IA3Linear(_IA3Layer):
     or with ``feedforward`` ``y = (x ⊙ l) Wᵀ + b`` (``l`` (1, in)). ``Conv1D`` stores W as
     (in, out); the op gets a transposed view."""
 
+    adapts_kinds = ("nn.Linear", "Conv1D")
+
     @classmethod
     def adapts(cls, module: nn.Module) -> bool:
         return is_linear_like(module) and quantized_reason(module) is None
@@ -192,6 +194,8 @@ class IA3Conv(_IA3Layer):
     """(IA)³ around a frozen ``nn.Conv2d`` / ``nn.Conv3d``: the output channels scaled, or with
     ``feedforward`` the input channels; ``l`` (1, C, 1, 1[, 1]) as peft keeps it. Grouped
     convolutions merge group by group."""
+
+    adapts_kinds = ("nn.Conv2d", "nn.Conv3d")
 
     @classmethod
     def adapts(cls, module: nn.Module) -> bool:
@@ -274,6 +278,7 @@ IA3 = Method(
     layers=(IA3Linear, IA3Conv),
     write_config=write_ia3_config,
     read_config=read_ia3_config,
-    scope="IA³ adapts nn.Linear, Conv1D, nn.Conv2d and nn.Conv3d only",
+    label="IA³",
+    scope_note=" only",
     command_line=COMMAND_LINE,
 )

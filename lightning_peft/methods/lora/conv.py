@@ -42,6 +42,8 @@ class LoRAConv(LoRALayer):
     B zero; False: both random), adapter_dtype.
     """
 
+    adapts_kinds = ("nn.Conv1d/2d/3d",)
+
     row_noun = "output channel"
     # ``dora_conv`` computes n itself (it takes no precomputed norm).
     reuses_inference_norm = False

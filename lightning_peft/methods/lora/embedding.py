@@ -50,6 +50,8 @@ class LoRAEmbedding(LoRALayer):
     adapter_dtype; ``dropout`` is not applied (peft applies none); no ``lora_bias``.
     """
 
+    adapts_kinds = ("nn.Embedding",)
+
     factor_names = ("lora_embedding_A", "lora_embedding_B")
     saved_names: ClassVar[dict[str, str]] = {
         "lora_magnitude": "lora_magnitude_vector",

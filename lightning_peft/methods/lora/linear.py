@@ -87,6 +87,8 @@ class LoRALinear(LoRALayer):
     adapter is skipped). ``merge()`` / ``unmerge()`` are idempotent.
     """
 
+    adapts_kinds = ("nn.Linear", "Conv1D")
+
     # -- declarations ---------------------------------------------------------------------------
 
     @classmethod

@@ -99,9 +99,6 @@ LORA = Method(
     layers=(QuantizedLoRALinear, LoRALinear, LoRAEmbedding, LoRAConv, LoRAMultiheadAttention),
     write_config=write_lora_config,
     read_config=read_lora_config,
-    scope=(
-        "LoRA adapts nn.Linear, Conv1D, nn.Embedding, nn.Conv1d/2d/3d, nn.MultiheadAttention "
-        "and bitsandbytes' Linear4bit/Linear8bitLt"
-    ),
+    label="LoRA",
     command_line=COMMAND_LINE,
 )

@@ -41,6 +41,8 @@ class LoRAMultiheadAttention(LoRALayer):
     the weights); DoRA and ``lora_bias`` are refused.
     """
 
+    adapts_kinds = ("nn.MultiheadAttention",)
+
     saved_names: ClassVar[dict[str, str]] = {
         "lora_A": "lora_A.weight",
         "lora_B": "lora_B.weight",

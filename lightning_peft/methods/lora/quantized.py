@@ -72,6 +72,9 @@ class QuantizedLoRALinear(LoRALayer):
     eval forward), and stays off after ``unwrap()``.
     """
 
+    adapts_kinds = ("bitsandbytes' Linear4bit/Linear8bitLt",)
+    over_quantized = True
+
     supports_lora_bias = False
 
     # -- declarations ---------------------------------------------------------------------------

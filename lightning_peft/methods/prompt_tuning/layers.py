@@ -133,6 +133,8 @@ class PromptEmbedding(AdapterLayer):
     Its tensor is ``embedding``, saved as ``prompt_embeddings`` (peft's key, without a path).
     """
 
+    adapts_kinds = ("the input nn.Embedding of a transformers model",)
+
     placement = PromptPlacement(CHILD_NAME)
     mergeable = False
     why_not_mergeable = (
@@ -450,7 +452,7 @@ PROMPT_TUNING = Method(
     layers=(PromptEmbedding,),
     write_config=write_prompt_config,
     read_config=read_prompt_config,
-    scope="prompt tuning adapts the input nn.Embedding of a transformers model",
+    label="prompt tuning",
     select=select_input_embedding,
     file_prefix="base_model.",
     command_line=COMMAND_LINE,
