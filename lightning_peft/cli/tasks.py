@@ -79,7 +79,7 @@ class FineTuneTask(pl.LightningModule):
         lr: AdamW's learning rate over the parameters that require grad (None: 1e-3, or 2e-3
             for classification); weight_decay: AdamW's.
         quantize: None (float32), or ``"nf4"`` / ``"fp4"`` / ``"int8"``: the transformers model
-            is loaded quantized by bitsandbytes (``lightning_peft.quantization.load_quantized``;
+            is loaded quantized by bitsandbytes (``lightning.precision.load_quantized``;
             compute dtype float32), its output layer and the head kept float.
         gradient_checkpointing: recompute each block in backward instead of keeping its
             activations (transformers' ``gradient_checkpointing_enable``, non-reentrant).

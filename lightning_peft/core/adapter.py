@@ -60,7 +60,7 @@ def quantized_reason(module: nn.Module) -> str | None:
     bitsandbytes' layers subclass ``nn.Linear`` (or ``nn.Embedding``) but may hold packed
     weights; they are recognised by their classes' module names, without importing bitsandbytes.
     Float layer classes refuse them; the ones adapted over a quantized base (``Linear4bit``,
-    ``Linear8bitLt``: ``methods/lora_quantized.py``) come first in a method's dispatch.
+    ``Linear8bitLt``: ``methods/lora/quantized.py``) come first in a method's dispatch.
     """
     weight = getattr(module, "weight", None)
     classes = [*type(module).__mro__, type(weight)]

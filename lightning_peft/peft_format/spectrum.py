@@ -119,7 +119,7 @@ class ModuleSpectrum:
 
 
 def _read_tensors(directory: Path) -> dict[str, Tensor]:
-    """The adapter's tensors (``hf_format.read_weights``: safetensors, or peft's older .bin)."""
+    """The adapter's tensors (``files.read_weights``: safetensors, or peft's older .bin)."""
     try:
         return read_weights(directory)[1]
     except (OSError, ValueError) as error:  # a missing or broken file is the user's input

@@ -296,7 +296,7 @@ def test_smollm2_prompt_uses_its_chat_template():
     from lightning_peft.cli.embedded import cache_dir, smollm2_path
 
     if not (cache_dir() / "SmolLM2-135M-Instruct").is_dir():
-        pytest.skip("the SmolLM2 cache is not built (lightning_peft.embedded.smollm2_path())")
+        pytest.skip("the SmolLM2 cache is not built (lightning_peft.cli.embedded.smollm2_path())")
     tok = AutoTokenizer.from_pretrained(smollm2_path())
     topics = ["business", "entertainment", "politics", "sports", "tech"]
     prompt = LabelPrompt(

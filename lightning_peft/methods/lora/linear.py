@@ -7,9 +7,9 @@ method and its ``adapter_config.json``.
 and ``bias`` under the same names, so the frozen state-dict keys do not change; the adapter adds
 ``lora_A`` (r, in), ``lora_B`` (out, r), ``lora_bias`` (out,) with ``lora_bias=True`` (B's bias,
 ``y += s·b_B``) and whatever its variant adds (DoRA: ``lora_magnitude`` (out,)). What every LoRA
-layer shares, and the LoRA and DoRA variants (peft's ``LoraVariant``), are in ``lora_base``;
+layer shares, and the LoRA and DoRA variants (peft's ``LoraVariant``), are in ``base``;
 convolutions, embeddings, ``nn.MultiheadAttention`` and bitsandbytes layers have their own layer
-classes (``lora_conv``, ``lora_embedding``, ``lora_mha``, ``lora_quantized``), all in
+classes (``conv``, ``embedding``, ``mha``, ``quantized``), all in
 ``LORA.layers``. GPT-2's ``Conv1D`` stores its weight as (in, out) (``fan_in_fan_out``); the ops
 get a transposed view, never a copy.
 """

@@ -68,7 +68,7 @@ class QuantizedLoRALinear(LoRALayer):
 
     Flags: ``merged`` (the layer runs as the float linear layer of ``W + sBA``), ``disabled``
     (the base alone). bitsandbytes' bf16 CPU inference repacking is switched off for the base
-    (``lightning_peft.quantization.disable_cpu_inference_packing``: it drops ``grad_x`` after an
+    (``lightning_peft.core.bnb.disable_cpu_inference_packing``: it drops ``grad_x`` after an
     eval forward), and stays off after ``unwrap()``.
     """
 
