@@ -75,7 +75,6 @@ Lightning (no check; a non-finite adapter is written, with a warning). DeepSpeed
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -88,20 +87,12 @@ from typing_extensions import override
 
 from lightning_peft.core.adapter import AdapterConfigLike
 from lightning_peft.core.distributed import clean_name, is_sharded_strategy, strategy_is
-from lightning_peft.core.errors import DivergenceError, InputError
-from lightning_peft.core.finite import (
-    describe_non_finite,
-    last_finite_checkpoint,
-    local,
-    maybe_non_finite,
-    non_finite_tensors,
-)
+from lightning_peft.core.errors import InputError
 from lightning_peft.lightning import random_state
 from lightning_peft.lightning.checkpoints import (
     CheckpointContents,
     check_config,
     check_tensors,
-    checkpoint_paths,
     config_differences,
     loaded_contents,
     model_keys,
@@ -110,8 +101,8 @@ from lightning_peft.lightning.checkpoints import (
     warn_if_resumed_inside_a_finished_epoch,
 )
 from lightning_peft.lightning.checks import (
-    adapter_parameters_by_module,
-    scaler_found_inf,
+    FiniteCheck,
+    check_gradients,
     trained_tensors,
     warn_non_finite,
 )
@@ -221,9 +212,7 @@ class PEFTCallback(Callback):
         self._checkpoint: CheckpointContents | None = None  # read from ckpt_path in setup
         self._states_to_restore: dict[str, Any] | None = None  # this process's, for the loaders
         self._gradients_checked = False
-        self._losses: list[Tensor] = []  # of the backward passes since the last optimizer step
-        self._trained: list[tuple[str, nn.Parameter]] | None = None  # what the finite check reads
-        self._batch_idx: int | None = None
+        self._finite = FiniteCheck()  # the losses and trained tensors the finite check reads
         self._training_done = False
         self._replaced_configure_model: Any = _UNSET
 
@@ -415,7 +404,7 @@ class PEFTCallback(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self._batch_idx = batch_idx
+        self._finite.batch_idx = batch_idx
 
     @override
     def on_before_backward(
@@ -430,7 +419,7 @@ class PEFTCallback(Callback):
                 "without autograd; choose other target_modules"
             )
         if self.check_finite:
-            self._losses.append(loss.detach())  # the loss as backpropagated (scaled under AMP)
+            self._finite.add_loss(loss)
 
     @override
     def on_before_optimizer_step(
@@ -442,127 +431,11 @@ class PEFTCallback(Callback):
             # Manual optimization may step before every backward pass has run; DeepSpeed frees
             # .grad.
             if pl_module.automatic_optimization and not deepspeed:
-                self._check_gradients(trainer, pl_module)
+                check_gradients(trainer, pl_module)
         if self.check_finite:
-            self._check_finite(trainer, pl_module, optimizer, with_gradients=not deepspeed)
-
-    def _check_finite(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        optimizer: torch.optim.Optimizer,
-        with_gradients: bool,
-    ) -> None:
-        """One fused reduction over the losses since the last step and the trained gradients,
-        one host synchronisation; raise ``DivergenceError`` at a non-finite value, unless a
-        gradient scaler skips this step."""
-        if self._trained is None:  # after the strategy wrapped the model: the live parameters
-            self._trained = [
-                (clean_name(n), p) for n, p in pl_module.named_parameters() if p.requires_grad
-            ]
-        losses, self._losses = self._losses, []
-        grads = []
-        if with_gradients:
-            grads = [local(p.grad) for _, p in self._trained if p.grad is not None]
-        if not grads and not losses:
-            return
-        device = (grads or losses)[0].device
-        found_inf = scaler_found_inf(trainer, optimizer)
-        flags = torch.stack(
-            [
-                maybe_non_finite(grads).any().to(device),
-                maybe_non_finite(losses).any().to(device),
-                (found_inf if found_inf is not None else torch.zeros(())).to(device) > 0,
-            ]
-        )
-        if trainer.world_size > 1:  # sharded gradients, per-process losses: decide together
-            flags = trainer.strategy.reduce(flags.float(), reduce_op="sum") > 0
-        bad_grads, bad_loss, scaler_skips = flags.tolist()  # the one host synchronisation
-        if not (bad_grads or bad_loss):
-            return
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
-        if scaler is not None and scaler.is_enabled():
-            # The scaler tests every gradient after unscaling (or in step() for optimizers that
-            # unscale themselves) and skips the step: not a divergence.
-            if scaler_skips or (found_inf is None and bad_grads):
-                return
-        # Rare from here on: which tensors, exactly (an overflowed norm of finite values is not
-        # a NaN); every process gets here together (the flags were reduced).
-        found = self._non_finite_gradients(trainer, with_gradients)
-        if found or bad_loss:
-            raise DivergenceError(self._divergence_message(trainer, losses, found))
-
-    def _non_finite_gradients(
-        self, trainer: pl.Trainer, with_gradients: bool
-    ) -> list[tuple[str, int, int]]:
-        """The trained tensors whose gradient holds NaN or infinity (on any process: the first
-        process that has one names its first)."""
-        grads = {n: p.grad for n, p in self._trained if p.grad is not None and with_gradients}
-        found = non_finite_tensors(grads)
-        if trainer.world_size > 1 and torch.distributed.is_initialized():
-            gathered: list[Any] = [None] * trainer.world_size
-            torch.distributed.all_gather_object(gathered, found)
-            found = next((f for f in gathered if f), [])
-        return found
-
-    def _divergence_message(
-        self, trainer: pl.Trainer, losses: list[Tensor], found: list[tuple[str, int, int]]
-    ) -> str:
-        """What went non-finite where, and what is left: one line (every process builds it)."""
-        loss_values = torch.stack(losses).float().tolist() if losses else []
-        bad_losses = [v for v in loss_values if not math.isfinite(v)]
-        parts = []
-        if bad_losses:
-            parts.append(f"the loss is {bad_losses[0]}")
-        elif loss_values:
-            parts.append(f"the loss is finite ({loss_values[-1]:.4g})")
-        if found:
-            parts.append(describe_non_finite(found, len(self._trained), "gradient"))
-        elif losses:
-            parts.append("the trained tensors' gradients are finite")
-        where = f"step {trainer.global_step} (epoch {trainer.current_epoch}"
-        where += f", batch {self._batch_idx})" if self._batch_idx is not None else ")"
-        saved = (
-            f"; nothing was written to {self.save_adapter_to}"
-            if self.save_adapter_to is not None
-            else ""
-        )
-        checkpoint = last_finite_checkpoint(checkpoint_paths(trainer))
-        return (
-            f"PEFTCallback: training diverged at {where}: {' and '.join(parts)}. The adapters "
-            f"were not updated with this step{saved}; {checkpoint}. Lower the learning rate or "
-            "clip the gradients (check_finite=False, or --check_finite false, turns this check off)"
-        )
-
-    def _check_gradients(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Name the adapters that received no gradient in this first step (summed over the
-        processes); raise if none did."""
-        groups = adapter_parameters_by_module(pl_module)
-        if not groups:
-            return
-        acted = torch.tensor(
-            [float(any(p.grad is not None for p in params)) for params in groups.values()],
-            device=pl_module.device,
-        )
-        acted = trainer.strategy.reduce(acted, reduce_op="sum")  # every rank calls this hook
-        idle = [name for name, count in zip(groups, acted.tolist(), strict=True) if count == 0]
-        if not idle:
-            return
-        names = ", ".join(idle[:5]) + (", ..." if len(idle) > 5 else "")
-        if len(idle) == len(groups):
-            raise InputError(
-                f"PEFTCallback: none of the {len(groups)} adapters received a gradient in the "
-                f"first step ({names}): the forward pass never calls these modules (it may read "
-                "their weights directly, as nn.MultiheadAttention does with out_proj, or a hub "
-                "kernel may have replaced a parent module's forward); choose other target_modules"
+            self._finite.check(
+                trainer, pl_module, optimizer, not deepspeed, save_adapter_to=self.save_adapter_to
             )
-        rank_zero_warn(
-            f"PEFTCallback: {len(idle)} of the {len(groups)} adapters received no gradient in the "
-            f"first step: {names}. Fine if those modules were merely unused by this batch (e.g. "
-            "experts no token reached); if their forward is bypassed (a hub kernel replacing a "
-            "parent module's forward, say) they never train (and DDP needs "
-            "find_unused_parameters=True)"
-        )
 
     # -- checkpoints ----------------------------------------------------------------------------
 
