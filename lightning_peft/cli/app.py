@@ -262,12 +262,15 @@ class PEFTCLI(LightningCLI):
         )
         for name, declared in option_specs().items():  # each method's options, each once
             _, first = declared[0]
-            text = "; ".join(
-                f"{'/'.join(choices)}: {option.help}"
-                + (f" (default {option.default:g})" if isinstance(option.default, float) else "")
-                + (f" (default {option.default})" if isinstance(option.default, int) else "")
-                for choices, option in declared
-            )
+            texts: dict[str, list[str]] = {}  # one help text, the methods that declare it
+            for choices, option in declared:
+                text = option.help
+                if isinstance(option.default, float):
+                    text += f" (default {option.default:g})"
+                elif isinstance(option.default, int):
+                    text += f" (default {option.default})"
+                texts.setdefault(text, []).extend(choices)
+            text = "; ".join(f"{'/'.join(choices)}: {text}" for text, choices in texts.items())
             if name == "targets":
                 text = targets_help()
             parser.add_argument(f"--{name}", type=first.type, default=None, help=text)
