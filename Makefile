@@ -43,7 +43,7 @@ bench: $(VENV)/.installed
 	$(PY) -m benchmarks
 
 lint: $(VENV)/.installed
-	$(PY) -m ruff check . && $(PY) -m ruff format --check .
+	$(PY) -m ruff check . && $(PY) -m ruff format --check . && $(VENV)/bin/lint-imports --no-cache
 
 # Newest releases in a scratch .venv-upgrade, the whole suite there, then a new lock (or none).
 upgrade:

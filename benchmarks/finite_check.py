@@ -42,8 +42,8 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from lightning_peft import LoRAConfig, inject_adapters
-    from lightning_peft.embedded import smollm2_path
-    from lightning_peft.finite import local, maybe_non_finite
+    from lightning_peft.cli.embedded import smollm2_path
+    from lightning_peft.core.finite import local, maybe_non_finite
 
     model = AutoModelForCausalLM.from_pretrained(str(smollm2_path()), dtype=torch.float32)
     report = inject_adapters(model, LoRAConfig(r=16, lora_alpha=32, target_modules="all-linear"))

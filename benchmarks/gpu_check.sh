@@ -63,7 +63,7 @@ if ! timeout 60 "$PYTHON" -c "import transformers, lightning" >>"$OUT/model_prog
     echo "-- transformers or lightning does not import here: whole-model benchmark skipped"
     model_status=3
 else
-    if ! timeout 120 "$PYTHON" -c "from lightning_peft.embedded import smollm2_path; smollm2_path()" \
+    if ! timeout 120 "$PYTHON" -c "from lightning_peft.cli.embedded import smollm2_path; smollm2_path()" \
         >>"$OUT/model_progress.log" 2>&1; then
         echo "-- the embedded SmolLM2 is not available: its shape with random weights"
         model_args=(--random-weights)

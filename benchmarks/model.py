@@ -125,7 +125,7 @@ def _model_source(args: argparse.Namespace) -> tuple[Path | None, dict | None, s
         return None, SMOLLM2_SHAPE, "SmolLM2-135M shape, random weights"
     if args.model is not None:
         return args.model, None, args.model.name
-    from lightning_peft.embedded import smollm2_path
+    from lightning_peft.cli.embedded import smollm2_path
 
     path = smollm2_path()
     return path, None, path.name

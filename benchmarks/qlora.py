@@ -64,7 +64,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def model_dir(name: str, scratch: Path) -> Path:
     if name == "smollm2":
-        from lightning_peft.embedded import smollm2_path
+        from lightning_peft.cli.embedded import smollm2_path
 
         return Path(smollm2_path())
     if name == "tiny":
@@ -88,7 +88,7 @@ def load(directory: Path, mode: str | None) -> torch.nn.Module:
     """float32 (``mode`` None) or quantized by transformers with bitsandbytes, on the CPU."""
     from transformers import AutoModelForCausalLM
 
-    from lightning_peft.quantization import load_quantized
+    from lightning_peft.lightning.precision import load_quantized
 
     if mode is None:
         return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
@@ -107,7 +107,7 @@ def weight_bytes(model: torch.nn.Module) -> int:
 
 
 def measure_memory(directory: Path) -> list[dict[str, object]]:
-    from lightning_peft.quantization import import_bitsandbytes
+    from lightning_peft.core.bnb import import_bitsandbytes
 
     import_bitsandbytes()  # its import (seconds) is no part of a load
     rows = []

@@ -6,6 +6,7 @@ on CPU tensors, which is how CI checks the Triton path on machines without a GPU
 
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -13,3 +14,13 @@ if not torch.cuda.is_available():
 
 # Small shapes gain nothing from threads; on a shared 2-core machine extra threads only slow.
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` skip by themselves where there is no CUDA GPU."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

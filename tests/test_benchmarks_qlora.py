@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from quantized_models import NEEDS_BNB
+from tests.helpers.quantized_models import NEEDS_BNB
 
 pytestmark = [pytest.mark.slow, NEEDS_BNB]  # ~15 s: five models load and train
 

@@ -16,10 +16,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_modules import PlainCausalLM, quiet_trainer
 from lightning_peft import LoRAConfig, PEFTCallback
-from lightning_peft.errors import InputError
-from tiny_models import tiny_llama
+from lightning_peft.core.errors import InputError
+from tests.helpers.lightning_modules import PlainCausalLM, quiet_trainer
+from tests.helpers.tiny_models import tiny_llama
 
 
 def test_from_pretrained_with_hub_kernels_on_leaves_the_model_as_it_is_offline_on_cpu(

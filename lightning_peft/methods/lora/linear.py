@@ -1,0 +1,211 @@
+"""LoRA (Hu et al. 2021, https://arxiv.org/abs/2106.09685), rsLoRA, and DoRA as a variant
+(Liu et al. 2024, https://arxiv.org/abs/2402.09353), with PiSSA and OLoRA inits; the ``LORA``
+method and its ``adapter_config.json``.
+
+``LoRALinear`` adapts a frozen ``nn.Linear`` or transformers ``Conv1D``; it is a thin module over
+``peft_kernels.lora_linear`` / ``dora_linear``. It registers the base layer's own ``weight``
+and ``bias`` under the same names, so the frozen state-dict keys do not change; the adapter adds
+``lora_A`` (r, in), ``lora_B`` (out, r), ``lora_bias`` (out,) with ``lora_bias=True`` (B's bias,
+``y += s·b_B``) and whatever its variant adds (DoRA: ``lora_magnitude`` (out,)). What every LoRA
+layer shares, and the LoRA and DoRA variants (peft's ``LoraVariant``), are in ``base``;
+convolutions, embeddings, ``nn.MultiheadAttention`` and bitsandbytes layers have their own layer
+classes (``conv``, ``embedding``, ``mha``, ``quantized``), all in
+``LORA.layers``. GPT-2's ``Conv1D`` stores its weight as (in, out) (``fan_in_fan_out``); the ops
+get a transposed view, never a copy.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_peft.core.adapter import (
+    is_conv1d,
+    is_linear_like,
+    quantized_reason,
+)
+from lightning_peft.methods.lora.base import (
+    DoRAVariant,
+    LoRALayer,
+    LoRAVariant,
+    add_lora_bias,
+    variant_for,
+)
+from lightning_peft.methods.lora.config import (
+    REWRITES_BASE,
+    LoRAConfig,
+)
+from peft_kernels import dora_linear, dora_weight_norm, lora_linear, weight_row_sq_norm
+
+__all__ = ["DoRAVariant", "LoRALinear", "LoRAVariant", "variant_for"]
+
+
+def _set_residual(layer: LoRALinear, lora_A: Tensor, lora_B: Tensor, weight32: Tensor) -> None:
+    """A, B ← the given factors; W ← W − (s·B) A, computed as peft computes it (float32)."""
+    layer.lora_A.copy_(lora_A)
+    layer.lora_B.copy_(lora_B)
+    weight = layer.weight_out_in()
+    residual = weight32 - (layer.scaling * layer.lora_B.to(weight32.dtype)) @ layer.lora_A.to(
+        weight32.dtype
+    )
+    weight.copy_(residual.to(weight.dtype))
+
+
+def _init_pissa(layer: LoRALinear) -> None:
+    """PiSSA (Meng et al. 2024): A, B from the top-r SVD of W; W ← W − s·B A."""
+    weight32 = layer.weight_out_in().to(torch.promote_types(layer.weight.dtype, torch.float32))
+    u, s, vh = torch.linalg.svd(weight32, full_matrices=False)
+    root = (s[: layer.r] / layer.scaling).sqrt()
+    _set_residual(layer, root[:, None] * vh[: layer.r], u[:, : layer.r] * root[None, :], weight32)
+
+
+def _init_olora(layer: LoRALinear) -> None:
+    """OLoRA (Büyükakyüz 2024): W = QR; A = R[:r], B = Q[:, :r]; W ← W − s·B A."""
+    weight32 = layer.weight_out_in().to(torch.promote_types(layer.weight.dtype, torch.float32))
+    q, r = torch.linalg.qr(weight32)
+    _set_residual(layer, r[: layer.r], q[:, : layer.r], weight32)
+
+
+REWRITING_INITS = {"pissa": _init_pissa, "olora": _init_olora}
+
+
+assert set(REWRITING_INITS) == set(REWRITES_BASE)
+
+
+class LoRALinear(LoRALayer):
+    """LoRA (DoRA with ``use_dora``) around a frozen linear layer.
+
+    ``y = x Wᵀ + b + s·(dropout(x) Aᵀ) Bᵀ``; DoRA: ``y = (m/n) ⊙ (x (W + sBA)ᵀ) + b`` with
+    ``n = ‖W + sBA‖_row`` held constant in backward. ``s = α/r`` (rsLoRA ``α/√r``).
+
+    Args (as ``LoRALayer``): base (the ``nn.Linear`` or ``Conv1D`` to adapt), r, lora_alpha,
+    dropout, use_rslora, use_dora, lora_bias, init_lora_weights (also ``"pissa"`` and
+    ``"olora"``, which replace W by its residual), adapter_dtype, backend.
+
+    Flags: ``merged`` (the update lives in W; forward is the plain layer), ``disabled`` (the
+    adapter is skipped). ``merge()`` / ``unmerge()`` are idempotent.
+    """
+
+    adapts_kinds = ("nn.Linear", "Conv1D")
+
+    # -- declarations ---------------------------------------------------------------------------
+
+    @classmethod
+    def adapts(cls, module: nn.Module) -> bool:
+        return is_linear_like(module) and quantized_reason(module) is None
+
+    @classmethod
+    def base_refusal(cls, base: nn.Module) -> str | None:
+        if cls.adapts(base):
+            return None
+        reason = quantized_reason(base)
+        return f"LoRALinear adapts nn.Linear or Conv1D, got {type(base).__name__}" + (
+            f": {reason}" if reason else ""
+        )
+
+    @staticmethod
+    def weight_out_in_of(module: nn.Module) -> Tensor:
+        """A linear-like module's W as (out, in) (a transposed view for ``Conv1D``)."""
+        return module.weight.T if is_conv1d(module) else module.weight
+
+    @classmethod
+    def out_in_of(cls, module: nn.Module) -> tuple[int, int]:
+        return tuple(cls.weight_out_in_of(module).shape)
+
+    @classmethod
+    def weight_sq_norm_of(cls, module: nn.Module) -> Tensor:
+        return weight_row_sq_norm(cls.weight_out_in_of(module))
+
+    @classmethod
+    def check_module(cls, module: nn.Module, config: LoRAConfig, name: str, rank: int) -> None:
+        init = config.init_lora_weights
+        if init in REWRITES_BASE and rank > min(module.weight.shape):
+            raise ValueError(
+                f"{init} needs r <= min(out, in) = {min(module.weight.shape)} at {name!r}, "
+                f"got {rank}"
+            )
+        if init == "olora" and is_conv1d(module):
+            raise ValueError(
+                f"olora on {name!r}, a Conv1D (weight stored as (in, out)): peft decomposes the "
+                "stored matrix without transposing it, so no result here would match peft's"
+            )
+
+    def describe(self) -> tuple[str, str, int]:
+        return self.variant.name, f"{self.in_features}->{self.out_features}", self.r
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, fan_in_fan_out={self.fan_in_fan_out}"
+
+    # -- weights --------------------------------------------------------------------------------
+
+    def share_base(self, base: nn.Module) -> None:
+        super().share_base(base)
+        self.fan_in_fan_out = is_conv1d(base)  # W stored as (in, out): GPT-2's Conv1D
+        self.out_features, self.in_features = self.out_in_of(base)
+
+    def weight_out_in(self) -> Tensor:
+        """W as (out, in): the weight itself, or a transposed view for ``Conv1D``."""
+        return self.weight.T if self.fan_in_fan_out else self.weight
+
+    merge_view = weight_out_in
+
+    def compute_weight_sq_norm(self) -> Tensor:
+        return weight_row_sq_norm(self.weight_out_in())
+
+    def init_factors(self, init_lora_weights: bool | str) -> None:
+        if init_lora_weights in REWRITING_INITS:
+            REWRITING_INITS[init_lora_weights](self)
+        else:
+            super().init_factors(init_lora_weights)
+
+    def dora_norm(self, weight_sq_norm: Tensor) -> Tensor:
+        """n = ‖W + sBA‖_row (out,) in at least float32."""
+        return dora_weight_norm(
+            self.weight_out_in(), self.lora_A, self.lora_B, self.scaling, weight_sq_norm
+        )
+
+    # -- forward --------------------------------------------------------------------------------
+    # x (..., in) -> (..., out). The adapters keep their own dtype (float32 on a bfloat16 base:
+    # ``peft_kernels`` runs the adapter branch in it); under autocast it casts the base
+    # operands, as ``F.linear`` would. detach(): W is frozen; under FSDP1 (use_orig_params) it
+    # arrives as a view of a flat parameter that requires grad because the adapters in the same
+    # unit do. ``lora_output`` / ``dora_output`` run once per adapted layer per decoded token:
+    # ``weight_out_in()`` is written out there, one Python call less.
+
+    def base_output(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight_out_in().detach(), self.bias)
+
+    def lora_output(self, x: Tensor) -> Tensor:
+        weight = (self.weight.T if self.fan_in_fan_out else self.weight).detach()
+        bias = self.bias
+        if self.lora_bias is not None:
+            bias = add_lora_bias(bias, self.lora_bias, self.scaling, weight.dtype)
+        return lora_linear(
+            x,
+            weight,
+            bias,
+            self.lora_A,
+            self.lora_B,
+            self.scaling,
+            self.dropout_p,
+            training=self.training,
+            backend=self.backend,
+        )
+
+    def dora_output(self, x: Tensor, weight_sq_norm: Tensor, weight_norm: Tensor | None) -> Tensor:
+        weight = (self.weight.T if self.fan_in_fan_out else self.weight).detach()
+        return dora_linear(
+            x,
+            weight,
+            self.bias,
+            self.lora_A,
+            self.lora_B,
+            self.lora_magnitude,
+            self.scaling,
+            self.dropout_p,
+            training=self.training,
+            backend=self.backend,
+            weight_sq_norm=weight_sq_norm,
+            weight_norm=weight_norm,
+        )
