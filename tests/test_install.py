@@ -131,8 +131,12 @@ def test_the_installed_entry_points_run_from_outside_the_checkout(name, tmp_path
     assert expected in _run([BIN / args[0], *args[1:]], cwd=tmp_path).stdout
 
 
-@pytest.mark.parametrize("subcommand", [[], ["model"], ["qlora"], ["profile"]])
-def test_the_benchmarks_run_from_outside_the_checkout(subcommand, tmp_path):
+@pytest.mark.parametrize(
+    "module, subcommand",
+    [("benchmarks", []), ("benchmarks", ["model"]), ("benchmarks", ["qlora"]),
+     ("benchmarks", ["profile"]), ("benchmarks.finite_check", [])],
+)  # fmt: skip
+def test_the_benchmarks_run_from_outside_the_checkout(module, subcommand, tmp_path):
     """``python -m benchmarks`` is a folder of the repository, not of the wheel: run it with only
     that folder on the path, so that it imports lightning-peft as installed and nothing else
     from the checkout's root."""
@@ -140,7 +144,7 @@ def test_the_benchmarks_run_from_outside_the_checkout(subcommand, tmp_path):
     only_benchmarks.mkdir()
     (only_benchmarks / "benchmarks").symlink_to(REPO / "benchmarks")
     result = _run(
-        [sys.executable, "-m", "benchmarks", *subcommand, "--help"],
+        [sys.executable, "-m", module, *subcommand, "--help"],
         cwd=tmp_path,
         PYTHONPATH=str(only_benchmarks),
     )
