@@ -21,9 +21,7 @@ from lightning_peft.core.finite import (
     maybe_non_finite,
     non_finite_tensors,
 )
-from lightning_peft.lightning.checkpoints import (
-    checkpoint_paths,
-)
+from lightning_peft.lightning.checkpoints import checkpoint_paths
 from lightning_peft.model.helpers import adapter_state_dict
 from lightning_peft.model.injection import find_injection, injection_report
 
@@ -70,12 +68,17 @@ def warn_non_finite(pl_module: nn.Module, state: Mapping[str, Tensor]) -> None:
         )
 
 
-def scaler_found_inf(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> Tensor | None:
-    """Whether the precision plugin's ``GradScaler`` found inf/NaN when it unscaled this
-    optimizer's gradients (Lightning unscales before ``on_before_optimizer_step``), as a tensor;
-    None without an enabled scaler or before it unscaled (optimizers that unscale in step())."""
+def enabled_scaler(trainer: pl.Trainer) -> Any:
+    """The precision plugin's ``GradScaler`` when it is enabled (``16-mixed``), else None."""
     scaler = getattr(trainer.precision_plugin, "scaler", None)
-    if scaler is None or not scaler.is_enabled():
+    return scaler if scaler is not None and scaler.is_enabled() else None
+
+
+def scaler_found_inf(scaler: Any, optimizer: torch.optim.Optimizer) -> Tensor | None:
+    """Whether ``scaler`` (``enabled_scaler``) found inf/NaN when it unscaled this optimizer's
+    gradients (Lightning unscales before ``on_before_optimizer_step``), as a tensor; None without
+    a scaler or before it unscaled (optimizers that unscale in step())."""
+    if scaler is None:
         return None
     state = getattr(scaler, "_per_optimizer_states", {}).get(id(optimizer), {})
     found = state.get("found_inf_per_device") or {}
@@ -119,7 +122,8 @@ class FiniteCheck:
         if not grads and not losses:
             return
         device = (grads or losses)[0].device
-        found_inf = scaler_found_inf(trainer, optimizer)
+        scaler = enabled_scaler(trainer)
+        found_inf = scaler_found_inf(scaler, optimizer)
         flags = torch.stack(
             [
                 maybe_non_finite(grads).any().to(device),
@@ -132,8 +136,7 @@ class FiniteCheck:
         bad_grads, bad_loss, scaler_skips = flags.tolist()  # the one host synchronisation
         if not (bad_grads or bad_loss):
             return
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
-        if scaler is not None and scaler.is_enabled():
+        if scaler is not None:
             # The scaler tests every gradient after unscaling (or in step() for optimizers that
             # unscale themselves) and skips the step: not a divergence.
             if scaler_skips or (found_inf is None and bad_grads):

@@ -144,3 +144,16 @@ class CaptureOnTrainEnd(pl.Callback):
     def on_train_end(self, trainer, pl_module):
         self.adapters = {k: v.clone() for k, v in adapter_state_dict(pl_module).items()}
         self.optimizer = copy.deepcopy(trainer.optimizers[0].state_dict())
+
+
+def assert_resumed_exactly(resumed_start: CaptureOnTrainStart, first_end: CaptureOnTrainEnd):
+    """The adapters and the optimizer state a resumed run starts from are those the first run
+    ended with, tensor for tensor."""
+    assert resumed_start.adapters.keys() == first_end.adapters.keys()
+    for key, value in first_end.adapters.items():
+        assert torch.equal(resumed_start.adapters[key], value), key
+    saved, restored = first_end.optimizer["state"], resumed_start.optimizer["state"]
+    assert saved.keys() == restored.keys() and saved
+    for index, state in saved.items():
+        for name, value in state.items():
+            assert torch.equal(torch.as_tensor(restored[index][name]), torch.as_tensor(value))

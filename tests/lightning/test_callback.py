@@ -19,6 +19,7 @@ from tests.helpers.lightning_modules import (
     CaptureOnTrainEnd,
     CaptureOnTrainStart,
     CausalLM,
+    assert_resumed_exactly,
     random_tokens,
     trainer,
 )
@@ -83,14 +84,7 @@ def test_resume_restores_adapters_and_optimizer_exactly(tmp_path, method):
     )
     second.fit(CausalLM(), ckpt_path=ckpt.last_model_path)
     assert resumed_start.step == 4
-    assert resumed_start.adapters.keys() == first_end.adapters.keys()
-    for key, value in first_end.adapters.items():
-        assert torch.equal(resumed_start.adapters[key], value), key
-    saved, restored = first_end.optimizer["state"], resumed_start.optimizer["state"]
-    assert saved.keys() == restored.keys() and saved
-    for index, state in saved.items():
-        for name, value in state.items():
-            assert torch.equal(torch.as_tensor(restored[index][name]), torch.as_tensor(value))
+    assert_resumed_exactly(resumed_start, first_end)
 
 
 def test_model_built_in_configure_model_and_no_double_injection(tmp_path):

@@ -22,6 +22,7 @@ from tests.helpers.lightning_modules import (
     CaptureOnTrainEnd,
     CaptureOnTrainStart,
     CausalLM,
+    assert_resumed_exactly,
     random_tokens,
     tiny_llama64,
     trainer,
@@ -98,14 +99,7 @@ def test_resume_restores_the_method_s_tensors_and_optimizer(tmp_path, method):
         CausalLM(lr=0.3), ckpt_path=ckpt.last_model_path
     )
     assert resumed_start.step == 4
-    assert resumed_start.adapters.keys() == first_end.adapters.keys()
-    for key, value in first_end.adapters.items():
-        assert torch.equal(resumed_start.adapters[key], value), key
-    saved, restored = first_end.optimizer["state"], resumed_start.optimizer["state"]
-    assert saved.keys() == restored.keys() and saved
-    for index, state in saved.items():
-        for name, value in state.items():
-            assert torch.equal(torch.as_tensor(restored[index][name]), torch.as_tensor(value))
+    assert_resumed_exactly(resumed_start, first_end)
 
 
 def test_ia3_merges_on_train_end_and_prompt_tuning_refuses(tmp_path):
