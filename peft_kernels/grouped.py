@@ -40,7 +40,6 @@ from peft_kernels._validation import (
     check_frozen_and_scalars,
 )
 from peft_kernels.backends import TABLE, backend_module, resolve_backend
-from peft_kernels.contract import present
 from peft_kernels.dual_op import dual_op
 
 __all__ = ["group_rows", "grouped_lora_delta", "mixed_lora_linear", "pad_factors"]
@@ -339,10 +338,11 @@ def _backward(
     backend: str,
     needs: list[bool],
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """``(dx (N, in), dA (K, r, in), dB (K, out, r))``, None where not needed."""
+    """``(dx (N, in), dA (K, r, in), dB (K, out, r))``, None where not needed. ``rows`` is an
+    input, not an output: None stays None (an empty ``rows`` means M = 0)."""
     x, lora_A, lora_B, scaling, offsets, rows, t = saved
     return _implementation(backend).backward(
-        grad.contiguous(), x, lora_A, lora_B, scaling, offsets, present(rows), t, tuple(needs)
+        grad.contiguous(), x, lora_A, lora_B, scaling, offsets, rows, t, tuple(needs)
     )
 
 

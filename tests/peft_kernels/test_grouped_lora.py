@@ -13,6 +13,7 @@ from peft_kernels import (
     mixed_lora_linear,
     pad_factors,
 )
+from peft_kernels.backends import triton_interpreted
 from tests.helpers.reference import NEEDS_TRITON
 
 BACKENDS = ["naive", "torch", pytest.param("triton", marks=NEEDS_TRITON)]
@@ -141,7 +142,8 @@ def test_only_some_inputs_require_grad(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bf16_x_with_float32_factors(backend):
     """bf16 x, fp32 factors: fp32 math, one rounding to bf16; the error against float64 is at
-    most ~2x that of rounding the exact result to bf16 (plus the rounding of dx)."""
+    most ~2x that of rounding the exact result to bf16 (4x for the Triton interpreter, which
+    rounds fp32 -> bf16 toward zero, as tests/peft_kernels/test_triton_linear.py notes)."""
     case = make_case(24, 40, 24, 4, [5, 5, 19, 24], None, dtype=torch.bfloat16,
                      factor_dtype=torch.float32)  # fmt: skip
     x, A, B = case["x"], case["lora_A"], case["lora_B"]
@@ -155,7 +157,8 @@ def test_bf16_x_with_float32_factors(backend):
     ref.backward(grad.to(torch.bfloat16).double())
     for got, want in ((delta, ref), (x.grad, x64.grad)):
         rounding = (want.to(torch.bfloat16).double() - want).abs().max()
-        assert (got.double() - want).abs().max() <= 2 * rounding + 1e-6
+        factor = 4 if backend == "triton" and triton_interpreted() else 2
+        assert (got.double() - want).abs().max() <= factor * rounding + 1e-6
     for got, want in ((A.grad, A64.grad), (B.grad, B64.grad)):  # fp32 math on exact bf16 inputs
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
 
