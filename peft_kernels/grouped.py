@@ -443,5 +443,6 @@ def mixed_lora_linear(
     # rows and offsets are valid by construction: no second value check
     rows, offsets = _group_all(adapter_index, lora_A.shape[0])
     delta = _run(flat, lora_A, lora_B, scaling, offsets, rows, backend)
-    y = F.linear(flat, weight, bias).index_add(0, rows, delta)
+    # in place on the fresh base output (its backward does not read it): no third M×out tensor
+    y = F.linear(flat, weight, bias).index_add_(0, rows, delta)
     return y.view(*x.shape[:-1], weight.shape[0])
