@@ -37,6 +37,7 @@ _EXPORTS = {
     "PromptTuningConfig": "lightning_peft.methods.prompt_tuning.config",
     "active_adapters": "lightning_peft.model.named",
     "adapter_names": "lightning_peft.model.named",
+    "adapter_param_groups": "lightning_peft.model.named",
     "adapter_state_dict": "lightning_peft.model.helpers",
     "check_save_directory": "lightning_peft.peft_format.files",
     "delete_adapter": "lightning_peft.model.named",
@@ -78,6 +79,7 @@ __all__ = [
     "PromptTuningConfig",
     "active_adapters",
     "adapter_names",
+    "adapter_param_groups",
     "adapter_state_dict",
     "check_save_directory",
     "delete_adapter",
@@ -149,6 +151,7 @@ if TYPE_CHECKING:
     from lightning_peft.model.named import (
         active_adapters,
         adapter_names,
+        adapter_param_groups,
         delete_adapter,
         set_active_adapters,
     )

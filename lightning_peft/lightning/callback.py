@@ -75,6 +75,7 @@ Lightning (no check; a non-finite adapter is written, with a warning). DeepSpeed
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -113,13 +114,22 @@ from lightning_peft.lightning.distributed import (
     full_state_dict,
     is_transformers_model,
 )
+from lightning_peft.lightning.multi_adapter import (
+    BatchRouting,
+    adopt_differences,
+    check_adapters_config,
+    checked_adapters,
+    inject_all,
+    saved_adapters,
+)
 from lightning_peft.lightning.precision import quantize_for_precision
 from lightning_peft.lightning.saving import save_or_fall_back
 from lightning_peft.methods.registry import method_for
-from lightning_peft.model.helpers import adapter_state_dict, merge_adapters
+from lightning_peft.model.helpers import active_state_dict, merge_adapters
 from lightning_peft.model.injection import find_injection, inject_adapters, injection_report
+from lightning_peft.model.sites import DEFAULT_NAME
 from lightning_peft.model.targeting import select_targets
-from lightning_peft.peft_format.files import check_save_directory
+from lightning_peft.peft_format.files import adapter_directory, check_save_directory
 
 _UNSET = object()  # the callback has not replaced configure_model
 _ABSENT = object()  # it has, and the LightningModule had no instance attribute of that name
@@ -138,6 +148,12 @@ class PEFTCallback(Callback):
     Args:
         config: the config of a registered method (``LoRAConfig``, ``AdapterConfig``,
             ``IA3Config``, ``PromptTuningConfig``).
+        adapters: instead of ``config``, several named adapters trained together,
+            ``{name: config}`` (one method; ``lightning_peft.lightning.multi_adapter``): each
+            batch is a dict whose field ``"adapter_names"`` names each row's adapter (removed
+            before ``training_step`` sees the batch); each adapter learns from its own rows;
+            ``save_adapter_to`` gets peft's layout (``default`` there, the others in
+            ``<dir>/<name>``). ``adapter_param_groups(model)`` gives each its optimizer group.
         merge_on_train_end: merge LoRA/DoRA/IA³ into the base weights when training ends
             (single device and DDP; refused under sharded strategies).
         save_adapter_to: write the Hugging Face PEFT-format adapter directory here when
@@ -179,8 +195,9 @@ class PEFTCallback(Callback):
 
     def __init__(
         self,
-        config: AdapterConfigLike,
+        config: AdapterConfigLike | None = None,
         *,
+        adapters: Mapping[str, AdapterConfigLike] | None = None,
         merge_on_train_end: bool = False,
         save_adapter_to: str | Path | None = None,
         overwrite: bool = False,
@@ -189,6 +206,16 @@ class PEFTCallback(Callback):
         fsdp2_layer_cls: type | tuple[type, ...] | None = None,
         check_finite: bool = True,
     ) -> None:
+        if (config is None) == (adapters is None):
+            raise ValueError("PEFTCallback takes a config or adapters={name: config}, not both")
+        self.adapters = checked_adapters(adapters) if adapters is not None else None
+        if self.adapters is not None:
+            config = next(iter(self.adapters.values()))
+            if merge_on_train_end:
+                raise ValueError(
+                    "merge_on_train_end with adapters=...: merging several adapters would sum "
+                    "them into one set of weights; save them (save_adapter_to=...) instead"
+                )
         method = method_for(config)  # TypeError for a config of no registered method
         if merge_on_train_end and not method.mergeable:
             layer = next(cls for cls in method.layers if not cls.mergeable)
@@ -215,6 +242,7 @@ class PEFTCallback(Callback):
         self._finite = FiniteCheck()  # the losses and trained tensors the finite check reads
         self._training_done = False
         self._replaced_configure_model: Any = _UNSET
+        self._routing = BatchRouting()
 
     # -- injection ------------------------------------------------------------------------------
 
@@ -239,13 +267,14 @@ class PEFTCallback(Callback):
             deepspeed = strategy_is(trainer.strategy, "DeepSpeedStrategy")
             self._checkpoint = read_checkpoint(ckpt_path, self.state_key, deepspeed)
             if self._checkpoint is not None:
-                check_config(self._checkpoint, self.config, resuming=stage == "fit")
+                self._check_config(self._checkpoint, resuming=stage == "fit")
         pl_module.strict_loading = False  # checkpoints hold only the trained tensors
         if find_injection(pl_module) is not None:
             self._adopt_injection(pl_module)  # setup runs on every fit/validate: inject once
             return
         try:
-            select_targets(self.adapted_module(pl_module), self.config)
+            for config in self._configs():
+                select_targets(self.adapted_module(pl_module), config)
         except ValueError:
             # The targets do not exist yet (or never will: then configure_model raises).
             self._inject_after_configure_model(trainer, pl_module)
@@ -281,7 +310,10 @@ class PEFTCallback(Callback):
         root = self.adapted_module(pl_module)
         try:
             quantize_for_precision(trainer, pl_module, root, self.config)  # BitsandbytesPrecision
-            self.report = inject_adapters(root, self.config)
+            if self.adapters is None:
+                self.report = inject_adapters(root, self.config)
+            else:
+                self.report = inject_all(root, self.adapters)
         except ValueError as error:  # no target matched (naming close matches), or does not fit
             if isinstance(error, InputError):
                 raise
@@ -295,9 +327,12 @@ class PEFTCallback(Callback):
     def _adopt_injection(self, pl_module: pl.LightningModule) -> None:
         """The model has adapters already: keep them if they are this config's."""
         config = find_injection(pl_module)[2].config
-        differences = config_differences(
-            method_for(config).name, config.to_dict(), self.config, source="the model"
-        )
+        if self.adapters is not None:
+            differences = adopt_differences(self.adapted_module(pl_module), self.adapters)
+        else:
+            differences = config_differences(
+                method_for(config).name, config.to_dict(), self.config, source="the model"
+            )
         if differences:
             raise InputError(
                 "the model already has adapters of another configuration ("
@@ -323,7 +358,10 @@ class PEFTCallback(Callback):
             )
         if self.save_adapter_to is not None:
             try:
-                check_save_directory(self.save_adapter_to, self.overwrite)
+                for name in self.adapters or [DEFAULT_NAME]:
+                    check_save_directory(
+                        adapter_directory(self.save_adapter_to, name), self.overwrite
+                    )
             except OSError as error:
                 raise InputError(f"save_adapter_to: {error}") from error
 
@@ -360,7 +398,7 @@ class PEFTCallback(Callback):
         parameters = {clean_name(n): p for n, p in pl_module.named_parameters()}
         if not in_optimizers & {id(p) for p in parameters.values()}:
             return  # the strategy's optimizer holds copies (DeepSpeed's flat partitions)
-        adapters = [k for k in adapter_state_dict(pl_module) if k in parameters]
+        adapters = [k for k in active_state_dict(pl_module) if k in parameters]
         left_out = [k for k in adapters if id(parameters[k]) not in in_optimizers]
         if not left_out:
             return
@@ -405,6 +443,27 @@ class PEFTCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._finite.batch_idx = batch_idx
+        if self.adapters is not None:
+            self._routing.enter(self.adapted_module(pl_module), batch, self.adapters)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
+        self._routing.exit()
+
+    @override
+    def on_validation_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx, dataloader_idx=0
+    ) -> None:
+        if self.adapters is not None:
+            self._routing.enter(self.adapted_module(pl_module), batch, self.adapters)
+
+    @override
+    def on_validation_batch_end(
+        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
+    ) -> None:
+        self._routing.exit()
 
     @override
     def on_before_backward(
@@ -442,11 +501,22 @@ class PEFTCallback(Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint records of this callback: read back in ``on_load_checkpoint``."""
-        return {
+        state = {
             "method": method_for(self.config).name,
             "config": self.config.to_dict(),
             "random_states": self._gather_random_states(),
         }
+        if self.adapters is not None:
+            state["adapters"] = saved_adapters(self.adapters)
+        return state
+
+    def _configs(self) -> list[AdapterConfigLike]:
+        return [self.config] if self.adapters is None else list(self.adapters.values())
+
+    def _check_config(self, contents: CheckpointContents, resuming: bool) -> None:
+        check_config(contents, self.config, resuming)
+        if self.adapters is not None and contents.peft_state is not None:
+            check_adapters_config(contents, self.adapters)
 
     def _gather_random_states(self) -> list[dict[str, Any]]:
         """Each process's random states, by global rank (a collective: Lightning builds a
@@ -474,7 +544,7 @@ class PEFTCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         contents = loaded_contents(checkpoint, trainer.ckpt_path, self.state_key)
-        check_config(contents, self.config, resuming=trainer.state.fn == "fit")
+        self._check_config(contents, resuming=trainer.state.fn == "fit")
         trained = dict.fromkeys(trained_tensors(pl_module))  # shapes: checked before wrapping
         check_tensors(contents, trained, model_keys(pl_module))
         if trainer.state.fn == "fit":
@@ -530,10 +600,12 @@ class PEFTCallback(Callback):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._routing.exit()
         self._restore_configure_model(pl_module)
 
     @override
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
+        self._routing.exit()
         self._restore_configure_model(pl_module)

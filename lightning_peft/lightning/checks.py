@@ -22,7 +22,7 @@ from lightning_peft.core.finite import (
     non_finite_tensors,
 )
 from lightning_peft.lightning.checkpoints import checkpoint_paths
-from lightning_peft.model.helpers import adapter_state_dict
+from lightning_peft.model.helpers import active_state_dict
 from lightning_peft.model.injection import find_injection, injection_report
 
 
@@ -35,7 +35,7 @@ def trained_tensors(pl_module: nn.Module) -> dict[str, Tensor]:
         for n, p in pl_module.named_parameters(remove_duplicate=False)
         if p.requires_grad
     }
-    return dict(sorted({**trainable, **adapter_state_dict(pl_module)}.items()))
+    return dict(sorted({**trainable, **active_state_dict(pl_module)}.items()))
 
 
 def adapter_parameters_by_module(pl_module: nn.Module) -> dict[str, list[nn.Parameter]]:
@@ -48,7 +48,7 @@ def adapter_parameters_by_module(pl_module: nn.Module) -> dict[str, list[nn.Para
     modules = [prefix + m.name for m in injection_report(pl_module).modules]
     parameters = {clean_name(n): p for n, p in pl_module.named_parameters(remove_duplicate=False)}
     groups: dict[str, list[nn.Parameter]] = {name: [] for name in modules}
-    for key in adapter_state_dict(pl_module):
+    for key in active_state_dict(pl_module):
         owner = max((m for m in modules if key.startswith(f"{m}.")), key=len, default=None)
         own_weight = owner is not None and key[len(owner) + 1 :] in ("weight", "bias")
         if owner is not None and not own_weight and key in parameters:
@@ -58,7 +58,7 @@ def adapter_parameters_by_module(pl_module: nn.Module) -> dict[str, list[nn.Para
 
 def warn_non_finite(pl_module: nn.Module, state: Mapping[str, Tensor]) -> None:
     """``check_finite=False``: the adapter is written as it is, but not silently."""
-    keys = adapter_state_dict(pl_module)  # keyed as pl_module.state_dict(), as state is
+    keys = active_state_dict(pl_module)  # keyed as pl_module.state_dict(), as state is
     bad = non_finite_tensors({k: state[k] for k in keys if k in state})
     if bad:
         rank_zero_warn(

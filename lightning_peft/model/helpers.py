@@ -199,6 +199,17 @@ def adapter_state_dict(model: nn.Module, name: str | None = None) -> dict[str, T
     }
 
 
+def active_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """``adapter_state_dict`` of every active adapter together (one adapter: its own)."""
+    found = find_adapters(model)
+    if found is None:
+        raise ValueError("the model has no adapters (inject_adapters was not called on it)")
+    out: dict[str, Tensor] = {}
+    for name in found[2].active:
+        out.update(adapter_state_dict(model, name))
+    return out
+
+
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """``{name: parameter}`` of every parameter that requires grad."""
     return {name: p for name, p in model.named_parameters() if p.requires_grad}

@@ -10,12 +10,18 @@ from __future__ import annotations
 
 from torch import nn
 
-from lightning_peft.model.injection import AdapterSet, find_adapters, mark_active_trainable
+from lightning_peft.model.injection import (
+    AdapterSet,
+    adapter_parameters,
+    find_adapters,
+    mark_active_trainable,
+)
 from lightning_peft.model.sites import SITE_DICT, layer_named, site_layers, sites
 
 __all__ = [
     "active_adapters",
     "adapter_names",
+    "adapter_param_groups",
     "checked_names",
     "delete_adapter",
     "set_active_adapters",
@@ -126,3 +132,20 @@ def _remove_site(root: nn.Module, path: str, site) -> None:
     if rest:
         heir.add_module(SITE_DICT, nn.ModuleDict({layer.adapter_name: layer for layer in rest}))
     placement.attach(root, placement.target_path(path), heir)
+
+
+def adapter_param_groups(model: nn.Module, **options) -> list[dict]:
+    """One optimizer parameter group per active adapter, ``{"name": <adapter>, "params":
+    [...], **options}``, in the active order: each adapter its own learning rate, weight decay
+    and optimizer statistics.
+
+    Example::
+
+        torch.optim.AdamW(adapter_param_groups(model, lr=2e-4))
+    """
+    root, adapters = _adapters(model)
+    groups = []
+    for name in adapters.active:
+        params = [p for _, p in adapter_parameters(root, adapters.states[name]) if p.requires_grad]
+        groups.append({"name": name, "params": params, **options})
+    return groups
