@@ -206,7 +206,9 @@ def model_dirs(tmp_path_factory):
 def data_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "topics.jsonl"
     rows = [
-        {"text": f"{w} news item {i}", "label": w} for i in range(24) for w in ("sport", "money")
+        {"text": f"{w} news item {i}", "label": w, "lang": ("en", "fr")[i % 2]}
+        for i in range(24)
+        for w in ("sport", "money")
     ]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
@@ -312,7 +314,10 @@ def test_command_runs(command, model_dirs, data_file, run_main, tmp_path):
     else:
         assert code == 0, stderr[-3000:]
         assert "held-out after training" in stdout
-        assert (tmp_path / "out" / "adapter" / "adapter_config.json").is_file()
+        adapter = tmp_path / "out" / "adapter"  # named adapters: adapter/NAME/ (peft's layout)
+        assert (adapter / "adapter_config.json").is_file() or list(
+            adapter.glob("*/adapter_config.json")
+        )
 
 
 @pytest.mark.parametrize("text, name", python_params())

@@ -34,8 +34,9 @@ from jsonargparse import ActionYesNo, Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 
+from lightning_peft.cli.adapters import check_adapter_column, parse_adapters
 from lightning_peft.cli.curves import CurveRecorder
-from lightning_peft.cli.data import TASKS, TextData, check_data_file
+from lightning_peft.cli.data import TASKS, TextData, check_data_file, read_bbc_news, read_records
 from lightning_peft.cli.methods import (
     MethodOptions,
     describe,
@@ -50,8 +51,9 @@ from lightning_peft.lightning.callback import PEFTCallback
 from lightning_peft.lightning.precision import QUANTIZE_MODES, bitsandbytes_config
 from lightning_peft.methods.registry import method_for
 from lightning_peft.model.injection import plan_injection
+from lightning_peft.model.sites import DEFAULT_NAME
 from lightning_peft.model.targeting import plan_targets
-from lightning_peft.peft_format.files import CONFIG_NAME, WEIGHTS_NAME
+from lightning_peft.peft_format.files import CONFIG_NAME, WEIGHTS_NAME, adapter_directory
 from lightning_peft.peft_format.spectrum import main as inspect_main
 
 SHORTCUTS = {"--model": "--model.model_path", "--data": "--data.path"}
@@ -90,22 +92,24 @@ def expand_shortcuts(argv: list[str]) -> list[str]:
     return out
 
 
-def check_output_dir(output_dir: str | Path, overwrite: bool) -> Path:
+def check_output_dir(output_dir: str | Path, overwrite: bool, adapters=None) -> Path:
     """Prove that ``output_dir`` can be created and written (a file is written and removed;
     directories created for the test are removed again, so a refused run leaves nothing), and
-    refuse to replace an adapter in ``output_dir/adapter`` without ``overwrite``.
+    refuse to replace an adapter in ``output_dir/adapter`` (with ``adapters``, in the directory
+    of each, peft's layout) without ``overwrite``.
 
     Raises:
         InputError: not a directory, cannot be created or written, or holds an adapter.
     """
     output_dir = Path(output_dir)
-    adapter = output_dir / "adapter"
-    held = [name for name in (CONFIG_NAME, WEIGHTS_NAME) if (adapter / name).exists()]
-    if held and not overwrite:
-        raise InputError(
-            f"{adapter} already holds an adapter ({held[0]}); pass --overwrite to replace it, "
-            "or choose another --output_dir"
-        )
+    for name in adapters or [DEFAULT_NAME]:
+        adapter = adapter_directory(output_dir / "adapter", name)
+        held = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if (adapter / n).exists()]
+        if held and not overwrite:
+            raise InputError(
+                f"{adapter} already holds an adapter ({held[0]}); pass --overwrite to replace "
+                "it, or choose another --output_dir"
+            )
     created = [p for p in (output_dir, *output_dir.parents) if not p.exists()]
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -312,9 +316,25 @@ class PEFTCLI(LightningCLI):
         parser.add_argument(
             "--samples", type=int, default=3, help="instruct: held-out answers shown before/after"
         )
+        parser.add_argument(
+            "--adapters",
+            type=str | None,
+            default=None,
+            help="NAME[=FILE],...: several named adapters trained in one run, each on the rows "
+            "that --adapter_column gives it (FILE: an adapter_config.json or its directory; "
+            "without: the method options' config); written to OUTPUT_DIR/adapter in peft's "
+            "layout (default there, others in adapter/NAME)",
+        )
+        parser.add_argument(
+            "--adapter_column",
+            type=str | None,
+            default=None,
+            help="with --adapters: the data column naming each row's adapter (__base__: none)",
+        )
         parser.link_arguments("task", "model.task")
         parser.link_arguments("quantize", "model.quantize")
         parser.link_arguments("task", "data.task")
+        parser.link_arguments("adapter_column", "data.adapter_column")
         parser.link_arguments("output_dir", "trainer.default_root_dir")
         parser.link_arguments("model.model_path", "data.tokenizer_path")
         parser.link_arguments("data.num_labels", "model.num_labels", apply_on="instantiate")
@@ -351,16 +371,20 @@ class PEFTCLI(LightningCLI):
             config.model.model_path = config.data.tokenizer_path = default_model_path(config.task)
         check_model_dir(config.model.model_path)
         self.peft_config = options.build(config.task, config.model.model_path)
+        self.adapters = self._adapters(config, options)
+        if self.adapters is not None:
+            self.peft_config = next(iter(self.adapters.values()))
         if config.model.lr is None:  # the method's own default, else the task's (FineTuneTask)
             config.model.lr = method_lr().get(options.method)
-        check_targets(
-            config.model.model_path,
-            config.task,
-            self.peft_config,
-            quantize=config.quantize,
-            options=options,
-        )
-        self.output_dir = check_output_dir(config.output_dir, config.overwrite)
+        for peft_config in self.adapters.values() if self.adapters else [self.peft_config]:
+            check_targets(
+                config.model.model_path,
+                config.task,
+                peft_config,
+                quantize=config.quantize,
+                options=options,
+            )
+        self.output_dir = check_output_dir(config.output_dir, config.overwrite, self.adapters)
         logger = config.trainer.logger
         if isinstance(logger, Namespace) and logger.get("init_args", {}).get("save_dir") == (
             DEFAULT_OUTPUT_DIR
@@ -368,6 +392,34 @@ class PEFTCLI(LightningCLI):
             logger.init_args.save_dir = str(self.output_dir)
         if config.trainer.max_epochs is None and config.trainer.max_steps in (None, -1):
             config.trainer.max_epochs = DEFAULT_EPOCHS[config.task]
+
+    def _adapters(self, config: Namespace, options: MethodOptions) -> dict | None:
+        """``--adapters`` and ``--adapter_column``, checked against the data (a file's rows, or
+        the embedded data's), before a model is loaded."""
+        if config.adapters is None:
+            if config.adapter_column is not None:
+                raise InputError("--adapter_column names each row's adapter: give --adapters too")
+            return None
+        if config.adapter_column is None:
+            raise InputError(
+                "--adapters needs --adapter_column (the column naming each row's adapter)"
+            )
+        adapters = parse_adapters(config.adapters, self.peft_config)
+        if all(value is not self.peft_config for value in adapters.values()) and options.given():
+            raise InputError(
+                f"--{options.given()[0]} applies to adapters given without a FILE; every adapter "
+                "in --adapters has its file"
+            )
+        if config.data.path is not None:
+            label = config.data.label_column if config.task != "causal-lm" else None
+            records = read_records(
+                config.data.path, config.data.text_column, label, config.adapter_column
+            )
+            source = config.data.path
+        else:
+            records, source = read_bbc_news(), "the embedded BBC News data"
+        check_adapter_column(records, config.adapter_column, list(adapters), source)
+        return adapters
 
     def _config(self) -> Namespace:
         return self.config[self.subcommand] if self.subcommand else self.config
@@ -379,7 +431,8 @@ class PEFTCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         self.peft_callback = PEFTCallback(
-            self.peft_config,
+            None if self.adapters else self.peft_config,
+            adapters=self.adapters,
             save_adapter_to=self.output_dir / "adapter",
             overwrite=self._config().overwrite,  # checked before the run: refused or asked for
             verbose=False,
@@ -407,12 +460,16 @@ class PEFTCLI(LightningCLI):
         prompt = self.datamodule.prompt
         return [
             {"text": r["text"], "label": r["label"], "ids": prompt.prompt_ids(r["text"])}
+            | ({"adapter": r[config.adapter_column]} if self.adapters else {})
             for r in self.datamodule.held_out()[: config.samples]
         ]
 
     def _answers(self) -> list[str]:
         prompts = [s["ids"] for s in self.samples]
-        return self.model.generate_answers(prompts, self.datamodule.tokenizer()) if prompts else []
+        if not prompts:
+            return []
+        names = [s["adapter"] for s in self.samples] if self.adapters else None
+        return self.model.generate_answers(prompts, self.datamodule.tokenizer(), names)
 
     def before_fit(self) -> None:
         self.started = time.perf_counter()
@@ -465,7 +522,10 @@ class PEFTCLI(LightningCLI):
     @rank_zero_only
     def _write_outputs(self, after: dict[str, float], seconds: float) -> None:
         adapter = self.output_dir / "adapter"
-        written = (adapter / CONFIG_NAME).is_file()
+        written = any(
+            (adapter_directory(adapter, name) / CONFIG_NAME).is_file()
+            for name in self.adapters or [DEFAULT_NAME]
+        )
         if written and getattr(self.model, "head", None) is not None:
             from safetensors.torch import save_file
 

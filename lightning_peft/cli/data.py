@@ -30,7 +30,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from lightning_peft.cli.prompts import LabelPrompt, default_prompt
 from lightning_peft.core.errors import InputError
@@ -159,8 +159,12 @@ def _rows_with_lines(path: Path) -> list[tuple[int, dict]]:
     return [(reader.line_num, row) for row in reader]
 
 
-def read_records(path: str | Path, text_column: str, label_column: str | None) -> list[dict]:
-    """``[{"text", "label"}]`` (``label`` only with ``label_column``) from a CSV/JSONL file.
+def read_records(
+    path: str | Path, text_column: str, label_column: str | None, keep: str | None = None
+) -> list[dict]:
+    """``[{"text", "label"}]`` (``label`` only with ``label_column``) from a CSV/JSONL file;
+    ``keep``: one more column kept under its own name (as a string; the adapter column of
+    ``--adapter_column``, checked by ``cli.adapters.check_adapter_column``).
 
     Raises:
         InputError: the file is missing, empty, not CSV/JSONL or not text in a known encoding
@@ -193,6 +197,8 @@ def read_records(path: str | Path, text_column: str, label_column: str | None) -
             if not str(label).strip():
                 raise InputError(f"{path}:{number}: an empty {label_column!r}")
             record["label"] = str(label).strip()
+        if keep is not None and keep in row:
+            record[keep] = str(row[keep]).strip()
         records.append(record)
     return records
 
@@ -293,6 +299,25 @@ class PaddedExamples(Dataset):
         }
 
 
+class NamedRows(Dataset):
+    """A dataset whose batches carry ``adapter_names`` (one name per row, the callback's batch
+    field: ``PEFTCallback(adapters=...)``)."""
+
+    def __init__(self, dataset: Dataset, names: list[str]) -> None:
+        self.dataset, self.names = dataset, names
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, index: int) -> tuple[dict, str]:
+        return self.dataset[index], self.names[index]
+
+    def collate(self, batch: list[tuple[dict, str]]) -> dict:
+        rows, names = zip(*batch, strict=True)
+        inner = getattr(self.dataset, "collate", default_collate)
+        return {**inner(list(rows)), "adapter_names": list(names)}
+
+
 class TextData(pl.LightningDataModule):
     """Tokenised text for the ``instruct``, ``classification`` and ``causal-lm`` tasks.
 
@@ -310,6 +335,8 @@ class TextData(pl.LightningDataModule):
         instruction / answer_prefix: the instruct prompt (see ``cli.prompts``); None =
             the data set's default.
         seed: the shuffle and the training order.
+        adapter_column: the column naming each row's adapter (``--adapter_column``); batches
+            then carry ``adapter_names``.
     """
 
     def __init__(
@@ -326,8 +353,10 @@ class TextData(pl.LightningDataModule):
         instruction: str | None = None,
         answer_prefix: str | None = None,
         seed: int = 0,
+        adapter_column: str | None = None,
     ) -> None:
         super().__init__()
+        self.adapter_column = adapter_column
         self.path, self.task, self.tokenizer_path = path, check_task(task), tokenizer_path
         self.text_column, self.label_column = text_column, label_column
         self.max_length = max_length if max_length is not None else DEFAULT_MAX_LENGTH[task]
@@ -385,7 +414,7 @@ class TextData(pl.LightningDataModule):
             records = read_bbc_news()
         else:
             label_column = self.label_column if self.has_labels else None
-            records = read_records(self.path, self.text_column, label_column)
+            records = read_records(self.path, self.text_column, label_column, self.adapter_column)
         random.Random(self.seed).shuffle(records)
         return records
 
@@ -399,6 +428,12 @@ class TextData(pl.LightningDataModule):
         return self.splits()[1]
 
     def _dataset(self, records: list[dict]) -> Dataset:
+        dataset = self._tokenized(records)
+        if self.adapter_column is None:
+            return dataset
+        return NamedRows(dataset, [r[self.adapter_column] for r in records])
+
+    def _tokenized(self, records: list[dict]) -> Dataset:
         tokenizer = self.tokenizer()
         if self.task == "instruct":
             index = {name: i for i, name in enumerate(self.label_names)}
@@ -430,7 +465,7 @@ class TextData(pl.LightningDataModule):
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        collate = dataset.collate if isinstance(dataset, PaddedExamples) else None
+        collate = dataset.collate if isinstance(dataset, (PaddedExamples, NamedRows)) else None
         return DataLoader(
             dataset,
             batch_size=self.batch_size,

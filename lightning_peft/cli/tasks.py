@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import json
+from contextlib import nullcontext
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -26,6 +27,7 @@ from lightning_peft.cli.data import check_task
 from lightning_peft.cli.embedded import minilm_path, smollm2_path
 from lightning_peft.core.errors import InputError
 from lightning_peft.lightning.precision import load_quantized
+from lightning_peft.model.mixed import mixed_batch
 
 DEFAULT_LR = {"instruct": 1e-3, "classification": 2e-3, "causal-lm": 1e-3}
 WEIGHT_FILES = (
@@ -201,10 +203,15 @@ class FineTuneTask(pl.LightningModule):
 
     @torch.no_grad()
     def generate_answers(
-        self, prompts: list[list[int]], tokenizer, max_new_tokens: int = 12
+        self,
+        prompts: list[list[int]],
+        tokenizer,
+        adapter_names: list[str] | None = None,
+        max_new_tokens: int = 12,
     ) -> list[str]:
         """Greedy answers (KV cache on) to each prompt's token ids, decoded without special
-        tokens; the model is left in the mode it was in."""
+        tokens; with ``adapter_names``, each prompt's answer from its named adapter (a mixed
+        batch of one row); the model is left in the mode it was in."""
         from transformers import GenerationConfig
 
         config = GenerationConfig(
@@ -219,13 +226,15 @@ class FineTuneTask(pl.LightningModule):
         device = next(self.model.parameters()).device
         answers = []
         try:
-            for ids in prompts:
+            for i, ids in enumerate(prompts):
                 input_ids = torch.tensor([ids], device=device)
-                out = self.model.generate(
-                    input_ids,
-                    attention_mask=torch.ones_like(input_ids),
-                    generation_config=config,
-                )
+                names = [adapter_names[i]] if adapter_names is not None else None
+                with mixed_batch(self.model, names) if names else nullcontext():
+                    out = self.model.generate(
+                        input_ids,
+                        attention_mask=torch.ones_like(input_ids),
+                        generation_config=config,
+                    )
                 new = out[0, input_ids.shape[1] :]
                 answers.append(tokenizer.decode(new, skip_special_tokens=True))
         finally:

@@ -31,7 +31,8 @@ BATCH_FIELD = "adapter_names"
 
 def checked_adapters(adapters: Mapping[str, AdapterConfigLike]) -> dict[str, AdapterConfigLike]:
     """``adapters`` as a dict, or ``ValueError``: empty, an invalid name, configs of several
-    methods (``TypeError`` for a config of no registered method)."""
+    methods or, for several adapters, of a method that holds one adapter per model (bottleneck
+    adapters, prompt tuning); ``TypeError`` for a config of no registered method."""
     adapters = dict(adapters)
     if not adapters:
         raise ValueError("PEFTCallback(adapters=...) needs at least one name: config")
@@ -42,6 +43,9 @@ def checked_adapters(adapters: Mapping[str, AdapterConfigLike]) -> dict[str, Ada
         raise ValueError(
             f"PEFTCallback(adapters=...): the adapters share one method, got {sorted(methods)}"
         )
+    method = method_for(next(iter(adapters.values())))
+    if len(adapters) > 1 and not any(layer.supports_named for layer in method.layers):
+        raise ValueError(f"{method.label or method.name} holds one adapter per model")
     return adapters
 
 
