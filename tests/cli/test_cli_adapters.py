@@ -7,9 +7,14 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
-from tests.cli.test_cli import QUIET, models, snapshot, write_rows  # noqa: F401 (fixture)
+from tests.cli.test_cli import (  # noqa: F401 (fixtures)
+    QUIET,
+    cli_in_process,
+    models,
+    snapshot,
+    write_rows,
+)
 
 LANGS = ("en", "fr")
 
@@ -23,27 +28,8 @@ def rows(n: int = 24, langs=LANGS):
     ]
 
 
-@pytest.fixture
-def cli(monkeypatch, tmp_path, capsys):
-    from lightning_peft.cli.app import main
-
-    monkeypatch.setenv("LIGHTNING_PEFT_THREADS", str(torch.get_num_threads()))
-    monkeypatch.chdir(tmp_path)
-
-    def run(*args):
-        code = 0
-        try:
-            main(list(args))
-        except SystemExit as exit_:
-            code = exit_.code
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
-
-    return run
-
-
 @pytest.mark.slow
-def test_two_adapters_train_on_their_rows_and_load_in_peft(tmp_path, models, cli):  # noqa: F811
+def test_two_adapters_train_on_their_rows_and_load_in_peft(tmp_path, models, cli_in_process):  # noqa: F811
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -53,7 +39,7 @@ def test_two_adapters_train_on_their_rows_and_load_in_peft(tmp_path, models, cli
     fields = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["v_proj"]}
     fr_config.write_text(json.dumps(fields))
     out = tmp_path / "out"
-    code, stdout, stderr = cli(
+    code, stdout, stderr = cli_in_process(
         "fit", "--model", str(models["llama"]), "--data", str(data), "--rank", "4",
         "--adapters", f"en,fr={fr_config}", "--adapter_column", "lang",
         "--output_dir", str(out), "--data.train_size=16", "--data.val_size=8",
@@ -90,14 +76,14 @@ def test_two_adapters_train_on_their_rows_and_load_in_peft(tmp_path, models, cli
 def test_user_errors_are_one_line_and_exit_2_before_any_work(
     tmp_path,
     models,  # noqa: F811
-    cli,
+    cli_in_process,  # noqa: F811
     args,
     message,
 ):
     data = write_rows(tmp_path / "data.jsonl", rows())
     out = tmp_path / "out"
     before = snapshot(tmp_path)
-    code, _, stderr = cli(
+    code, _, stderr = cli_in_process(
         "fit", "--model", str(models["llama"]), "--data", str(data), "--output_dir", str(out),
         *args, *QUIET,
     )  # fmt: skip

@@ -8,7 +8,6 @@ import copy
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 
 from lightning_peft import (
     IA3Config,
@@ -21,7 +20,7 @@ from lightning_peft import (
 )
 from lightning_peft.model.mixed import MIXED_ATTR, mixed_batch, mixed_route
 from lightning_peft.model.sites import sites
-from lightning_peft.peft_format.files import load_adapter
+from tests.helpers.named_adapters import loaded, peft_model
 from tests.helpers.tiny_models import tiny_llama, tokens
 
 # different ranks, α and target sets; "de" rsLoRA; none DoRA (peft refuses DoRA in mixed batches)
@@ -43,19 +42,9 @@ TOL = {"atol": 2e-5, "rtol": 1e-4}
 def pair(tmp_path_factory):
     """peft's model with the three adapters, and ours loaded from its files."""
     directory = tmp_path_factory.mktemp("peft")
-    torch.manual_seed(3)
-    theirs = None
-    for name, fields in ADAPTERS.items():
-        config = LoraConfig(init_lora_weights=False, **fields)
-        if theirs is None:
-            theirs = get_peft_model(tiny_llama(), config, adapter_name=name)
-        else:
-            theirs.add_adapter(name, config)
-    theirs.eval().save_pretrained(directory)
-    ours = tiny_llama()
-    for name in ADAPTERS:
-        load_adapter(ours, directory / ("" if name == "default" else name), name=name)
-    return theirs, ours.eval()
+    theirs = peft_model(ADAPTERS)
+    theirs.save_pretrained(directory)
+    return theirs, loaded(directory, ADAPTERS)
 
 
 def no_mixed_routes(model) -> bool:
@@ -217,3 +206,20 @@ def test_each_adapter_gets_gradient_from_its_own_rows_only():
     for name in owned["default"] | owned["fr"]:  # bit-equal: no other rows reach them
         assert torch.equal(before[name], after[name]), name
     assert any(not torch.equal(before[n], after[n]) for n in owned["de"])
+
+
+def test_dropout_is_each_row_s_adapter_s():
+    """In training, rows of an adapter with dropout 0 equal their eval output; rows of one with
+    dropout 0.5 do not (each row takes its adapter's p, one grouped op for all)."""
+    model = tiny_llama()
+    for name, p in (("default", 0.0), ("b", 0.5)):
+        fields = {"r": 4, "target_modules": ["q_proj", "v_proj"], "init_lora_weights": False}
+        inject_adapters(model, LoRAConfig(lora_dropout=p, **fields), name)
+    ids = tokens(batch=4)
+    names = ["default", "b", "default", "b"]
+    with mixed_batch(model, names):
+        evaluated = logits(model.eval(), ids)
+        torch.manual_seed(0)
+        trained = logits(model.train(), ids)
+    torch.testing.assert_close(trained[[0, 2]], evaluated[[0, 2]], **TOL)
+    assert not torch.allclose(trained[[1, 3]], evaluated[[1, 3]], **TOL)

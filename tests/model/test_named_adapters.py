@@ -9,7 +9,7 @@ import copy
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel, get_peft_model
 from torch import nn
 
 from lightning_peft import (
@@ -21,7 +21,6 @@ from lightning_peft import (
     delete_adapter,
     disable_adapters,
     inject_adapters,
-    load_adapter,
     merge_adapters,
     save_adapter,
     set_active_adapters,
@@ -29,6 +28,7 @@ from lightning_peft import (
     unmerge_adapters,
 )
 from lightning_peft.model.sites import layer_named
+from tests.helpers.named_adapters import loaded, peft_model
 from tests.helpers.tiny_models import assert_unchanged, snapshot, tiny_llama, tokens
 
 # name -> (peft's LoraConfig fields); "fr" is DoRA, "de" rsLoRA; random B so each adapter acts.
@@ -46,15 +46,7 @@ TOL = {"atol": 2e-5, "rtol": 1e-4}
 
 
 def peft_three():
-    torch.manual_seed(3)
-    model = None
-    for name, fields in ADAPTERS.items():
-        config = LoraConfig(init_lora_weights=False, **fields)
-        if model is None:
-            model = get_peft_model(tiny_llama(), config, adapter_name=name)
-        else:
-            model.add_adapter(name, config)
-    return model.eval()
+    return peft_model(ADAPTERS)
 
 
 def ours_three():
@@ -94,10 +86,7 @@ ACTIVE = [["default"], ["fr"], ["de"], ["fr", "default", "de"], ["default", "de"
 def test_three_adapters_saved_by_peft_load_here_by_name_with_peft_s_outputs(peft_saved, active):
     theirs, directory = peft_saved
     assert sorted(p.name for p in directory.iterdir() if p.is_dir()) == ["de", "fr"]
-    ours = tiny_llama()
-    load_adapter(ours, directory)
-    load_adapter(ours, directory / "fr", name="fr")
-    load_adapter(ours, directory / "de", name="de")
+    ours = loaded(directory, ADAPTERS)
     assert adapter_names(ours) == ["default", "fr", "de"]
     assert active_adapters(ours) == ["default"]  # loading beside keeps the active set (peft)
     set_active_adapters(ours, active)
@@ -180,9 +169,7 @@ def test_one_active_adapter_runs_the_plain_forward_and_only_active_adapters_trai
 def test_merge_unmerge_and_unload_by_name_equal_peft_s(peft_saved):
     theirs_saved, directory = peft_saved
     theirs = copy.deepcopy(theirs_saved)
-    ours = tiny_llama()
-    for name in ADAPTERS:
-        load_adapter(ours, directory / ("" if name == "default" else name), name=name)
+    ours = loaded(directory, ADAPTERS)
     ids = tokens()
     set_active_adapters(ours, ["default", "de"])
     peft_active(theirs, ["default", "de"])
@@ -208,9 +195,7 @@ def test_merge_unmerge_and_unload_by_name_equal_peft_s(peft_saved):
 def test_delete_promotes_a_named_adapter_and_outputs_stay_peft_s(peft_saved):
     theirs_saved, directory = peft_saved
     theirs = copy.deepcopy(theirs_saved)
-    ours = tiny_llama()
-    for name in ADAPTERS:
-        load_adapter(ours, directory / ("" if name == "default" else name), name=name)
+    ours = loaded(directory, ADAPTERS)
     set_active_adapters(ours, ["fr", "default"])
     delete_adapter(ours, "default")
     theirs.delete_adapter("default")
