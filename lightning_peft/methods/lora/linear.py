@@ -82,6 +82,22 @@ REWRITING_INITS = {"pissa": _init_pissa, "olora": _init_olora}
 assert set(REWRITING_INITS) == set(REWRITES_BASE)
 
 
+def _stacked_factors(layers: list[LoRALinear], device, cache: dict | None) -> tuple[Tensor, ...]:
+    """``(A (K, r, in), B (K, out, r), s (K,))`` of ``layers``, zero-padded to one rank; without
+    autograd, kept in ``cache`` and reused while every factor's data and version are the same."""
+    key = None
+    if cache is not None and not torch.is_grad_enabled():
+        key = tuple((f.data_ptr(), f._version) for lay in layers for f in (lay.lora_A, lay.lora_B))
+        if cache.get("key") == key:
+            return cache["factors"]
+    lora_A, lora_B = pad_factors([lay.lora_A for lay in layers], [lay.lora_B for lay in layers])
+    scales = [lay.scaling for lay in layers]
+    factors = (lora_A, lora_B, torch.tensor(scales, dtype=lora_A.dtype, device=device))
+    if key is not None:
+        cache["key"], cache["factors"] = key, factors
+    return factors
+
+
 def _dropped_rows(flat: Tensor, probabilities: list[float], local: Tensor) -> Tensor:
     """Dropout on the rows (N, in) for a mixed batch: one mask for every row when the adapters
     share p (peft's per-adapter modules draw one each; the rows are disjoint, so the law is the
@@ -246,7 +262,13 @@ class LoRALinear(LoRALayer):
         return None
 
     def mixed_output(
-        self, x: Tensor, layers: list[LoRALinear], rows: Tensor, offsets: Tensor, local: Tensor
+        self,
+        x: Tensor,
+        layers: list[LoRALinear],
+        rows: Tensor,
+        offsets: Tensor,
+        local: Tensor,
+        cache: dict | None = None,
     ) -> Tensor:
         """A mixed batch through this layer in one grouped op: ``y_i = x_i Wᵀ + b +
         s_k·B_k A_k dropout_k(x_i)`` for the flattened row i of adapter k = ``local[i]``
@@ -258,20 +280,21 @@ class LoRALinear(LoRALayer):
                 ranks that may differ (zero-padded, ``pad_factors``).
             rows: (N,) every flattened row, sorted by adapter (the base rows last);
                 offsets: (K,) the groups' cumulative ends; local: (N,) each row's adapter.
+            cache: a dict this site keeps for the batch: forwards without autograd (decoding)
+                reuse the padded factors there until a factor changes.
         """
         weight = (self.weight.T if self.fan_in_fan_out else self.weight).detach()
         base = F.linear(x, weight, self.bias)
         flat = x.reshape(-1, x.shape[-1])
-        lora_A, lora_B = pad_factors([lay.lora_A for lay in layers], [lay.lora_B for lay in layers])
-        scales = [lay.scaling for lay in layers]
-        scaling = torch.tensor(scales, dtype=lora_A.dtype, device=x.device)
+        lora_A, lora_B, scaling = _stacked_factors(layers, x.device, cache)
         if self.training:
             flat = _dropped_rows(flat, [layer.dropout_p for layer in layers], local)
         delta = grouped_lora_delta(
             flat, lora_A, lora_B, scaling, offsets, rows, backend=self.backend
         )
-        out = base.reshape(-1, base.shape[-1]).index_add(0, rows, delta.to(base.dtype))
-        return out.reshape(base.shape)
+        # in place: the base product's backward does not read its output
+        base.view(-1, base.shape[-1]).index_add_(0, rows, delta.to(base.dtype))
+        return base
 
     def dora_output(self, x: Tensor, weight_sq_norm: Tensor, weight_norm: Tensor | None) -> Tensor:
         weight = (self.weight.T if self.fan_in_fan_out else self.weight).detach()
