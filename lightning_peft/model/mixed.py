@@ -19,9 +19,11 @@ each name ``num_beams`` times, as peft's ``generate`` does).
 
 The keyword: a model with two adapters or more gets a forward pre-hook on its injected root
 that pops ``adapter_names`` from the call's keywords and runs that call in ``mixed_batch``
-(transformers' models do not pass extra keywords down to their linear layers). transformers'
-``generate`` refuses keywords its model's forward does not name, so ``generate`` runs mixed rows
-inside ``with mixed_batch(...)``.
+(transformers' models do not pass extra keywords down to their linear layers), and a
+``generate`` of its own (a method bound to the instance) that pops it and runs the whole
+generation in ``mixed_batch``, each name repeated ``num_beams`` times with beam search, as
+peft's ``generate`` does (transformers' ``generate`` refuses keywords its model's forward does
+not name).
 """
 
 from __future__ import annotations
@@ -202,17 +204,43 @@ def _close_adapter_names(root: nn.Module, args, kwargs, output):
     return None
 
 
+class AdapterNamesGenerate:
+    """``root.generate`` with peft's keyword: the class's ``generate``, in a mixed batch when
+    ``adapter_names`` is given (each name repeated ``num_beams`` times: beam search expands
+    every row so). An object holding ``root`` (not a closure), so that ``deepcopy`` and pickle
+    give a copy of the model its own."""
+
+    def __init__(self, root: nn.Module) -> None:
+        self.root = root
+
+    def __call__(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        root = self.root
+        generate = type(root).generate
+        if adapter_names is None:
+            return generate(root, *args, **kwargs)
+        config = kwargs.get("generation_config") or getattr(root, "generation_config", None)
+        beams = kwargs.get("num_beams") or getattr(config, "num_beams", None) or 1
+        names = [name for name in adapter_names for _ in range(beams)]
+        with mixed_batch(root, names):
+            return generate(root, *args, **kwargs)
+
+
 def accept_adapter_names(root: nn.Module) -> None:
-    """Let ``root(..., adapter_names=[...])`` run that call as a mixed batch (idempotent)."""
+    """Let ``root(..., adapter_names=[...])`` (and ``root.generate(..., adapter_names=...)``,
+    for a model that has ``generate``) run as a mixed batch (idempotent)."""
     if _KEYWORD_HANDLES in root.__dict__:
         return
     root.__dict__[_KEYWORD_HANDLES] = (
         root.register_forward_pre_hook(_pop_adapter_names, with_kwargs=True),
         root.register_forward_hook(_close_adapter_names, with_kwargs=True, always_call=True),
     )
+    if callable(getattr(type(root), "generate", None)):
+        root.generate = AdapterNamesGenerate(root)
 
 
 def refuse_adapter_names(root: nn.Module) -> None:
     """Remove what ``accept_adapter_names`` added (unload)."""
     for handle in root.__dict__.pop(_KEYWORD_HANDLES, ()):
         handle.remove()
+    if isinstance(root.__dict__.get("generate"), AdapterNamesGenerate):
+        del root.__dict__["generate"]

@@ -17,6 +17,7 @@ from lightning_peft import (
     merge_adapters,
     save_adapter,
     set_active_adapters,
+    unload,
 )
 from lightning_peft.model.mixed import MIXED_ATTR, mixed_batch, mixed_route
 from lightning_peft.model.sites import sites
@@ -89,6 +90,24 @@ def test_greedy_generate_with_mixed_rows_equals_peft_s(pair):
     with mixed_batch(ours, names):
         got = ours.generate(input_ids=ids, **options)
     assert torch.equal(got, expected)
+    assert torch.equal(ours.generate(input_ids=ids, adapter_names=names, **options), expected)
+
+
+def test_beam_search_with_adapter_names_equals_peft_s(pair):
+    """peft repeats each name num_beams times; so does our generate."""
+    theirs, ours = pair
+    ids = tokens(batch=3, length=5)
+    names = ["fr", "__base__", "de"]
+    options = {"max_new_tokens": 4, "do_sample": False, "num_beams": 2, "pad_token_id": 0}
+    expected = theirs.generate(input_ids=ids, adapter_names=names, **options)
+    assert torch.equal(ours.generate(input_ids=ids, adapter_names=names, **options), expected)
+    with pytest.raises(ValueError, match="repeat each name num_beams times"):
+        with mixed_batch(ours, names):  # the context manager takes the rows as they are
+            ours.generate(input_ids=ids, **options)
+    copied = copy.deepcopy(ours)  # the copy's generate is the copy's
+    assert copied.generate.root is copied
+    unload(copied, merge=False)
+    assert "generate" not in copied.__dict__ and not copied._forward_pre_hooks
 
 
 def test_unknown_names_and_dora_are_refused_before_any_layer_runs(pair):
