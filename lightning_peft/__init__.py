@@ -37,6 +37,7 @@ _EXPORTS = {
     "PromptTuningConfig": "lightning_peft.methods.prompt_tuning.config",
     "adapter_state_dict": "lightning_peft.model.helpers",
     "check_save_directory": "lightning_peft.peft_format.files",
+    "combine_adapter_dirs": "lightning_peft.peft_format.combine",
     "disable_adapters": "lightning_peft.model.helpers",
     "find_injection": "lightning_peft.model.injection",
     "fsdp2_shard": "lightning_peft.lightning.distributed",
@@ -73,6 +74,7 @@ __all__ = [
     "PromptTuningConfig",
     "adapter_state_dict",
     "check_save_directory",
+    "combine_adapter_dirs",
     "disable_adapters",
     "find_injection",
     "fsdp2_shard",
@@ -136,6 +138,7 @@ if TYPE_CHECKING:
     )
     from lightning_peft.model.lora_plus import lora_plus_param_groups
     from lightning_peft.model.targeting import select_targets
+    from lightning_peft.peft_format.combine import combine_adapter_dirs
     from lightning_peft.peft_format.files import (
         check_save_directory,
         load_adapter,
