@@ -236,3 +236,54 @@ def test_dare_keeps_the_expectation():
     merged = merge_tensors(t, torch.tensor([1.0, 1.0]), "dare_linear", 0.25, generator=generator)
     assert float(merged.mean()) == pytest.approx(0.5, abs=0.03)
     assert set(merged.unique().tolist()) <= {0.0, 4.0, -2.0, 2.0}
+
+
+class EmbedConvLinear(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(20, 8)
+        self.conv = torch.nn.Conv2d(3, 6, 3)
+        self.point = torch.nn.Conv2d(6, 5, 1)
+        self.lin = torch.nn.Linear(8, 5)
+
+
+@pytest.mark.parametrize("combination", ["linear", "cat", "svd", "ties", "magnitude_prune_svd"])
+def test_embedding_and_convolution_sites_equal_peft(combination):
+    """Embeddings (peft's ``lora_embedding_A/B``), a 3×3 and a 1×1 convolution: the factor-wise
+    combinations and ``cat`` bit for bit; the SVD ones equal up to rounding on a 3×3 kernel
+    (peft computes its ΔW by a convolution of the factors, here ``B·A`` on the flat kernel)."""
+    torch.manual_seed(0)
+    targets = ["emb", "conv", "point", "lin"]
+    ranks = [3, 3] if combination in ("linear", "ties") else [2, 3]
+    model = None
+    for name, r in zip(["fr", "de"], ranks, strict=True):
+        config = peft.LoraConfig(r=r, lora_alpha=5, target_modules=targets, init_lora_weights=False)
+        if model is None:
+            model = peft.get_peft_model(EmbedConvLinear(), config, adapter_name=name)
+        else:
+            model.add_adapter(name, config)
+    options = {"density": 0.5} if combination in ("ties", "magnitude_prune_svd") else {}
+    model.add_weighted_adapter(["fr", "de"], [0.8, -1.2], "mix", combination, **options)
+    rank = combined_rank(ranks, combination)
+    for name in targets:
+        layer = model.base_model.model.get_submodule(name)
+        embedding = name == "emb"
+        pairs = (
+            (layer.lora_embedding_A, layer.lora_embedding_B)
+            if embedding
+            else ({k: m.weight for k, m in layer.lora_A.items()},
+                  {k: m.weight for k, m in layer.lora_B.items()})
+        )  # fmt: skip
+        parts = [Part(pairs[0][k].detach(), pairs[1][k].detach(), layer.scaling[k])
+                 for k in ("fr", "de")]  # fmt: skip
+        ours_A, ours_B = combine_site(parts, [0.8, -1.2], combination, rank, **options)
+        theirs_A, theirs_B = pairs[0]["mix"], pairs[1]["mix"]
+        assert ours_A.shape == theirs_A.shape and ours_B.shape == theirs_B.shape
+        if combination in ON_DELTA and name == "conv":
+            flat = lambda a, b: b.flatten(1) @ a.flatten(1)  # noqa: E731
+            torch.testing.assert_close(
+                flat(ours_A, ours_B), flat(theirs_A.detach(), theirs_B.detach()),
+                rtol=0, atol=1e-5,
+            )  # fmt: skip
+        else:
+            assert torch.equal(ours_A, theirs_A) and torch.equal(ours_B, theirs_B), name
