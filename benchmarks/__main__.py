@@ -1,7 +1,8 @@
 """Entry point: ``python -m benchmarks [--quick] ...`` (the layer sweeps) or
 ``python -m benchmarks model [...]`` (the whole-model benchmark),
 ``python -m benchmarks qlora [...]`` (the QLoRA figures) or
-``python -m benchmarks profile [...]`` (one layer's time, op by op)."""
+``python -m benchmarks profile [...]`` (one layer's time, op by op) or
+``python -m benchmarks grouped [...]`` (mixed adapters vs one adapter)."""
 
 import importlib
 import sys
@@ -10,6 +11,7 @@ SUBCOMMANDS = {
     "model": "benchmarks.model",
     "qlora": "benchmarks.qlora",
     "profile": "benchmarks.layer_profile",
+    "grouped": "benchmarks.grouped",
 }
 
 if len(sys.argv) > 1 and sys.argv[1] in SUBCOMMANDS:

@@ -26,6 +26,7 @@ from lightning_peft.core.adapter import (
     quantized_reason,
 )
 from lightning_peft.methods.lora.base import (
+    LORA_VARIANT,
     DoRAVariant,
     LoRALayer,
     LoRAVariant,
@@ -36,7 +37,13 @@ from lightning_peft.methods.lora.config import (
     REWRITES_BASE,
     LoRAConfig,
 )
-from peft_kernels import dora_linear, dora_weight_norm, lora_linear, weight_row_sq_norm
+from peft_kernels import (
+    dora_linear,
+    dora_weight_norm,
+    lora_delta,
+    lora_linear,
+    weight_row_sq_norm,
+)
 
 __all__ = ["DoRAVariant", "LoRALinear", "LoRAVariant", "variant_for"]
 
@@ -192,6 +199,23 @@ class LoRALinear(LoRALayer):
             training=self.training,
             backend=self.backend,
         )
+
+    def adapter_delta(self, x: Tensor) -> Tensor:
+        """``s·(dropout(x) Aᵀ) Bᵀ (+ s·b_B)`` for LoRA, in x's dtype; DoRA as ``LoRALayer``."""
+        if self.variant is not LORA_VARIANT:
+            return super().adapter_delta(x)
+        delta = lora_delta(
+            x.to(self.lora_A.dtype),
+            self.lora_A,
+            self.lora_B,
+            self.scaling,
+            self.dropout_p,
+            training=self.training,
+            backend=self.backend,
+        )
+        if self.lora_bias is not None:
+            delta = delta + self.scaling * self.lora_bias
+        return delta.to(x.dtype)
 
     def dora_output(self, x: Tensor, weight_sq_norm: Tensor, weight_norm: Tensor | None) -> Tensor:
         weight = (self.weight.T if self.fan_in_fan_out else self.weight).detach()
