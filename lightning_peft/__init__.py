@@ -38,6 +38,7 @@ _EXPORTS = {
     "active_adapters": "lightning_peft.model.named",
     "adapter_names": "lightning_peft.model.named",
     "adapter_state_dict": "lightning_peft.model.helpers",
+    "add_weighted_adapter": "lightning_peft.model.weighted",
     "check_save_directory": "lightning_peft.peft_format.files",
     "combine_adapter_dirs": "lightning_peft.peft_format.combine",
     "delete_adapter": "lightning_peft.model.named",
@@ -79,6 +80,7 @@ __all__ = [
     "active_adapters",
     "adapter_names",
     "adapter_state_dict",
+    "add_weighted_adapter",
     "check_save_directory",
     "combine_adapter_dirs",
     "delete_adapter",
@@ -152,6 +154,7 @@ if TYPE_CHECKING:
         set_active_adapters,
     )
     from lightning_peft.model.targeting import select_targets
+    from lightning_peft.model.weighted import add_weighted_adapter
     from lightning_peft.peft_format.combine import combine_adapter_dirs
     from lightning_peft.peft_format.files import (
         check_save_directory,

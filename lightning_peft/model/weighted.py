@@ -1,7 +1,8 @@
-"""A new LoRA adapter from a weighted combination of others, as peft's ``add_weighted_adapter``:
-the checks, the plan (rank, sites, config of the new adapter) and the computation over the
-adapters' factors, independent of where the factors live (a model's named adapters, or adapter
-directories). The math is ``lightning_peft.model.combine``.
+"""``add_weighted_adapter``: a new LoRA adapter from a weighted combination of a model's named
+adapters, as peft's. The checks, the plan (rank, sites, config of the new adapter) and the
+computation work on ``Source``s (an adapter's config and factors by site), wherever the factors
+live: a model's named adapters here, adapter directories in ``peft_format.combine``. The math
+is ``lightning_peft.model.combine``.
 
 The new adapter: LoRA with scale 1 (``α = r`` at every site; ``r`` as peft: the parts' common
 rank, their sum for ``cat``, ``svd_rank`` or their largest for the SVD combinations), at the
@@ -29,8 +30,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from lightning_peft.methods.lora.base import LoRALayer
 from lightning_peft.methods.lora.config import LoRAConfig
 from lightning_peft.model.combine import (
     COMBINATIONS,
@@ -43,6 +45,8 @@ from lightning_peft.model.combine import (
     combine_site,
     combined_rank,
 )
+from lightning_peft.model.injection import find_adapters, inject_adapters, plan_injection
+from lightning_peft.model.sites import layer_named, sites
 
 SVD_DRIVERS = (None, "gesvd", "gesvdj", "gesvda")
 
@@ -277,3 +281,122 @@ def combine(
             **plan.options,
         )
     return out
+
+
+# -- on a model's named adapters ----------------------------------------------------------------
+
+
+def model_sources(root: nn.Module, adapter_set, names: Sequence[str]) -> tuple[list, list[str]]:
+    """(``Source`` of each named adapter of ``root``, every site in module order).
+
+    Raises:
+        ValueError: a name the model does not have; a layer without one factor pair (LoRA on
+            multi-head attention holds two).
+    """
+    unknown = [name for name in names if name not in adapter_set.states]
+    if unknown:
+        raise ValueError(
+            f"the model has no adapter named {unknown[0]!r}; its adapters are "
+            f"{', '.join(map(repr, adapter_set.states))}"
+        )
+    placed = [(type(site).placement.target_path(path), site) for path, site in sites(root)]
+    sources = []
+    for name in dict.fromkeys(names):
+        parts, config = {}, adapter_set.states[name].config
+        for target, site in placed:
+            layer = layer_named(site, name)
+            if layer is None or not isinstance(config, LoRAConfig):
+                continue
+            if not isinstance(layer, LoRALayer) or len(layer.factor_names) != 2:
+                raise ValueError(
+                    f"cannot combine adapter {name!r}: its {type(layer).__name__} at {target!r} "
+                    "holds more than one factor pair"
+                )
+            lora_A, lora_B = layer.factors()
+            parts[target] = Part(lora_A.detach(), lora_B.detach(), layer.scaling)
+        sources.append(Source(name, config, parts))
+    by_name = {s.name: s for s in sources}
+    return [by_name[name] for name in names], [target for target, _ in placed]
+
+
+def add_weighted_adapter(
+    model: nn.Module,
+    adapters: Sequence[str],
+    weights: Sequence[float],
+    adapter_name: str,
+    combination_type: str = "svd",
+    svd_rank: int | None = None,
+    svd_clamp: float | None = None,
+    svd_full_matrices: bool = True,
+    svd_driver: str | None = None,
+    density: float | None = None,
+    majority_sign_method: str = "total",
+    generator: torch.Generator | None = None,
+) -> None:
+    """Add the LoRA adapter ``adapter_name``, a weighted combination of the named adapters
+    ``adapters``, as peft's ``add_weighted_adapter`` (same arguments; the module docstrings of
+    ``model.combine`` and of this module give the math, what equals peft and what is refused).
+    The new adapter is not active (``set_active_adapters(model, adapter_name)``) and, like
+    every inactive adapter, frozen.
+
+    Args:
+        model: a model with named adapters (``inject_adapters(model, config, name=...)``), or
+            a module above it.
+        adapters, weights: the adapters to combine and their weights (any sign), one each.
+        adapter_name: the new adapter's name (not in use).
+        combination_type: ``svd`` (default, as peft), ``linear``, ``cat``, ``ties``,
+            ``ties_svd``, ``dare_linear``, ``dare_ties``, ``dare_linear_svd``,
+            ``dare_ties_svd``, ``magnitude_prune``, ``magnitude_prune_svd``.
+        svd_rank, svd_clamp, svd_full_matrices, svd_driver: the SVD combinations' rank (default:
+            the largest of the adapters'), clamp quantile, and ``torch.linalg.svd`` options.
+        density: the fraction of entries kept by the pruning combinations, in [0, 1].
+        majority_sign_method: ``"total"`` or ``"frequency"`` (TIES's sign election).
+        generator: the RNG of the dare masks (None: the global one, as peft).
+
+    Raises:
+        ValueError: naming the first problem, before the model changes.
+    """
+    found = find_adapters(model)
+    if found is None:
+        raise ValueError("the model has no adapters (inject_adapters was not called on it)")
+    _, root, adapter_set = found
+    check_options(
+        adapters,
+        weights,
+        combination_type,
+        svd_rank,
+        svd_clamp,
+        svd_full_matrices,
+        svd_driver,
+        density,
+        majority_sign_method,
+    )
+    if adapter_name in adapter_set.states:
+        raise ValueError(
+            f"the model already has an adapter named {adapter_name!r}; choose another name, or "
+            f"delete_adapter(model, {adapter_name!r}) first (peft's add_weighted_adapter "
+            "returns without combining anything there)"
+        )
+    sources, order = model_sources(root, adapter_set, adapters)
+    plan = plan_combination(
+        sources,
+        weights,
+        combination_type,
+        order,
+        svd_rank=svd_rank,
+        svd_clamp=svd_clamp,
+        svd_full_matrices=svd_full_matrices,
+        svd_driver=svd_driver,
+        density=density,
+        majority_sign_method=majority_sign_method,
+    )
+    plan_injection(root, plan.config, adapter_name)  # every refusal of the injection, first
+    factors = combine(plan, sources, weights, generator)
+    inject_adapters(root, plan.config, adapter_name)
+    with torch.no_grad():
+        for path, site in sites(root):
+            layer = layer_named(site, adapter_name)
+            if layer is not None:
+                new = factors[type(site).placement.target_path(path)]
+                for tensor, value in zip(layer.factors(), new, strict=True):
+                    tensor.copy_(value.to(tensor.dtype))

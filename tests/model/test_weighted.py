@@ -1,0 +1,148 @@
+"""``add_weighted_adapter`` on a model's named adapters against peft 0.21.2: three adapters
+saved by peft and loaded here by name, combined in both packages; with the combined adapter
+active the outputs equal peft's, its factors peft's bit for bit (dare_*: peft's masks through
+``generator``); the new adapter is inactive until set; refusals leave the model unchanged."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_peft import (
+    active_adapters,
+    adapter_names,
+    add_weighted_adapter,
+    load_adapter,
+    save_adapter,
+    set_active_adapters,
+)
+from lightning_peft.model.sites import layer_named, sites
+from tests.helpers.tiny_models import assert_unchanged, logits, snapshot, tiny_llama, tokens
+
+peft = pytest.importorskip("peft")
+
+NAMES = ["fr", "de", "it"]
+WEIGHTS = [0.6, -0.3, 1.1]
+SAME = [
+    {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+    {"r": 4, "lora_alpha": 2, "target_modules": ["q_proj", "v_proj", "down_proj"]},
+    {"r": 4, "lora_alpha": 16, "target_modules": ["v_proj", "o_proj"], "use_rslora": True},
+]
+MIXED = [
+    {"r": 2, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+    {"r": 4, "lora_alpha": 3, "target_modules": ["q_proj", "k_proj", "v_proj"]},
+    {"r": 6, "lora_alpha": 16, "target_modules": ["v_proj", "o_proj", "up_proj"]},
+]
+
+
+def both(tmp_path, configs):
+    """peft's model with fr, de, it (random A and B) and ours with the same, loaded by name
+    from peft's files."""
+    torch.manual_seed(0)
+    theirs = None
+    for name, fields in zip(NAMES, configs, strict=True):
+        config = peft.LoraConfig(init_lora_weights=False, **fields)
+        if theirs is None:
+            theirs = peft.get_peft_model(tiny_llama(), config, adapter_name=name)
+        else:
+            theirs.add_adapter(name, config)
+    theirs.save_pretrained(tmp_path / "peft", selected_adapters=NAMES)
+    ours = tiny_llama()
+    for name in NAMES:
+        load_adapter(ours, tmp_path / "peft" / name, name=name)
+    return theirs, ours
+
+
+def first_draw_state(monkeypatch, run):
+    """The global RNG state at ``run``'s first ``torch.bernoulli``."""
+    state = []
+    original = torch.bernoulli
+
+    def bernoulli(*args, **kwargs):
+        if not state:
+            state.append(torch.get_rng_state())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "bernoulli", bernoulli)
+    run()
+    monkeypatch.undo()
+    return state[0]
+
+
+@pytest.mark.parametrize(
+    ("combination", "configs", "options"),
+    [
+        ("linear", SAME, {}),
+        ("cat", MIXED, {}),
+        ("svd", MIXED, {}),
+        ("svd", MIXED, {"svd_rank": 3, "svd_clamp": 0.9, "svd_full_matrices": False}),
+        ("ties", SAME, {"density": 0.5, "majority_sign_method": "frequency"}),
+        ("dare_ties", SAME, {"density": 0.6}),
+        ("dare_linear_svd", MIXED, {"density": 0.5}),
+        ("magnitude_prune_svd", MIXED, {"density": 0.5}),
+    ],
+)
+def test_equal_to_peft(tmp_path, monkeypatch, combination, configs, options):
+    theirs, ours = both(tmp_path, configs)
+    ids = tokens()
+    with torch.no_grad():
+        before = logits(ours, ids)
+
+    def run():
+        theirs.add_weighted_adapter(NAMES, WEIGHTS, "mix", combination, **options)
+
+    generator = None
+    if combination.startswith("dare"):
+        generator = torch.Generator().set_state(first_draw_state(monkeypatch, run))
+    else:
+        run()
+    add_weighted_adapter(ours, NAMES, WEIGHTS, "mix", combination, generator=generator, **options)
+    # Added, not active: the outputs are those of the active adapter before.
+    assert adapter_names(ours) == [*NAMES, "mix"] and active_adapters(ours) == ["fr"]
+    with torch.no_grad():
+        torch.testing.assert_close(logits(ours, ids), before, rtol=0, atol=0)
+    assert not any(p.requires_grad for n, p in ours.named_parameters() if ".mix." in n)
+    theirs.set_adapter("mix")
+    set_active_adapters(ours, "mix")
+    with torch.no_grad():
+        expected = logits(theirs, ids)
+        got = logits(ours, ids)
+    assert not torch.allclose(expected, before, atol=1e-3)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    layers = {n: m for n, m in theirs.base_model.model.named_modules() if hasattr(m, "lora_A")}
+    count = 0
+    for path, site in sites(ours):
+        layer = layer_named(site, "mix")
+        if layer is None:
+            continue
+        count += 1
+        peft_layer = layers[path]
+        assert torch.equal(layer.lora_A, peft_layer.lora_A["mix"].weight), path
+        assert torch.equal(layer.lora_B, peft_layer.lora_B["mix"].weight), path
+        assert layer.scaling == 1.0
+    assert count == sum("mix" in m.lora_A for m in layers.values()) >= 6
+    # Saved in the PEFT format, peft loads it with the same outputs.
+    save_adapter(ours, tmp_path / "ours", names=["mix"])
+    loaded = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "ours" / "mix")
+    with torch.no_grad():
+        torch.testing.assert_close(logits(loaded, ids), expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("args", "options", "message"),
+    [
+        ((["fr", "de"], [1.0, 1.0], "de"), {}, "already has an adapter named 'de'"),
+        ((["fr", "es"], [1.0, 1.0], "mix"), {}, "no adapter named 'es'"),
+        ((["fr", "de"], [1.0, 1.0], "mix"), {"combination_type": "linear"}, "one rank"),
+        ((["fr", "de"], [1.0], "mix"), {}, "one number per adapter"),
+        ((["fr", "de"], [1.0, 1.0], "a.b"), {}, "invalid adapter name 'a.b'"),
+        ((["fr", "de"], [1.0, 1.0], "mix"), {"combination_type": "ties"}, "needs density"),
+    ],
+)
+def test_refusals_leave_the_model_unchanged(tmp_path, args, options, message):
+    _, ours = both(tmp_path, MIXED)
+    before = snapshot(ours)
+    with pytest.raises(ValueError, match=message):
+        add_weighted_adapter(ours, *args, **options)
+    assert_unchanged(ours, before)
+    assert adapter_names(ours) == NAMES
