@@ -146,3 +146,22 @@ def test_refusals_leave_the_model_unchanged(tmp_path, args, options, message):
         add_weighted_adapter(ours, *args, **options)
     assert_unchanged(ours, before)
     assert adapter_names(ours) == NAMES
+
+
+def test_model_and_directories_give_the_same_adapter(tmp_path):
+    """``add_weighted_adapter`` on the model and ``combine_adapter_dirs`` on the parts' saved
+    directories write the same tensors (the deterministic combinations do not depend on the
+    order of the sites)."""
+    from safetensors.torch import load_file
+
+    from lightning_peft import combine_adapter_dirs
+
+    _, ours = both(tmp_path, MIXED)
+    add_weighted_adapter(ours, NAMES, WEIGHTS, "mix", "ties_svd", density=0.5)
+    save_adapter(ours, tmp_path / "saved")
+    dirs = [tmp_path / "saved" / name for name in NAMES]
+    combine_adapter_dirs(dirs, WEIGHTS, tmp_path / "files", "ties_svd", density=0.5)
+    from_model = load_file(tmp_path / "saved" / "mix" / "adapter_model.safetensors")
+    from_files = load_file(tmp_path / "files" / "adapter_model.safetensors")
+    assert from_model.keys() == from_files.keys() and len(from_model) >= 12
+    assert all(torch.equal(from_model[k], from_files[k]) for k in from_model)
