@@ -190,7 +190,8 @@ def combine_site(
         density, majority_sign_method: for the pruning and sign-electing combinations.
         svd_clamp: a quantile q in [0, 1]; A and B entries are clamped to ±(q-quantile of all
             their entries); svd_full_matrices, svd_driver: passed to ``torch.linalg.svd``.
-        generator: the RNG of the dare masks (None: the global one, as peft).
+        generator: the RNG of the dare masks, on the factors' device (None: the global one,
+            as peft).
 
     Returns:
         A (rank, in, *k) and B (out, rank, *ones): the factor-wise ones in the parts' dtype,
