@@ -165,3 +165,27 @@ def test_model_and_directories_give_the_same_adapter(tmp_path):
     from_files = load_file(tmp_path / "files" / "adapter_model.safetensors")
     assert from_model.keys() == from_files.keys() and len(from_model) >= 12
     assert all(torch.equal(from_model[k], from_files[k]) for k in from_model)
+
+
+def test_rslora_first_part_scale_one_where_peft_scales_by_sqrt_r(tmp_path):
+    """peft's new adapter keeps the first part's ``use_rslora``: its scale is α/√r = √r, so its
+    update is √r times the combination. Here the scale is 1: the update is the combination
+    (``cat``: exactly Σ w_k ΔW_k), and peft's is √r times ours."""
+    configs = [{**MIXED[0], "use_rslora": True}, MIXED[1], MIXED[2]]
+    theirs, ours = both(tmp_path, configs)
+    theirs.add_weighted_adapter(NAMES, WEIGHTS, "mix", "cat")
+    add_weighted_adapter(ours, NAMES, WEIGHTS, "mix", "cat")
+    for path, site in sites(ours):
+        layer = layer_named(site, "mix")
+        peft_layer = theirs.base_model.model.get_submodule(path)
+        combination = sum(
+            w * layer_named(site, k).delta_weight().double()
+            for k, w in zip(NAMES, WEIGHTS, strict=True)
+            if layer_named(site, k) is not None
+        )
+        rank = layer.r
+        assert layer.scaling == 1.0 and peft_layer.scaling["mix"] == pytest.approx(rank**0.5)
+        ours_delta = layer.delta_weight().double()
+        torch.testing.assert_close(ours_delta, combination, rtol=0, atol=1e-5)
+        theirs_delta = peft_layer.get_delta_weight("mix").detach().double()
+        torch.testing.assert_close(theirs_delta, rank**0.5 * ours_delta, rtol=1e-5, atol=1e-5)
