@@ -28,6 +28,8 @@ SAME = [
     {"r": 4, "lora_alpha": 2, "target_modules": ["q_proj", "v_proj", "down_proj"]},
     {"r": 4, "lora_alpha": 16, "target_modules": ["v_proj", "o_proj"], "use_rslora": True},
 ]
+# The same ranks, 2 on v_proj through rank_pattern: per-module ranks in the combination.
+PATTERN = [{**c, "rank_pattern": {"v_proj": 2}} for c in SAME]
 MIXED = [
     {"r": 2, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
     {"r": 4, "lora_alpha": 3, "target_modules": ["q_proj", "k_proj", "v_proj"]},
@@ -73,6 +75,7 @@ def first_draw_state(monkeypatch, run):
     ("combination", "configs", "options"),
     [
         ("linear", SAME, {}),
+        ("linear", PATTERN, {}),
         ("cat", MIXED, {}),
         ("svd", MIXED, {}),
         ("svd", MIXED, {"svd_rank": 3, "svd_clamp": 0.9, "svd_full_matrices": False}),
@@ -189,3 +192,19 @@ def test_rslora_first_part_scale_one_where_peft_scales_by_sqrt_r(tmp_path):
         torch.testing.assert_close(ours_delta, combination, rtol=0, atol=1e-5)
         theirs_delta = peft_layer.get_delta_weight("mix").detach().double()
         torch.testing.assert_close(theirs_delta, rank**0.5 * ours_delta, rtol=1e-5, atol=1e-5)
+
+
+def test_ranks_that_differ_at_one_module_are_refused_where_peft_fails(tmp_path):
+    """Equal ``r`` but a ``rank_pattern`` in one adapter only: peft's rank check passes and it
+    fails half-way (stacking factors of two shapes) after adding the adapter; refused here by
+    module, the model unchanged."""
+    configs = [PATTERN[0], SAME[1], SAME[2]]
+    theirs, ours = both(tmp_path, configs)
+    with pytest.raises(RuntimeError):
+        theirs.add_weighted_adapter(NAMES, WEIGHTS, "mix", "linear")
+    assert "mix" in theirs.peft_config  # peft's half-made adapter
+    before = snapshot(ours)
+    with pytest.raises(ValueError, match=r"one rank per module; at 'model.layers.0.self_attn.v_"):
+        add_weighted_adapter(ours, NAMES, WEIGHTS, "mix", "linear")
+    assert_unchanged(ours, before)
+    assert adapter_names(ours) == NAMES
