@@ -51,6 +51,7 @@ _EXPORTS = {
     "lora_plus_param_groups": "lightning_peft.model.lora_plus",
     "merge_adapters": "lightning_peft.model.helpers",
     "method_for": "lightning_peft.methods.registry",
+    "mixed_batch": "lightning_peft.model.mixed",
     "read_config": "lightning_peft.peft_format.files",
     "save_adapter": "lightning_peft.peft_format.files",
     "select_targets": "lightning_peft.model.targeting",
@@ -93,6 +94,7 @@ __all__ = [
     "lora_plus_param_groups",
     "merge_adapters",
     "method_for",
+    "mixed_batch",
     "read_config",
     "save_adapter",
     "select_targets",
@@ -147,6 +149,7 @@ if TYPE_CHECKING:
         injection_report,
     )
     from lightning_peft.model.lora_plus import lora_plus_param_groups
+    from lightning_peft.model.mixed import mixed_batch
     from lightning_peft.model.named import (
         active_adapters,
         adapter_names,

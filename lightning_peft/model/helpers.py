@@ -19,6 +19,7 @@ from lightning_peft.model.injection import (
     find_adapters,
     find_injection,
 )
+from lightning_peft.model.mixed import refuse_adapter_names
 from lightning_peft.model.named import checked_names
 from lightning_peft.model.sites import layers_of, refresh_routes
 
@@ -136,6 +137,7 @@ def unload(model: nn.Module, merge: bool = True, names: str | list[str] | None =
             type(layer).placement.detach(model, path, layer)
     found = find_injection(model)
     if found is not None:
+        refuse_adapter_names(found[1])
         delattr(found[1], STATE_ATTR)
     return model
 

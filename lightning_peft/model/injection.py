@@ -283,9 +283,12 @@ def inject_adapters(model: nn.Module, config, name: str = DEFAULT_NAME) -> Injec
         setattr(model, STATE_ATTR, adapters)
         mark_trainable(model, state)
     else:
+        from lightning_peft.model.mixed import accept_adapter_names  # it imports this module
+
         root, adapters = found[1], found[2]
         adapters.states[name] = state
         mark_active_trainable(root, adapters)
+        accept_adapter_names(root)  # model(..., adapter_names=[...]) as in peft
     return injection_report(model)
 
 
