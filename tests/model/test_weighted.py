@@ -208,3 +208,20 @@ def test_ranks_that_differ_at_one_module_are_refused_where_peft_fails(tmp_path):
         add_weighted_adapter(ours, NAMES, WEIGHTS, "mix", "linear")
     assert_unchanged(ours, before)
     assert adapter_names(ours) == NAMES
+
+
+def test_a_combined_adapter_in_a_mixed_batch_equals_peft(tmp_path):
+    """The combined adapter is an adapter like the others: rows of it, of its parts and of the
+    base in one batch (``mixed_batch``) give peft's ``adapter_names`` outputs."""
+    from lightning_peft import mixed_batch
+
+    theirs, ours = both(tmp_path, MIXED)
+    theirs.add_weighted_adapter(NAMES, WEIGHTS, "mix", "svd")
+    add_weighted_adapter(ours, NAMES, WEIGHTS, "mix", "svd")
+    rows = ["mix", "fr", "__base__", "mix", "it"]
+    ids = tokens(batch=len(rows), length=9)
+    with torch.no_grad():
+        expected = theirs.eval()(input_ids=ids, adapter_names=rows).logits
+        with mixed_batch(ours, rows):
+            got = logits(ours, ids)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
