@@ -140,6 +140,14 @@ def test_equal_to_peft(tmp_path, monkeypatch, combination, configs, options):
         ((["fr", "de"], [1.0], "mix"), {}, "one number per adapter"),
         ((["fr", "de"], [1.0, 1.0], "a.b"), {}, "invalid adapter name 'a.b'"),
         ((["fr", "de"], [1.0, 1.0], "mix"), {"combination_type": "ties"}, "needs density"),
+        (
+            (["fr"], [1.0], "mix"),
+            {"combination_type": "ties", "density": 0.5},
+            "with a single adapter peft combines linearly and ignores density",
+        ),
+        ((["fr", "de"], [1.0, 1.0], "mix"), {"svd_driver": "gesvdj"}, "is for CUDA tensors"),
+        ((["fr", "de"], [1.0, True], "mix"), {}, "weights must be finite numbers, got True"),
+        (("fr", [1.0], "mix"), {}, "adapters must be a non-empty list of adapter names"),
     ],
 )
 def test_refusals_leave_the_model_unchanged(tmp_path, args, options, message):
