@@ -39,7 +39,9 @@ _EXPORTS = {
     "adapter_names": "lightning_peft.model.named",
     "adapter_param_groups": "lightning_peft.model.named",
     "adapter_state_dict": "lightning_peft.model.helpers",
+    "add_weighted_adapter": "lightning_peft.model.weighted",
     "check_save_directory": "lightning_peft.peft_format.files",
+    "combine_adapter_dirs": "lightning_peft.peft_format.combine",
     "delete_adapter": "lightning_peft.model.named",
     "disable_adapters": "lightning_peft.model.helpers",
     "find_injection": "lightning_peft.model.injection",
@@ -81,7 +83,9 @@ __all__ = [
     "adapter_names",
     "adapter_param_groups",
     "adapter_state_dict",
+    "add_weighted_adapter",
     "check_save_directory",
+    "combine_adapter_dirs",
     "delete_adapter",
     "disable_adapters",
     "find_injection",
@@ -156,6 +160,8 @@ if TYPE_CHECKING:
         set_active_adapters,
     )
     from lightning_peft.model.targeting import select_targets
+    from lightning_peft.model.weighted import add_weighted_adapter
+    from lightning_peft.peft_format.combine import combine_adapter_dirs
     from lightning_peft.peft_format.files import (
         check_save_directory,
         load_adapter,

@@ -1,4 +1,5 @@
-"""``lightning-peft inspect ADAPTER_DIR [--model DIR]``: how much rank each update really uses.
+"""``lightning-peft inspect ADAPTER_DIR [--model DIR] [--compare DIR ...]``: how much rank each
+update really uses, and (``--compare``) a combined adapter's spectra beside those of its parts.
 
 For a LoRA module with ``A`` (r, in), ``B`` (out, r) and scale ``s``, the update is
 ``ΔW = s·B·A`` (out, in). With the reduced QR factorisations ``B = Q_B R_B`` and
@@ -13,6 +14,11 @@ float64, never an out×in matrix. From them:
   ``n = ‖W + s·B·A‖_row``; its ``‖W' − W‖_F`` is computed row by row from ``W·Aᵀ`` (out, r) and
   ``A·Aᵀ`` (r, r), again without out×in. The spectrum shown for DoRA is that of ``s·B·A``, its
   direction update.
+
+``--compare PART_DIR ...`` puts, module by module, the combined adapter's rank, effective rank and
+``‖ΔW‖_F`` beside each part's (``format_comparison``) and plots their spectra together
+(``plot_comparison``): how much of the parts' rank an SVD combination kept, and where ``linear``'s
+cross terms or TIES's pruning changed the update's size.
 
 Adapters written by this package or by ``peft`` (LoRA, rsLoRA, DoRA, rank/alpha patterns) on
 linear layers, embeddings (ΔW is then (V, d), the transpose: the same singular values) and
@@ -341,6 +347,81 @@ def format_report(
     return "\n".join(lines)
 
 
+def _label(directory: Path, others: list[Path]) -> str:
+    """The directory's name, or its path where another directory has the same name."""
+    names = [d.name for d in others]
+    return directory.name if names.count(directory.name) == 1 else str(directory)
+
+
+def format_comparison(
+    combined: tuple[str, list[ModuleSpectrum]], parts: list[tuple[str, list[ModuleSpectrum]]]
+) -> str:
+    """Per module of the combined adapter: ``rank90/r`` and ``‖ΔW‖_F`` of it and of each part
+    (``-`` where a part does not adapt the module); then each one's median effective rank."""
+    columns = [combined, *parts]
+    by_name = [{s.name: s for s in spectra} for _, spectra in columns]
+    names = [s.name for s in combined[1]]
+    width = max(len(n) for n in [*names, "module"])
+    cell = max(14, *(len(label) for label, _ in columns))
+    lines = [
+        f"combined {combined[0]} beside its parts {', '.join(label for label, _ in parts)}: "
+        "rank90/r and ‖ΔW‖_F per module",
+        f"{'module':<{width}}" + "".join(f"  {label:>{cell}}" for label, _ in columns),
+    ]
+    for name in names:
+        row = f"{name:<{width}}"
+        for spectra in by_name:
+            s = spectra.get(name)
+            text = "-"
+            if s is not None:
+                norm = f"{s.delta_norm:.2e}" if s.delta_norm is not None else "-"
+                text = f"{s.effective_rank()}/{s.rank} {norm}"
+            row += f"  {text:>{cell}}"
+        lines.append(row)
+    medians = []
+    for label, spectra in columns:
+        effective = sorted(s.effective_rank() for s in spectra)
+        medians.append(f"{label} {effective[len(effective) // 2]}")
+    lines.append(f"median effective rank at 90%: {', '.join(medians)}")
+    return "\n".join(lines)
+
+
+def plot_comparison(
+    combined: tuple[str, list[ModuleSpectrum]],
+    parts: list[tuple[str, list[ModuleSpectrum]]],
+    path: str | Path,
+    modules: int = 6,
+) -> Path:
+    """σ_i (log scale) of the combined adapter (black) and of each part, one panel for each of
+    the first ``modules`` modules of the combined adapter."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [s.name for s in combined[1]][:modules]
+    columns = [combined, *parts]
+    fig, axes = plt.subplots(1, len(names), figsize=(3 * len(names), 3), squeeze=False)
+    for axis, name in zip(axes[0], names, strict=True):
+        for i, (label, spectra) in enumerate(columns):
+            s = next((s for s in spectra if s.name == name), None)
+            if s is None or float(s.singular_values[0]) == 0.0:
+                continue
+            values = s.singular_values.clamp_min(1e-12 * float(s.singular_values[0]))
+            style = {"color": "black", "lw": 1.6} if i == 0 else {"lw": 0.9, "ls": "--"}
+            axis.semilogy(range(1, len(values) + 1), values, label=label, **style)
+        axis.set_title(name, fontsize=7)
+        axis.set_xlabel("i")
+    axes[0][0].set_ylabel("σ_i of ΔW")
+    axes[0][0].legend(fontsize=6)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 class _OneLineParser(argparse.ArgumentParser):
     def error(self, message: str):
         sys.stderr.write(f"lightning-peft: error: {message} (see lightning-peft inspect -h)\n")
@@ -364,16 +445,34 @@ def main(argv: list[str]) -> None:
         "--png", help="where to write the spectra plot (default: ADAPTER_DIR-spectra.png)"
     )
     parser.add_argument("--json", help="also write the figures to this JSON file")
+    parser.add_argument(
+        "--compare",
+        nargs="+",
+        metavar="PART_DIR",
+        help="the adapters ADAPTER_DIR combines (add_weighted_adapter): their spectra beside "
+        "its own, and a plot ADAPTER_DIR-compare.png",
+    )
     args = parser.parse_args(argv)
     adapter_dir = Path(args.adapter_dir)
     model_dir = Path(args.model) if args.model else _base_from_config(adapter_dir)
     config, spectra = inspect_adapter(adapter_dir, model_dir)
+    part_dirs = [Path(d) for d in args.compare or []]
+    labels = [_label(d, [adapter_dir, *part_dirs]) for d in [adapter_dir, *part_dirs]]
+    parts = [
+        (label, inspect_adapter(d, model_dir)[1])
+        for label, d in zip(labels[1:], part_dirs, strict=True)
+    ]
     print(format_report(config, spectra, adapter_dir, model_dir))
     hint = lower_rank_hint(spectra)
     if hint:
         print(hint)
     png = Path(args.png) if args.png else adapter_dir.parent / f"{adapter_dir.name}-spectra.png"
     print(f"spectra: {plot_spectra(spectra, png, str(adapter_dir))}")
+    if parts:
+        combined = (labels[0], spectra)
+        print(format_comparison(combined, parts))
+        compare_png = adapter_dir.parent / f"{adapter_dir.name}-compare.png"
+        print(f"compared: {plot_comparison(combined, parts, compare_png)}")
     if args.json:
         figures = [
             {
@@ -383,10 +482,21 @@ def main(argv: list[str]) -> None:
                 "singular_values": s.singular_values.tolist(),
                 "effective_rank_90": s.effective_rank(),
                 "relative_norm": s.relative_norm,
+                **({"parts": _part_values(s.name, parts)} if parts else {}),
             }
             for s in spectra
         ]
         Path(args.json).write_text(json.dumps(figures, indent=1) + "\n")
+
+
+def _part_values(name: str, parts: list[tuple[str, list[ModuleSpectrum]]]) -> dict:
+    """``{part label: singular values at module name}`` (the parts that adapt it)."""
+    return {
+        label: s.singular_values.tolist()
+        for label, spectra in parts
+        for s in spectra
+        if s.name == name
+    }
 
 
 def _base_from_config(adapter_dir: Path) -> Path | None:

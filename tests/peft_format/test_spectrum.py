@@ -267,3 +267,55 @@ def test_inspects_peft_embedding_and_convolution_adapters(tmp_path):
         expected = torch.linalg.svdvals(delta.reshape(delta.shape[0], -1))[:3]
         torch.testing.assert_close(spectrum.singular_values, expected, rtol=1e-5, atol=1e-7)
         assert spectrum.relative_norm == pytest.approx(float(delta.norm() / weight.norm()), 1e-5)
+
+
+def test_inspect_compare_shows_a_combined_adapter_beside_its_parts(tmp_path, capsys):
+    """peft's ``cat`` of two adapters (ranks 2 and 3, other targets) saved in peft's layout:
+    ``--compare`` prints each module's rank90/r and ‖ΔW‖_F for the combined adapter and the
+    parts, against dense float64 SVDs of peft's own ΔW; the JSON carries the parts' values."""
+    _, load_base = tiny_base(tmp_path)
+    torch.manual_seed(0)
+    model = peft.get_peft_model(
+        load_base(),
+        peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], init_lora_weights=False),
+        adapter_name="fr",
+    )
+    model.add_adapter(
+        "de",
+        peft.LoraConfig(r=3, lora_alpha=3, target_modules=["q_proj", "v_proj"],
+                        init_lora_weights=False),
+    )  # fmt: skip
+    model.add_weighted_adapter(["fr", "de"], [1.0, -0.5], "mix", combination_type="cat")
+    model.save_pretrained(tmp_path / "peft", selected_adapters=["fr", "de", "mix"])
+    dirs = [tmp_path / "peft" / name for name in ("mix", "fr", "de")]
+    args = ["inspect", str(dirs[0]), "--compare", str(dirs[1]), str(dirs[2])]
+    main([*args, "--json", str(tmp_path / "figures.json")])
+    out = capsys.readouterr().out
+    assert "combined mix beside its parts fr, de: rank90/r and ‖ΔW‖_F per module" in out
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()}
+    layers = {n: m for n, m in model.base_model.model.named_modules() if hasattr(m, "lora_A")}
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj"):
+        cells = rows[name]  # mix: rank90/r norm, fr: ..., de: ...
+        for i, adapter in enumerate(("mix", "fr", "de")):
+            if adapter not in layers[name].lora_A:
+                assert cells[2 * i] == "-"
+                cells.insert(2 * i + 1, "-")
+                continue
+            delta = layers[name].get_delta_weight(adapter).detach().double()
+            values = torch.linalg.svdvals(delta)
+            rank = layers[name].r[adapter]
+            assert cells[2 * i] == f"{energy_rank(values[:rank], 0.9)}/{rank}"
+            assert float(cells[2 * i + 1]) == pytest.approx(float(delta.norm()), rel=1e-2)
+    assert rows["model.layers.0.self_attn.q_proj"][0].endswith("/5")  # cat: 2 + 3
+    assert (tmp_path / "peft" / "mix-compare.png").stat().st_size > 5000
+    figures = {f["module"]: f for f in json.loads((tmp_path / "figures.json").read_text())}
+    v_proj = figures["model.layers.0.self_attn.v_proj"]
+    assert set(v_proj["parts"]) == {"de"} and len(v_proj["parts"]["de"]) == 3
+    # cat is the weighted sum: the combined ΔW's singular values are those of w_fr ΔW_fr + ...
+    q = layers["model.layers.0.self_attn.q_proj"]
+    expected = torch.linalg.svdvals(
+        q.get_delta_weight("fr").detach().double()
+        - 0.5 * q.get_delta_weight("de").detach().double()
+    )[:5]
+    got = torch.tensor(figures["model.layers.0.self_attn.q_proj"]["singular_values"])
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)

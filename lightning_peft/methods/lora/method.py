@@ -53,18 +53,24 @@ LOADS_AS_DEFAULT = ("eva", "orthogonal")
 
 def write_lora_config(model: nn.Module, config: LoRAConfig, targets: list[str]) -> dict:
     """peft's ``adapter_config.json`` for ``config``, listing the exact modules adapted."""
+    fan_in_fan_out = any(getattr(model.get_submodule(t), "fan_in_fan_out", False) for t in targets)
+    return lora_config_data(config, targets, base_model_name(model), fan_in_fan_out)
+
+
+def lora_config_data(
+    config: LoRAConfig, targets: list[str], base_model: str | None, fan_in_fan_out: bool
+) -> dict:
+    """peft's ``adapter_config.json`` content for ``config`` adapting exactly ``targets``."""
     data: dict[str, Any] = {name: getattr(config, name) for name in _PEFT_LORA_FIELDS}
     data.update(
         peft_type="LORA",
         inference_mode=True,
-        base_model_name_or_path=base_model_name(model),
+        base_model_name_or_path=base_model,
         # The exact modules adapted: peft matches a listed full name directly.
         target_modules=targets,
         layers_to_transform=None,
         layers_pattern=None,
-        fan_in_fan_out=any(
-            getattr(model.get_submodule(t), "fan_in_fan_out", False) for t in targets
-        ),
+        fan_in_fan_out=fan_in_fan_out,
     )
     return data
 
