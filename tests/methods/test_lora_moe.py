@@ -329,7 +329,7 @@ def test_lora_dropout_dora_lora_bias_refused_as_in_peft():
             )
         with pytest.raises(ValueError, match=rf"{next(iter(option))}.*mlp\.experts"):
             inject_adapters(base, LoRAConfig(target_modules="all-linear", **option))
-    with pytest.raises(ValueError, match="bias='all'.*target_parameters"):
+    with pytest.raises(ValueError, match=r"bias='all'.*target_parameters"):
         inject_adapters(base, LoRAConfig(target_modules="all-linear", bias="all"))
     assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
     assert not any(isinstance(m, LoRAExperts) for m in base.modules())
