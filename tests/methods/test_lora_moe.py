@@ -376,3 +376,25 @@ def test_a_three_d_parameter_outside_experts_is_refused():
 
     with pytest.raises(ValueError, match="not a transformers experts module"):
         inject_adapters(Holder(), LoRAConfig(target_modules=None, target_parameters=["stack"]))
+
+
+def test_no_expert_weight_sized_tensor_is_kept_for_backward():
+    """The adapted experts keep nothing of ΔW's size for backward (peft keeps W + ΔW, E·out·in
+    floats per parameter per layer): every saved tensor that is not a parameter is smaller than
+    one expert stack."""
+    layer = _experts_layer("qwen3_moe", dtype=torch.float32, num_experts=16)
+    index, weights = _routing(6, 2, list(range(16)))
+    stack = min(layer.gate_up_proj[0].numel(), layer.down_proj[0].numel()) * 16 * 4
+    params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    saved = []
+
+    def pack(tensor):
+        if tensor.untyped_storage().data_ptr() not in params:
+            saved.append(tensor.untyped_storage().nbytes())
+        return tensor
+
+    x = torch.randn(6, 32, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        layer(x, index, weights.float()).sum().backward()
+    assert saved and max(saved) < stack / 4, (max(saved), stack)
+    assert layer.lora_A.grad is not None and layer.base_layer_lora_B.grad is not None
