@@ -398,3 +398,20 @@ def test_no_expert_weight_sized_tensor_is_kept_for_backward():
         layer(x, index, weights.float()).sum().backward()
     assert saved and max(saved) < stack / 4, (max(saved), stack)
     assert layer.lora_A.grad is not None and layer.base_layer_lora_B.grad is not None
+
+
+def test_base_keys_unchanged_and_gpt_oss_all_linear_says_what_it_leaves_out():
+    base = MOE_MODELS["gpt_oss"]()
+    keys = set(base.state_dict())
+    report = inject_adapters(base, LoRAConfig(target_modules="all-linear"))
+    assert {name for name, _ in report.skipped} == {
+        "model.layers.0.mlp.experts",
+        "model.layers.1.mlp.experts",
+    }
+    assert "target_parameters" in str(report)
+    model = MOE_MODELS["qwen3_moe"]()
+    keys = set(model.state_dict())
+    inject_adapters(model, LoRAConfig(target_modules="all-linear"))
+    added = set(model.state_dict()) - keys
+    assert keys <= set(model.state_dict())
+    assert added and all(".lora_" in k or "_lora_" in k for k in added)

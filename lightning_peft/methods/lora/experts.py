@@ -28,6 +28,8 @@ projections (biases), and what peft's ``ParamWrapper`` refuses (see ``param_laye
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any
 
 import torch
@@ -73,14 +75,23 @@ def experts_refusal(module: nn.Module, name: str, params: list[str]) -> str | No
 GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # torch._grouped_mm's
 
 
+@functools.cache
+def _transformers_grouped_linear():
+    """transformers' ``_grouped_linear(input, weight, offs, bias, is_transposed)``, or None where
+    this transformers has none with that signature."""
+    try:
+        from transformers.integrations.moe import _grouped_linear
+    except ImportError:
+        return None
+    parameters = inspect.signature(_grouped_linear).parameters
+    return _grouped_linear if "is_transposed" in parameters else None
+
+
 def _grouped_linear(x: Tensor, weight: Tensor, offsets: Tensor, transposed: bool) -> Tensor:
     """Rows of ``x`` (S, in) sorted by expert, each times its expert's weight: (S, out).
     transformers' ``_grouped_linear`` (``torch._grouped_mm``) where it exists and takes the
     dtype; otherwise a loop over the experts (float64, older transformers)."""
-    try:
-        from transformers.integrations.moe import _grouped_linear as grouped
-    except ImportError:
-        grouped = None
+    grouped = _transformers_grouped_linear()
     if grouped is not None and x.dtype in GROUPED_MM_DTYPES and weight.dtype == x.dtype:
         return grouped(x, weight, offsets, is_transposed=transposed)
     weight = weight if transposed else weight.transpose(-2, -1)  # (E, in, out)
