@@ -415,3 +415,35 @@ def test_base_keys_unchanged_and_gpt_oss_all_linear_says_what_it_leaves_out():
     added = set(model.state_dict()) - keys
     assert keys <= set(model.state_dict())
     assert added and all(".lora_" in k or "_lora_" in k for k in added)
+
+
+@pytest.mark.slow
+def test_fit_with_the_callback_trains_the_experts_and_peft_loads_the_result(tmp_path):
+    """PEFTCallback on a LightningModule holding a tiny Qwen3-MoE: all-linear reaches the
+    experts and the router through the wrapper, every expert's pair trains, and peft loads the
+    adapter written at the end with our outputs."""
+    from lightning_peft import PEFTCallback
+    from tests.helpers.lightning_modules import PlainCausalLM, trainer
+
+    class MoECausalLM(PlainCausalLM):
+        def build_model(self):
+            return MOE_MODELS["qwen3_moe"](vocab_size=128).train()
+
+    module = MoECausalLM(lr=1e-2)
+    callback = PEFTCallback(
+        LoRAConfig(r=4, target_modules="all-linear"), save_adapter_to=tmp_path / "a"
+    )
+    trainer(tmp_path, [callback], max_steps=8).fit(module)
+    layers = [m for m in module.model.modules() if isinstance(m, LoRAExperts)]
+    assert len(layers) == 2
+    for layer in layers:  # B starts at zero: every expert pair has been trained
+        for local in layer.param_names:
+            assert layer.factors(local)[1].abs().amax(dim=0).gt(0).all()
+    assert read_config(tmp_path / "a").target_parameters
+    theirs = peft.PeftModel.from_pretrained(MOE_MODELS["qwen3_moe"](vocab_size=128), tmp_path / "a")
+    ids = tokens(batch=2, length=6)
+    module.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            theirs.eval()(ids).logits, module.model(ids).logits, rtol=1e-5, atol=1e-5
+        )
