@@ -447,3 +447,44 @@ def test_fit_with_the_callback_trains_the_experts_and_peft_loads_the_result(tmp_
         torch.testing.assert_close(
             theirs.eval()(ids).logits, module.model(ids).logits, rtol=1e-5, atol=1e-5
         )
+
+
+def test_disable_adapters_runs_the_base_experts():
+    from lightning_peft import disable_adapters
+
+    base = MOE_MODELS["mixtral"]()
+    ids = tokens(batch=2, length=6)
+    with torch.no_grad():
+        expected = base(ids).logits
+        inject_adapters(base, LoRAConfig(target_modules="all-linear", init_lora_weights=False))
+        adapted = base(ids).logits
+        with disable_adapters(base):
+            torch.testing.assert_close(base(ids).logits, expected, rtol=0, atol=0)
+        torch.testing.assert_close(base(ids).logits, adapted, rtol=0, atol=0)
+    assert (adapted - expected).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_bfloat16_model_error_within_twice_peft_s(family):
+    """A bfloat16 model with float32 adapters: against the same adapter in float64, our logits'
+    error is at most twice peft's (which adds ΔW in bfloat16)."""
+    kwargs = dict(KWARGS, target_parameters=["gate_up_proj", "down_proj"])
+    base = MOE_MODELS[family]()
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kwargs))
+    ours = copy.deepcopy(base)
+    inject_adapters(ours, LoRAConfig(**kwargs))
+    with torch.no_grad():
+        for name, param in ours.named_parameters():
+            if "lora_" in name:
+                param.copy_(_saved_of(theirs)[_key(ours, name)])
+    reference = copy.deepcopy(ours).to(torch.float64)
+    for param in reference.parameters():  # the adapters too (they keep their dtype in .to)
+        param.data = param.data.to(torch.float64)
+    ids = tokens(batch=2, length=6)
+    with torch.no_grad():
+        exact = reference(ids).logits
+        ours.to(torch.bfloat16)
+        theirs.to(torch.bfloat16)
+        error_ours = (ours(ids).logits.double() - exact).abs().max()
+        error_theirs = (theirs(ids).logits.double() - exact).abs().max()
+    assert error_ours <= 2 * error_theirs, (float(error_ours), float(error_theirs))
