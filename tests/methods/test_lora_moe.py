@@ -93,16 +93,20 @@ def _saved(model):
     return {names[k]: v for k, v in live.items()}
 
 
+ONE_EXPERT = {"num_experts": 1, "num_experts_per_tok": 1}
+
+
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "gpt_oss"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "gpt_oss", "qwen3_moe E=1"])
 def test_matches_peft_both_ways(family, implementation, tmp_path):
     """peft's adapter loads here and ours in peft: equal logits, adapter and input gradients,
-    for each experts implementation transformers offers."""
+    for each experts implementation transformers offers (and one expert, top-1)."""
     kwargs = dict(KWARGS)
     if family == "gpt_oss":  # peft leaves gpt-oss alone: name the parameters
         kwargs["target_parameters"] = ["gate_up_proj", "down_proj", "router.weight"]
-    base = MOE_MODELS[family]()
+    base = MOE_MODELS[family.split()[0]](**(ONE_EXPERT if "E=1" in family else {}))
     _set_implementation(base, implementation)
+    assert base.model.layers[0].mlp.experts.config._experts_implementation == implementation
     ids = tokens(batch=3, length=5)
 
     theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kwargs))
