@@ -225,15 +225,74 @@ def _key(model, name):
     return peft_keys(model, [name])[name]
 
 
+def _nemotron_h():  # has_gate=False: up_proj and act_fn (relu²)
+    from transformers import NemotronHConfig
+    from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHExperts
+
+    return NemotronHExperts(
+        NemotronHConfig(
+            hidden_size=32,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            moe_intermediate_size=16,
+            n_routed_experts=4,
+            moe_latent_size=None,
+        )
+    )
+
+
+def _ergo():  # has_gate=False, is_transposed=True
+    from transformers.models.ergo.configuration_ergo import ErgoConfig
+    from transformers.models.ergo.modeling_ergo import ErgoExpertProjections
+
+    config = ErgoConfig(
+        hidden_size=32,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        moe_intermediate_size=16,
+        num_experts=4,
+    )
+    return ErgoExpertProjections(config)
+
+
+def _muse_spark():  # has_post_expert_norm=True
+    from transformers.models.muse_spark.configuration_muse_spark import MuseSparkTextConfig
+    from transformers.models.muse_spark.modeling_muse_spark import MuseSparkExperts
+
+    config = MuseSparkTextConfig(
+        moe_hidden_size=32,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        moe_intermediate_size=16,
+        num_local_experts=4,
+    )
+    return MuseSparkExperts(config)
+
+
+FLAG_EXPERTS = {"nemotron_h": _nemotron_h, "ergo": _ergo, "muse_spark": _muse_spark}
+
+
 def _experts_layer(family: str, dtype=torch.float64, **config) -> LoRAExperts:
-    """The first layer's experts of a tiny model, adapted (random A and B) in ``dtype``."""
-    experts = MOE_MODELS[family](**config).model.layers[0].mlp.experts.to(dtype)
+    """The first layer's experts of a tiny model (or one of ``FLAG_EXPERTS``, random weights),
+    adapted (random A and B) in ``dtype``."""
+    if family in FLAG_EXPERTS:
+        experts = FLAG_EXPERTS[family]()
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for param in experts.parameters():
+                param.normal_(0, 0.2)
+    else:
+        experts = MOE_MODELS[family](**config).model.layers[0].mlp.experts
+    experts = experts.to(dtype)
     experts.config._experts_implementation = "eager"
+    up = "gate_up_proj" if experts.has_gate else "up_proj"
     lora = LoRAConfig(
         r=3,
         lora_alpha=4,
         target_modules=None,
-        target_parameters=["gate_up_proj", "down_proj"],
+        target_parameters=[up, "down_proj"],
         init_lora_weights=False,
         adapter_dtype=str(dtype).removeprefix("torch."),
     )
@@ -266,19 +325,22 @@ def _routing(tokens_: int, top_k: int, experts: list[int], seed: int = 0):
         ("qwen3_moe", {"num_experts": 1, "num_experts_per_tok": 1}, 1, [0]),  # E = 1
         ("mixtral", {}, 3, [0, 1, 2, 3]),  # top-3
         ("gpt_oss", {}, 2, [1, 2]),  # transposed, biases, interleaved gate; 2 idle experts
+        ("nemotron_h", {}, 2, [0, 2, 3]),
+        ("ergo", {}, 1, [0, 1, 2]),  # its eager forward takes one route per row, weight 1
+        ("muse_spark", {}, 2, [0, 1, 3]),
     ],
 )
 def test_experts_forward_and_gradients_against_materialised_weights(family, config, top_k, reached):
     """float64: the routed grouped forward equals W + ΔW in transformers' eager loop; the
-    gradients of x, A and B too, and experts no token reaches get exactly zero gradient."""
+    gradients of x, A and B too, and experts no token reaches get exactly zero gradient. Every
+    flag of ``@use_experts_implementation``: transposed with biases and an interleaved gate
+    (gpt-oss), no gate (NemotronH; Ergo, transposed too), a post-expert norm (MuseSpark)."""
     layer = _experts_layer(family, **config)
     index, weights = _routing(7, top_k, reached)
-    x = torch.randn(
-        7,
-        layer.base_module.gate_up_proj.shape[-1 if not layer.base_module.is_transposed else 1],
-        dtype=torch.float64,
-        requires_grad=True,
-    )
+    if family == "ergo":
+        weights = torch.ones_like(weights)
+    hidden = layer.experts_of(layer, "down_proj")[1]  # down_proj's out: the hidden size
+    x = torch.randn(7, hidden, dtype=torch.float64, requires_grad=True)
     outputs, grads = [], []
     for run in (layer, lambda *a: _materialised(layer, *a)):
         layer.zero_grad(set_to_none=True)
