@@ -554,3 +554,10 @@ def test_bfloat16_model_error_within_twice_peft_s(family):
         error_ours = (ours(ids).logits.double() - exact).abs().max()
         error_theirs = (theirs(ids).logits.double() - exact).abs().max()
     assert error_ours <= 2 * error_theirs, (float(error_ours), float(error_theirs))
+
+
+def test_a_one_d_parameter_is_refused():
+    base = MOE_MODELS["qwen3_moe"]()
+    config = LoRAConfig(target_modules=None, target_parameters=["model.norm.weight"])
+    with pytest.raises(ValueError, match=r"'model\.norm\.weight' has shape \(32,\)"):
+        inject_adapters(base, config)
