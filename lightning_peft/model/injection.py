@@ -158,6 +158,7 @@ def plan_injection(model: nn.Module, config, name: str = DEFAULT_NAME) -> Inject
     if existing:
         check_beside(model, found, config, name)
     targets = plan_targets(model, config)
+    config = targets.config  # as the method applies it to this model
     save_names = modules_to_save_names(model, config)
     paths: dict[int, list[str]] = {}
     for path, module in model.named_modules(remove_duplicate=False):
@@ -262,6 +263,7 @@ def inject_adapters(model: nn.Module, config, name: str = DEFAULT_NAME) -> Injec
     """
     plan = plan_injection(model, config, name)
     found = find_adapters(model)
+    config = plan.targets.config
     keep_standard_layout(model)  # bitsandbytes layers: no CPU repacking that drops gradients
     for target, layer_class in plan.targets.targets:  # nothing can fail below this line
         site = model.get_submodule(target)
@@ -324,6 +326,7 @@ def planned_tensors(
     config, name)``, from the layer classes' declarations (``adapter_shapes``, ``peft_key``, the
     placement), computed on the model before injection. Raises as ``plan_injection``."""
     plan = plan_injection(model, config, name)
+    config = plan.targets.config
     prefix = method_for(config).file_prefix
     shapes: dict[str, tuple[int, ...]] = {}
     replaced: dict[str, type[AdapterLayer]] = {}  # targets whose layer takes their place

@@ -62,6 +62,12 @@ def never_called_reason(model: nn.Module, name: str) -> str | None:
     return None
 
 
+FUSED_EXPERTS_SKIPPED = (
+    "holds 3-D parameters (fused mixture-of-experts experts), which all-linear does not adapt on "
+    "this model (nor does peft's): name them in target_parameters to adapt them"
+)
+
+
 @dataclass
 class TargetPlan:
     """What a config adapts in a model: each target with its layer class, and the modules
@@ -69,6 +75,7 @@ class TargetPlan:
 
     targets: list[tuple[str, type[AdapterLayer]]] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    config: object = None  # the config as the method applies it (``Method.prepare_config``)
 
     @property
     def names(self) -> list[str]:
@@ -123,6 +130,9 @@ def plan_targets(model: nn.Module, config) -> TargetPlan:
             target that no layer class of the method adapts or that its parent never calls.
     """
     method = method_for(config)
+    if method.prepare_config is not None:
+        config = method.prepare_config(model, config)
+    parameter_targets = method.select_parameters(model, config) if method.select_parameters else []
     modules = [(n, m) for n, m in base_modules(model) if n]
     all_linear = getattr(config, "target_modules", None) == ALL_LINEAR
     if method.select is not None:
@@ -147,9 +157,10 @@ def plan_targets(model: nn.Module, config) -> TargetPlan:
             if named_in_full(config.target_modules, n)
             or layer_index(n, config.layers_pattern) in wanted
         ]
-    if not kept:
+    if not kept and not (parameter_targets and not config.target_modules):
         raise ValueError(_no_match_message(config, [n for n, _ in modules], matched))
-    plan = TargetPlan()
+    plan = TargetPlan(config=config)
+    by_parameters = dict(parameter_targets)
     by_name = dict(modules)
     for name in kept:
         reason = never_called_reason(model, name)
@@ -158,10 +169,22 @@ def plan_targets(model: nn.Module, config) -> TargetPlan:
                 raise ValueError(f"target {name!r} is {reason}: narrow target_modules")
             plan.skipped.append((name, reason))
             continue
+        if name in by_parameters:
+            raise ValueError(
+                f"{name!r} is targeted by target_modules and has parameters named by "
+                "target_parameters; adapt it one way (peft refuses this too)"
+            )
         layer_class = method.layer_class(by_name[name])
         if layer_class is None:
             raise ValueError(method.refusal(by_name[name], name))
         plan.targets.append((name, layer_class))
+    plan.targets += parameter_targets
+    if all_linear:  # say what all-linear leaves out that a user may expect in (MoE experts)
+        plan.skipped += [
+            (name, FUSED_EXPERTS_SKIPPED)
+            for name, module in modules
+            if any(p is not None and p.dim() == 3 for p in module._parameters.values())
+        ]
     if not plan.targets:
         raise ValueError(
             "all-linear matched only modules that cannot be adapted: "

@@ -24,6 +24,8 @@ from lightning_peft.methods.lora.conv import LoRAConv
 from lightning_peft.methods.lora.embedding import LoRAEmbedding
 from lightning_peft.methods.lora.linear import LoRALinear
 from lightning_peft.methods.lora.mha import LoRAMultiheadAttention
+from lightning_peft.methods.lora.param_layer import ParameterLoRA
+from lightning_peft.methods.lora.param_targets import convert_for_transformers, parameter_targets
 from lightning_peft.methods.lora.quantized import QuantizedLoRALinear
 
 _PEFT_LORA_FIELDS = (
@@ -43,6 +45,7 @@ _PEFT_LORA_FIELDS = (
     "rank_pattern",
     "alpha_pattern",
     "task_type",
+    "target_parameters",
 )
 
 
@@ -52,17 +55,32 @@ LOADS_AS_DEFAULT = ("eva", "orthogonal")
 
 
 def write_lora_config(model: nn.Module, config: LoRAConfig, targets: list[str]) -> dict:
-    """peft's ``adapter_config.json`` for ``config``, listing the exact modules adapted."""
-    fan_in_fan_out = any(getattr(model.get_submodule(t), "fan_in_fan_out", False) for t in targets)
-    return lora_config_data(config, targets, base_model_name(model), fan_in_fan_out)
+    """peft's ``adapter_config.json`` for ``config`` (as applied to ``model``), listing the exact
+    modules and parameters adapted."""
+    layers = {name: model.get_submodule(name) for name in targets}
+    parameters = [
+        f"{name}.{local}"
+        for name, layer in layers.items()
+        if isinstance(layer, ParameterLoRA)
+        for local in layer.param_names
+    ]
+    modules = [name for name, layer in layers.items() if not isinstance(layer, ParameterLoRA)]
+    fan_in_fan_out = any(getattr(layer, "fan_in_fan_out", False) for layer in layers.values())
+    return lora_config_data(config, modules, base_model_name(model), fan_in_fan_out, parameters)
 
 
 def lora_config_data(
-    config: LoRAConfig, targets: list[str], base_model: str | None, fan_in_fan_out: bool
+    config: LoRAConfig,
+    targets: list[str],
+    base_model: str | None,
+    fan_in_fan_out: bool,
+    parameters: list[str] | None = None,
 ) -> dict:
-    """peft's ``adapter_config.json`` content for ``config`` adapting exactly ``targets``."""
+    """peft's ``adapter_config.json`` content for ``config`` adapting exactly the modules
+    ``targets`` and the parameters ``parameters`` (full names)."""
     data: dict[str, Any] = {name: getattr(config, name) for name in _PEFT_LORA_FIELDS}
     data.update(
+        target_parameters=parameters or None,
         peft_type="LORA",
         inference_mode=True,
         base_model_name_or_path=base_model,
@@ -107,4 +125,6 @@ LORA = Method(
     read_config=read_lora_config,
     label="LoRA",
     command_line=COMMAND_LINE,
+    prepare_config=convert_for_transformers,
+    select_parameters=parameter_targets,
 )
