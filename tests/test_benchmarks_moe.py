@@ -1,0 +1,66 @@
+"""``python -m benchmarks moe --quick`` end to end on a tiny Qwen3-MoE, into a temporary folder."""
+
+import json
+
+import pytest
+
+from benchmarks import moe
+from benchmarks.moe_variants import SHAPES, materialised_delta_bytes
+
+pytest.importorskip("peft")
+pytestmark = pytest.mark.slow  # ~8 s: three tiny models, two rounds
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("moe")
+    argv = ["--quick", "--device", "cpu", "--threads", "1", "--out", str(out), "--no-progress"]
+    assert moe.main(argv) == 0
+    (path,) = out.glob("*_cpu_moe.json")
+    (table,) = out.glob("*_cpu_moe.md")
+    return json.loads(path.read_text()), table.read_text()
+
+
+def test_quick_run_writes_every_variant_with_paired_ratios(quick_run):
+    result, table = quick_run
+    rows = {row["implementation"]: row for row in result["rows"]}
+    assert {"floor", "peft"} <= set(rows)
+    meta = result["metadata"]
+    assert meta["experts"] == SHAPES["tiny"].experts and meta["threads"] == 1
+    assert meta["rounds"] == 2 and meta["batch"] == 2 and meta["seq"] == 16
+    for row in rows.values():
+        assert row["rounds"] == 2
+        assert 0 < row["min_s"] <= row["median_s"] <= row["max_s"]
+        assert row["x_floor_min"] <= row["x_floor"] <= row["x_floor_max"]
+        assert row["peak_bytes"] > 0 and row["saved_bytes"] > 0
+    assert rows["floor"]["x_floor"] == 1.0 and rows["floor"]["trainable_parameters"] == 0
+    assert rows["peft"]["x_peft"] == 1.0
+    # peft's adapters save more for backward and peak higher than no adapters at all
+    assert rows["peft"]["saved_beyond_floor"] > 0 and rows["peft"]["peak_beyond_floor"] > 0
+    assert "| floor (no adapters) |" in table and "| peft |" in table
+
+
+def test_adapters_cover_attention_and_every_expert(quick_run):
+    """r × (in + out) per attention projection, r × E × (in + out) per fused expert
+    parameter (peft's layout), in every layer."""
+    result, _ = quick_run
+    shape, r = SHAPES["tiny"], result["metadata"]["rank"]
+    h, i, e = shape.hidden, shape.expert_intermediate, shape.experts
+    q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    attention = r * ((h + q) + 2 * (h + kv) + (q + h))
+    experts = r * e * ((h + 2 * i) + (i + h))
+    expected = shape.layers * (attention + experts)
+    for row in result["rows"]:
+        if row["implementation"] != "floor":
+            assert row["trainable_parameters"] == expected, row["implementation"]
+
+
+def test_materialised_delta_counts_every_expert_weight():
+    import torch
+
+    from benchmarks.moe_variants import load_base_model
+
+    shape = SHAPES["tiny"]
+    model = load_base_model(shape, torch.float32, torch.device("cpu"), None)
+    per_layer = shape.experts * 3 * shape.hidden * shape.expert_intermediate
+    assert materialised_delta_bytes(model, torch.float32) == 4 * shape.layers * per_layer
