@@ -345,6 +345,12 @@ class Method:
             its prompt-learning methods.
         command_line: its ``lightning-peft`` options, defaults and one-line description
             (``lightning_peft.core.command_line``); None: not on the command line.
+        prepare_config: ``(model, config) -> config``, the config the method applies to this
+            model (LoRA: peft's rewrite for transformers-5 mixture-of-experts models), a copy;
+            None: the config as given.
+        select_parameters: ``(model, config) -> [(module name, layer class)]``, the modules
+            whose parameters the config names (LoRA's ``target_parameters``), each with the
+            layer class that adapts them; None: the method adapts modules only.
     """
 
     name: str
@@ -359,6 +365,10 @@ class Method:
     select: Callable[[nn.Module, Any], list[str]] | None = None
     file_prefix: str = PEFT_PREFIX
     command_line: CommandLine | None = None
+    prepare_config: Callable[[nn.Module, Any], Any] | None = None
+    select_parameters: Callable[[nn.Module, Any], list[tuple[str, type[AdapterLayer]]]] | None = (
+        None
+    )
 
     @property
     def scope(self) -> str:

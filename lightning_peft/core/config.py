@@ -76,9 +76,14 @@ def check_adapter_dtype(adapter_dtype: Any) -> None:
         raise ValueError(f"adapter_dtype must be one of {DTYPE_CHOICES}, got {adapter_dtype!r}")
 
 
-def check_shared_fields(config: Any) -> None:
-    """Checks of the fields both configs have; normalises the target lists."""
-    config.target_modules = check_target_names("target_modules", config.target_modules, False)
+def check_shared_fields(config: Any, targets_optional: bool = False) -> None:
+    """Checks of the fields both configs have; normalises the target lists.
+    ``targets_optional``: ``target_modules`` may be None or empty (LoRA with
+    ``target_parameters``); it becomes ``[]`` then."""
+    if targets_optional and config.target_modules in (None, [], (), set(), frozenset()):
+        config.target_modules = []
+    else:
+        config.target_modules = check_target_names("target_modules", config.target_modules, False)
     config.exclude_modules = check_target_names("exclude_modules", config.exclude_modules, True)
     config.modules_to_save = check_modules_to_save(config.modules_to_save)
     if config.bias not in BIAS_CHOICES:

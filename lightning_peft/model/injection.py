@@ -120,6 +120,7 @@ def plan_injection(model: nn.Module, config) -> InjectionPlan:
         ValueError: naming the problem (see ``plan_targets``, the layer classes' ``check``).
     """
     targets = plan_targets(model, config)  # refuses a model that already has adapters
+    config = targets.config  # as the method applies it to this model
     save_names = modules_to_save_names(model, config)
     paths: dict[int, list[str]] = {}
     for path, module in model.named_modules(remove_duplicate=False):
@@ -202,6 +203,7 @@ def inject_adapters(model: nn.Module, config) -> InjectionReport:
             model that already has adapters. The model is unchanged then.
     """
     plan = plan_injection(model, config)
+    config = plan.targets.config
     keep_standard_layout(model)  # bitsandbytes layers: no CPU repacking that drops gradients
     for name, layer_class in plan.targets.targets:  # nothing can fail below this line
         layer = layer_class.build(model.get_submodule(name), config, name)
@@ -244,6 +246,7 @@ def planned_tensors(model: nn.Module, config) -> dict[str, tuple[int, ...]]:
     config)``, from the layer classes' declarations (``adapter_shapes``, ``peft_key``, the
     placement), computed on the model before injection. Raises as ``plan_injection``."""
     plan = plan_injection(model, config)
+    config = plan.targets.config
     prefix = method_for(config).file_prefix
     shapes: dict[str, tuple[int, ...]] = {}
     replaced: dict[str, type[AdapterLayer]] = {}  # targets whose layer takes their place

@@ -69,6 +69,7 @@ class TargetPlan:
 
     targets: list[tuple[str, type[AdapterLayer]]] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    config: object = None  # the config as the method applies it (``Method.prepare_config``)
 
     @property
     def names(self) -> list[str]:
@@ -96,6 +97,9 @@ def plan_targets(model: nn.Module, config) -> TargetPlan:
     """
     method = method_for(config)
     refuse_existing_adapters(model)
+    if method.prepare_config is not None:
+        config = method.prepare_config(model, config)
+    parameter_targets = method.select_parameters(model, config) if method.select_parameters else []
     modules = [(n, m) for n, m in model.named_modules() if n]
     all_linear = getattr(config, "target_modules", None) == ALL_LINEAR
     if method.select is not None:
@@ -120,9 +124,10 @@ def plan_targets(model: nn.Module, config) -> TargetPlan:
             if named_in_full(config.target_modules, n)
             or layer_index(n, config.layers_pattern) in wanted
         ]
-    if not kept:
+    if not kept and not (parameter_targets and not config.target_modules):
         raise ValueError(_no_match_message(config, [n for n, _ in modules], matched))
-    plan = TargetPlan()
+    plan = TargetPlan(config=config)
+    by_parameters = dict(parameter_targets)
     by_name = dict(modules)
     for name in kept:
         reason = never_called_reason(model, name)
@@ -131,10 +136,16 @@ def plan_targets(model: nn.Module, config) -> TargetPlan:
                 raise ValueError(f"target {name!r} is {reason}: narrow target_modules")
             plan.skipped.append((name, reason))
             continue
+        if name in by_parameters:
+            raise ValueError(
+                f"{name!r} is targeted by target_modules and has parameters named by "
+                "target_parameters; adapt it one way (peft refuses this too)"
+            )
         layer_class = method.layer_class(by_name[name])
         if layer_class is None:
             raise ValueError(method.refusal(by_name[name], name))
         plan.targets.append((name, layer_class))
+    plan.targets += parameter_targets
     if not plan.targets:
         raise ValueError(
             "all-linear matched only modules that cannot be adapted: "

@@ -86,3 +86,78 @@ def files(directory) -> dict[str, bytes]:
     return {
         str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
     }
+
+
+def tiny_qwen3_moe(seed: int = 0, **config):
+    """A 2-layer Qwen3-MoE (hidden 32, 4 experts of width 16, top-2, vocabulary 64) with random
+    weights (the router too: transformers initialises it to zeros), in eval mode."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    fields = {
+        "hidden_size": 32,
+        "intermediate_size": 48,
+        "moe_intermediate_size": 16,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 8,
+        "vocab_size": 64,
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+    }
+    return _random_moe(Qwen3MoeForCausalLM(Qwen3MoeConfig(**{**fields, **config})), seed)
+
+
+def tiny_mixtral(seed: int = 0, **config):
+    """A 2-layer Mixtral (hidden 32, 4 experts of width 24, top-2, vocabulary 64)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    fields = {
+        "hidden_size": 32,
+        "intermediate_size": 24,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 8,
+        "vocab_size": 64,
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+    }
+    return _random_moe(MixtralForCausalLM(MixtralConfig(**{**fields, **config})), seed)
+
+
+def tiny_gpt_oss(seed: int = 0, **config):
+    """A 2-layer gpt-oss (hidden 32, 4 experts of width 16, top-2, transposed expert weights
+    with biases, interleaved gate/up), eager attention."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    fields = {
+        "hidden_size": 32,
+        "intermediate_size": 16,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 8,
+        "vocab_size": 64,
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+        "layer_types": ["sliding_attention", "full_attention"],
+        "attn_implementation": "eager",
+    }
+    return _random_moe(GptOssForCausalLM(GptOssConfig(**{**fields, **config})), seed)
+
+
+def _random_moe(model, seed: int):
+    """Every floating parameter drawn from N(0, 0.1²) (transformers leaves some at zero or
+    uninitialised in a model built from a config), in eval mode."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.copy_(1 + 0.1 * torch.randn_like(param))
+            else:
+                param.normal_(0, 0.1)
+    return model.eval()
+
+
+MOE_MODELS = {"qwen3_moe": tiny_qwen3_moe, "mixtral": tiny_mixtral, "gpt_oss": tiny_gpt_oss}

@@ -60,7 +60,6 @@ PEFT_IGNORED_FIELDS = (
 # peft ``LoraConfig`` fields that would change the adapted model, with the value that does not:
 # any other value is refused by name until the feature exists here.
 PEFT_UNSUPPORTED_FIELDS = {
-    "target_parameters": None,
     "trainable_token_indices": None,
     "layer_replication": None,
     "megatron_config": None,
@@ -135,6 +134,12 @@ class LoRAConfig:
             types change nothing.
         adapter_dtype: the dtype the adapter weights are kept in (default float32).
         backend: the ``peft_kernels`` backend ("auto" | "naive" | "torch" | "triton").
+        target_parameters: parameters adapted by name, as peft's: an entry names
+            ``<module>.<parameter>`` whole or by its ending (``"gate_up_proj"``,
+            ``"gate.weight"``); 3-D expert parameters of transformers' mixture-of-experts
+            modules are adapted per expert (A (r·E, in), B (out, r·E)), 2-D ones as linear
+            weights. With it, ``target_modules`` may be None. On a transformers-5 MoE model,
+            peft's v4-name rewrite applies (``methods/lora/param_targets.py``).
     """
 
     r: int = 8
@@ -155,6 +160,7 @@ class LoRAConfig:
     task_type: str | None = None
     adapter_dtype: str = "float32"
     backend: str = "auto"
+    target_parameters: list[str] | None = None
     # peft's other fields (see the class docstring): accepted, inert, left out of to_dict().
     peft_type: Any = field(default="LORA", repr=False, compare=False)
     auto_mapping: Any = field(default=None, repr=False, compare=False)
@@ -170,7 +176,6 @@ class LoRAConfig:
     corda_config: Any = field(default=None, repr=False, compare=False)
     lora_ga_config: Any = field(default=None, repr=False, compare=False)
     runtime_config: Any = field(default=None, repr=False, compare=False)
-    target_parameters: Any = field(default=None, repr=False, compare=False)
     trainable_token_indices: Any = field(default=None, repr=False, compare=False)
     layer_replication: Any = field(default=None, repr=False, compare=False)
     megatron_config: Any = field(default=None, repr=False, compare=False)
@@ -193,7 +198,8 @@ class LoRAConfig:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         self.task_type = check_task_type(self.task_type)
         self.modules_to_save = with_task_heads(self.modules_to_save, self.task_type)
-        check_shared_fields(self)
+        self.target_parameters = _check_target_parameters(self.target_parameters)
+        check_shared_fields(self, targets_optional=self.target_parameters is not None)
         self.init_lora_weights = _check_init(self.init_lora_weights)
         _check_lora_bias(self)
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
@@ -248,6 +254,20 @@ def _check_peft_fields(values: dict[str, Any]) -> None:
                 f"{name}={value!r} is not supported here (it would change the adapted model); "
                 f"leave it at peft's default {default!r}"
             )
+
+
+def _check_target_parameters(value: Any) -> list[str] | None:
+    """None, or a non-empty list/tuple/set of parameter names, as a sorted list."""
+    if value is None or (isinstance(value, (list, tuple, set, frozenset)) and not value):
+        return None
+    if isinstance(value, (list, tuple, set, frozenset)) and all(
+        isinstance(v, str) and v for v in value
+    ):
+        return sorted(set(value))
+    raise ValueError(
+        "target_parameters must be a list of parameter names (e.g. ['gate_up_proj', "
+        f"'down_proj']), got {value!r}"
+    )
 
 
 def _check_lora_bias(config: LoRAConfig) -> None:

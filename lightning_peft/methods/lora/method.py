@@ -24,6 +24,8 @@ from lightning_peft.methods.lora.conv import LoRAConv
 from lightning_peft.methods.lora.embedding import LoRAEmbedding
 from lightning_peft.methods.lora.linear import LoRALinear
 from lightning_peft.methods.lora.mha import LoRAMultiheadAttention
+from lightning_peft.methods.lora.param_layer import ParameterLoRA
+from lightning_peft.methods.lora.param_targets import convert_for_transformers, parameter_targets
 from lightning_peft.methods.lora.quantized import QuantizedLoRALinear
 
 _PEFT_LORA_FIELDS = (
@@ -43,6 +45,7 @@ _PEFT_LORA_FIELDS = (
     "rank_pattern",
     "alpha_pattern",
     "task_type",
+    "target_parameters",
 )
 
 
@@ -52,9 +55,19 @@ LOADS_AS_DEFAULT = ("eva", "orthogonal")
 
 
 def write_lora_config(model: nn.Module, config: LoRAConfig, targets: list[str]) -> dict:
-    """peft's ``adapter_config.json`` for ``config``, listing the exact modules adapted."""
+    """peft's ``adapter_config.json`` for ``config`` (as applied to ``model``), listing the exact
+    modules and parameters adapted."""
     data: dict[str, Any] = {name: getattr(config, name) for name in _PEFT_LORA_FIELDS}
+    layers = {name: model.get_submodule(name) for name in targets}
+    parameters = [
+        f"{name}.{local}"
+        for name, layer in layers.items()
+        if isinstance(layer, ParameterLoRA)
+        for local in layer.param_names
+    ]
+    targets = [name for name, layer in layers.items() if not isinstance(layer, ParameterLoRA)]
     data.update(
+        target_parameters=parameters or None,
         peft_type="LORA",
         inference_mode=True,
         base_model_name_or_path=base_model_name(model),
@@ -101,4 +114,6 @@ LORA = Method(
     read_config=read_lora_config,
     label="LoRA",
     command_line=COMMAND_LINE,
+    prepare_config=convert_for_transformers,
+    select_parameters=parameter_targets,
 )
