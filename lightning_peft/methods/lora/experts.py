@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_peft.methods.lora.param_layer import ParameterLoRA, targeted_parameters
+from peft_kernels import grouped_lora_delta
 
 EXPERT_FLAGS = ("num_experts", "has_gate", "has_bias", "is_transposed")
 
@@ -67,23 +68,6 @@ def experts_refusal(module: nn.Module, name: str, params: list[str]) -> str | No
             f"{' and '.join(projections(module))} only (not biases)"
         )
     return None
-
-
-def _reference_grouped_lora_delta(x, lora_A, lora_B, scaling, offsets, rows=None):
-    # TODO(grouped): replaced by peft_kernels.grouped_lora_delta once merged.
-    if rows is not None:
-        x = x[rows]
-    out = x.new_zeros(x.shape[0], lora_B.shape[1])
-    start = 0
-    for k, end in enumerate(offsets.tolist()):
-        if end > start:
-            h = x[start:end] @ lora_A[k].T
-            out[start:end] = (h @ lora_B[k].T) * scaling[k]
-        start = end
-    return out
-
-
-grouped_lora_delta = _reference_grouped_lora_delta
 
 
 def _grouped_linear(x: Tensor, weight: Tensor, offsets: Tensor, transposed: bool) -> Tensor:
@@ -129,10 +113,10 @@ class LoRAExperts(ParameterLoRA):
     # -- forward --------------------------------------------------------------------------------
 
     def _delta(self, local: str, x: Tensor, offsets: Tensor, rows: Tensor | None) -> Tensor:
-        lora_A, lora_B = self.expert_factors(local, x.dtype)
-        experts = lora_A.shape[0]
-        scaling = torch.full((experts,), self.scalings[local], dtype=x.dtype, device=x.device)
-        return grouped_lora_delta(x, lora_A, lora_B, scaling, offsets, rows)
+        dtype = torch.promote_types(x.dtype, self.factors(local)[0].dtype)
+        lora_A, lora_B = self.expert_factors(local, dtype)
+        scaling = torch.full((lora_A.shape[0],), self.scalings[local], device=x.device)
+        return grouped_lora_delta(x, lora_A, lora_B, scaling, offsets, rows, backend=self.backend)
 
     def forward(self, hidden_states: Tensor, *routing: Any, **named: Any) -> Tensor:
         if self.disabled or self.merged:

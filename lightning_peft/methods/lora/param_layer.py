@@ -82,6 +82,7 @@ class ParameterLoRA(AdapterLayer):
         for param in base.parameters():
             param.requires_grad_(False)
         object.__setattr__(self, "base_module", base)  # what unwrap() puts back; not a child
+        self.backend = config.backend
         self.ranks, self.alphas, self.scalings = {}, {}, {}
         dtype = getattr(torch, config.adapter_dtype)
         shapes = self.adapter_shapes(base, config, name)
