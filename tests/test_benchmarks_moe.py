@@ -24,7 +24,7 @@ def quick_run(tmp_path_factory):
 def test_quick_run_writes_every_variant_with_paired_ratios(quick_run):
     result, table = quick_run
     rows = {row["implementation"]: row for row in result["rows"]}
-    assert {"floor", "peft"} <= set(rows)
+    assert set(rows) == {"floor", "ours", "peft"}
     meta = result["metadata"]
     assert meta["experts"] == SHAPES["tiny"].experts and meta["threads"] == 1
     assert meta["rounds"] == 2 and meta["batch"] == 2 and meta["seq"] == 16
@@ -37,7 +37,10 @@ def test_quick_run_writes_every_variant_with_paired_ratios(quick_run):
     assert rows["peft"]["x_peft"] == 1.0
     # peft's adapters save more for backward and peak higher than no adapters at all
     assert rows["peft"]["saved_beyond_floor"] > 0 and rows["peft"]["peak_beyond_floor"] > 0
-    assert "| floor (no adapters) |" in table and "| peft |" in table
+    assert rows["ours"]["x_peft_min"] <= rows["ours"]["x_peft"] <= rows["ours"]["x_peft_max"]
+    assert rows["ours"]["peak_beyond_floor_vs_peft"] > 0
+    assert "check: loss lightning-peft" in table  # the same model on both sides
+    assert "| floor (no adapters) |" in table and "| lightning-peft |" in table
 
 
 def test_adapters_cover_attention_and_every_expert(quick_run):

@@ -102,35 +102,3 @@ def load_tiny_4bit(directory: Path, mode: str = "nf4", **kwargs) -> nn.Module:
 
     return no_cpu_packing(load_quantized(directory, mode, **kwargs))
 
-
-# Mixture-of-experts models whose experts hold fused 3-D parameters (transformers 5):
-# architecture -> (config class, model class, config fields). Sizes no multiple of anything.
-TINY_MOE = {
-    "qwen3_moe": (
-        "Qwen3MoeConfig",
-        "Qwen3MoeForCausalLM",
-        {"moe_intermediate_size": 24, "num_experts": 4, "mlp_only_layers": []},
-    ),
-    "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4}),
-}
-
-
-def tiny_moe(architecture: str, seed: int = 0) -> nn.Module:
-    """A 2-layer mixture-of-experts causal LM of ``architecture`` (a ``TINY_MOE`` key: hidden
-    40, 4 experts, top-2, vocabulary 96) with random weights, in eval mode."""
-    import transformers
-
-    config_class, model_class, fields = TINY_MOE[architecture]
-    config = getattr(transformers, config_class)(
-        hidden_size=40,
-        intermediate_size=24,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=10,
-        num_experts_per_tok=2,
-        vocab_size=96,
-        **fields,
-    )
-    torch.manual_seed(seed)
-    return getattr(transformers, model_class)(config).eval()
