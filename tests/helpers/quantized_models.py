@@ -101,4 +101,3 @@ def load_tiny_4bit(directory: Path, mode: str = "nf4", **kwargs) -> nn.Module:
     from lightning_peft.lightning.precision import load_quantized
 
     return no_cpu_packing(load_quantized(directory, mode, **kwargs))
-
