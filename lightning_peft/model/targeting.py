@@ -62,6 +62,12 @@ def never_called_reason(model: nn.Module, name: str) -> str | None:
     return None
 
 
+FUSED_EXPERTS_SKIPPED = (
+    "holds 3-D parameters (fused mixture-of-experts experts), which all-linear does not adapt on "
+    "this model (nor does peft's): name them in target_parameters to adapt them"
+)
+
+
 @dataclass
 class TargetPlan:
     """What a config adapts in a model: each target with its layer class, and the modules
@@ -146,6 +152,12 @@ def plan_targets(model: nn.Module, config) -> TargetPlan:
             raise ValueError(method.refusal(by_name[name], name))
         plan.targets.append((name, layer_class))
     plan.targets += parameter_targets
+    if all_linear:  # say what all-linear leaves out that a user may expect in (MoE experts)
+        plan.skipped += [
+            (name, FUSED_EXPERTS_SKIPPED)
+            for name, module in modules
+            if any(p is not None and p.dim() == 3 for p in module._parameters.values())
+        ]
     if not plan.targets:
         raise ValueError(
             "all-linear matched only modules that cannot be adapted: "

@@ -13,8 +13,13 @@ from lightning_peft import (
     LoRAConfig,
     inject_adapters,
     load_adapter,
+    merge_adapters,
     save_adapter,
+    unload,
+    unmerge_adapters,
 )
+from lightning_peft.methods.lora.experts import LoRAExperts
+from lightning_peft.peft_format.files import read_config
 from tests.helpers.peft_interop import our_grads, their_grads
 from tests.helpers.tiny_models import MOE_MODELS, tokens
 
@@ -57,7 +62,7 @@ def _set_implementation(model, implementation: str) -> None:
 KWARGS = {"r": 3, "lora_alpha": 5, "target_modules": "all-linear", "init_lora_weights": False}
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "gpt_oss"])
 def test_all_linear_selects_what_peft_selects(family):
     """peft rewrites all-linear on these models into the attention linears plus
     target_parameters gate_up_proj (rank 2r), down_proj and gate.weight."""
@@ -71,6 +76,9 @@ def test_all_linear_selects_what_peft_selects(family):
     theirs_keys = {k: tuple(v.shape) for k, v in peft.get_peft_model_state_dict(theirs).items()}
     assert ours_keys == theirs_keys
     kinds = {m.kind for m in report.modules}
+    if family == "gpt_oss":  # not a model peft rewrites: attention only, in both packages
+        assert kinds == {"LoRA"}
+        return
     assert kinds == {"LoRA", "LoRA (experts)", "LoRA (parameter)"}
     experts = next(m for m in report.modules if m.kind == "LoRA (experts)")
     assert "4 experts" in experts.shape and "r=6" in experts.shape  # gate_up_proj at 2r
@@ -111,3 +119,299 @@ def test_matches_peft_both_ways(family, implementation, tmp_path):
     )
     out, grad = _assert_same(ours, theirs, ids)
     print(f"{family} {implementation} ours->peft: out {out:.1e}, grad {grad:.1e}")
+
+
+def _selection(family, **kwargs):
+    """(our PEFT keys and shapes, our trainable count), and peft's, for ``kwargs``."""
+    base = MOE_MODELS[family]()
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, **kwargs))
+    ours = copy.deepcopy(base)
+    report = inject_adapters(ours, LoRAConfig(r=2, **kwargs))
+    peft_keys_ = {k: tuple(v.shape) for k, v in peft.get_peft_model_state_dict(theirs).items()}
+    peft_count = sum(p.numel() for p in theirs.parameters() if p.requires_grad)
+    ours_keys = {k: tuple(v.shape) for k, v in _saved(ours).items()}
+    return (ours_keys, report.trainable_params), (peft_keys_, peft_count)
+
+
+@pytest.mark.parametrize(
+    ("family", "targets"),
+    [
+        ("mixtral", ["w1", "w2", "w3"]),
+        ("mixtral", ["q_proj", "gate", "w2"]),
+        ("qwen3_moe", ["gate_proj", "up_proj", "down_proj", "v_proj"]),
+        ("qwen3_moe", r".*layers\.1\.(self_attn\.k_proj|mlp\.experts\.down_proj)"),
+        ("qwen3_moe", r".*\.mlp\.gate"),
+    ],
+)
+def test_v4_names_and_regexes_select_what_peft_selects(family, targets):
+    """Mixtral's w1/w2/w3 and Qwen's gate_proj/up_proj/down_proj become the fused parameters;
+    a regex is resolved to leaf names first, as peft does (so layer 1's regex adapts layer 0
+    too, in both packages)."""
+    ours, theirs = _selection(family, target_modules=targets)
+    assert ours == theirs
+
+
+@pytest.mark.parametrize(("family", "half"), [("mixtral", ["w1"]), ("qwen3_moe", ["up_proj"])])
+def test_one_half_of_a_fused_weight_is_refused_as_in_peft(family, half):
+    base = MOE_MODELS[family]()
+    with pytest.raises(ValueError, match="fused"):
+        peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(target_modules=half))
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    with pytest.raises(ValueError, match="fused into one gate_up_proj"):
+        inject_adapters(base, LoRAConfig(target_modules=half))
+    assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
+
+
+def test_target_parameters_alone_and_the_saved_config(tmp_path):
+    """target_parameters without target_modules; the file names the exact parameters, and
+    rank_pattern applies by parameter name."""
+    base = MOE_MODELS["qwen3_moe"]()
+    kwargs = {"target_parameters": ["down_proj"], "rank_pattern": {r"layers\.1\..*": 5}}
+    ours, theirs = _selection("qwen3_moe", **kwargs)
+    assert ours == theirs
+    inject_adapters(base, LoRAConfig(r=2, **kwargs))
+    save_adapter(base, tmp_path)
+    config = read_config(tmp_path)
+    assert config.target_modules == []
+    assert config.target_parameters == [
+        "model.layers.0.mlp.experts.down_proj",
+        "model.layers.1.mlp.experts.down_proj",
+    ]
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "gpt_oss"])
+def test_merge_unmerge_and_unload_match_peft(family):
+    """W_e ← W_e + s·B_e A_e into the 3-D weights (and the router's): outputs kept, unmerge
+    restores W, unload(merge=True) equals peft's merge_and_unload."""
+    kwargs = dict(KWARGS)
+    if family == "gpt_oss":
+        kwargs["target_parameters"] = ["gate_up_proj", "down_proj", "router.weight"]
+    base = MOE_MODELS[family]()
+    ids = tokens(batch=2, length=6)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kwargs))
+    ours = copy.deepcopy(base)
+    inject_adapters(ours, LoRAConfig(**kwargs))
+    with torch.no_grad():
+        for name, param in ours.named_parameters():  # peft's factors, ours in peft's layout
+            if "lora_" in name:
+                param.copy_(_saved_of(theirs)[_key(ours, name)])
+        y = ours(ids).logits
+        torch.testing.assert_close(y, theirs(ids).logits, rtol=1e-5, atol=1e-5)
+        weights = {k: v.clone() for k, v in ours.state_dict().items()}
+        merge_adapters(ours)
+        torch.testing.assert_close(ours(ids).logits, y, rtol=1e-5, atol=1e-5)
+        unmerge_adapters(ours)
+        for key, value in ours.state_dict().items():
+            torch.testing.assert_close(value, weights[key], rtol=1e-6, atol=1e-6, msg=key)
+        merged = unload(ours, merge=True)
+        assert not any(isinstance(m, LoRAExperts) for m in merged.modules())
+        reference = theirs.merge_and_unload()
+        for key, value in reference.state_dict().items():
+            torch.testing.assert_close(merged.state_dict()[key], value, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(merged(ids).logits, y, rtol=1e-5, atol=1e-5)
+
+
+def _saved_of(peft_model):
+    return peft.get_peft_model_state_dict(peft_model)
+
+
+def _key(model, name):
+    from lightning_peft.peft_format.files import peft_keys
+
+    return peft_keys(model, [name])[name]
+
+
+def _experts_layer(family: str, dtype=torch.float64, **config) -> LoRAExperts:
+    """The first layer's experts of a tiny model, adapted (random A and B) in ``dtype``."""
+    experts = MOE_MODELS[family](**config).model.layers[0].mlp.experts.to(dtype)
+    experts.config._experts_implementation = "eager"
+    lora = LoRAConfig(
+        r=3,
+        lora_alpha=4,
+        target_modules=None,
+        target_parameters=["gate_up_proj", "down_proj"],
+        init_lora_weights=False,
+        adapter_dtype=str(dtype).removeprefix("torch."),
+    )
+    return LoRAExperts.build(experts, lora, "experts")
+
+
+def _materialised(layer: LoRAExperts, x, index, weights):
+    """The reference: the module's own eager forward with W_e + s·B_e A_e for every expert
+    (what peft computes), differentiable in A and B."""
+    params = dict(layer.base_module.named_parameters())
+    for local in layer.param_names:
+        params[local] = params[local] + layer.delta_weight(local, params[local].dtype)
+    return torch.func.functional_call(layer.base_module, params, (x, index, weights))
+
+
+def _routing(tokens_: int, top_k: int, experts: list[int], seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    choices = torch.tensor(experts)
+    index = torch.stack(
+        [choices[torch.randperm(len(experts), generator=generator)[:top_k]] for _ in range(tokens_)]
+    )
+    weights = torch.rand(tokens_, top_k, generator=generator, dtype=torch.float64)
+    return index, weights
+
+
+@pytest.mark.parametrize(
+    ("family", "config", "top_k", "reached"),
+    [
+        ("qwen3_moe", {}, 2, [0, 1, 3]),  # expert 2 gets no token
+        ("qwen3_moe", {"num_experts": 1, "num_experts_per_tok": 1}, 1, [0]),  # E = 1
+        ("mixtral", {}, 3, [0, 1, 2, 3]),  # top-3
+        ("gpt_oss", {}, 2, [1, 2]),  # transposed, biases, interleaved gate; 2 idle experts
+    ],
+)
+def test_experts_forward_and_gradients_against_materialised_weights(family, config, top_k, reached):
+    """float64: the routed grouped forward equals W + ΔW in transformers' eager loop; the
+    gradients of x, A and B too, and experts no token reaches get exactly zero gradient."""
+    layer = _experts_layer(family, **config)
+    index, weights = _routing(7, top_k, reached)
+    x = torch.randn(
+        7,
+        layer.base_module.gate_up_proj.shape[-1 if not layer.base_module.is_transposed else 1],
+        dtype=torch.float64,
+        requires_grad=True,
+    )
+    outputs, grads = [], []
+    for run in (layer, lambda *a: _materialised(layer, *a)):
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        y = run(x, index, weights)
+        (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+        outputs.append(y.detach())
+        grads.append(
+            [x.grad.clone()]
+            + [getattr(layer, n).grad.clone() for n in layer.adapter_parameter_names()]
+        )
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-10, atol=1e-12)
+    for ours, reference in zip(*grads, strict=True):
+        torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-12)
+    experts = layer.base_module.num_experts
+    for idle in set(range(experts)) - set(reached):
+        for local in layer.param_names:
+            lora_A, lora_B = layer.factors(local)
+            rank = layer.ranks[local]
+            assert not lora_A.grad[idle * rank : (idle + 1) * rank].any()
+            assert not lora_B.grad.view(lora_B.shape[0], rank, experts)[..., idle].any()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_experts_compile_without_graph_breaks(family):
+    """torch.compile(fullgraph=True) of the adapted experts: forward and backward as eager."""
+    layer = _experts_layer(family, dtype=torch.float32)
+    index, weights = _routing(9, 2, [0, 1, 3])
+    size = layer.base_module.gate_up_proj.shape[1 if layer.base_module.is_transposed else 2]
+    x = torch.randn(9, size)
+    compiled = torch.compile(layer, fullgraph=True, dynamic=False)
+    results = []
+    for run in (layer, compiled):
+        layer.zero_grad(set_to_none=True)
+        x_ = x.clone().requires_grad_(True)
+        y = run(x_, index, weights.float())
+        y.square().sum().backward()
+        results.append([y.detach(), x_.grad] + [getattr(layer, n).grad for n in layer.param_names])
+    for eager, traced in zip(*results, strict=True):
+        torch.testing.assert_close(traced, eager, rtol=1e-5, atol=1e-6)
+
+
+def test_lora_dropout_dora_lora_bias_refused_as_in_peft():
+    """peft's ParamWrapper refuses them; so do we, by name, before touching the model."""
+    base = MOE_MODELS["qwen3_moe"]()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    for option in ({"lora_dropout": 0.1}, {"use_dora": True}, {"lora_bias": True}):
+        with pytest.raises(ValueError, match="does not work"):
+            peft.get_peft_model(
+                copy.deepcopy(base), peft.LoraConfig(target_modules="all-linear", **option)
+            )
+        with pytest.raises(ValueError, match=rf"{next(iter(option))}.*mlp\.experts"):
+            inject_adapters(base, LoRAConfig(target_modules="all-linear", **option))
+    with pytest.raises(ValueError, match=r"bias='all'.*target_parameters"):
+        inject_adapters(base, LoRAConfig(target_modules="all-linear", bias="all"))
+    assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
+    assert not any(isinstance(m, LoRAExperts) for m in base.modules())
+
+
+@pytest.mark.parametrize(
+    ("family", "targets", "message"),
+    [
+        ("gpt_oss", ["gate_up_proj_bias"], "adapts gate_up_proj and down_proj only"),
+        ("qwen3_moe", ["nothing_here"], "no parameter matched"),
+        ("qwen3_moe", ["embed_tokens.weight", "q_proj.weight"], None),  # 2-D: allowed
+    ],
+)
+def test_target_parameters_refusals(family, targets, message):
+    base = MOE_MODELS[family]()
+    config = LoRAConfig(target_modules=None, target_parameters=targets)
+    if message is None:
+        assert inject_adapters(base, config).modules
+        return
+    with pytest.raises(ValueError, match=message):
+        inject_adapters(base, config)
+
+
+def test_module_and_its_parameter_both_targeted_is_refused():
+    base = MOE_MODELS["qwen3_moe"]()
+    config = LoRAConfig(target_modules=["q_proj"], target_parameters=["q_proj.weight"])
+    with pytest.raises(ValueError, match="adapt it one way"):
+        inject_adapters(base, config)
+
+
+def test_expert_parallel_is_refused():
+    base = MOE_MODELS["qwen3_moe"]()
+    base.model.layers[1].mlp.experts._is_expert_parallel = True
+    with pytest.raises(ValueError, match="expert parallelism"):
+        inject_adapters(base, LoRAConfig(target_modules="all-linear"))
+
+
+def test_a_three_d_parameter_outside_experts_is_refused():
+    class Holder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = torch.nn.Module()
+            self.inner.stack = torch.nn.Parameter(torch.randn(2, 3, 4))
+
+    with pytest.raises(ValueError, match="not a transformers experts module"):
+        inject_adapters(Holder(), LoRAConfig(target_modules=None, target_parameters=["stack"]))
+
+
+def test_no_expert_weight_sized_tensor_is_kept_for_backward():
+    """The adapted experts keep nothing of ΔW's size for backward (peft keeps W + ΔW, E·out·in
+    floats per parameter per layer): every saved tensor that is not a parameter is smaller than
+    one expert stack."""
+    layer = _experts_layer("qwen3_moe", dtype=torch.float32, num_experts=16)
+    index, weights = _routing(6, 2, list(range(16)))
+    stack = min(layer.gate_up_proj[0].numel(), layer.down_proj[0].numel()) * 16 * 4
+    params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    saved = []
+
+    def pack(tensor):
+        if tensor.untyped_storage().data_ptr() not in params:
+            saved.append(tensor.untyped_storage().nbytes())
+        return tensor
+
+    x = torch.randn(6, 32, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        layer(x, index, weights.float()).sum().backward()
+    assert saved and max(saved) < stack / 4, (max(saved), stack)
+    assert layer.lora_A.grad is not None and layer.base_layer_lora_B.grad is not None
+
+
+def test_base_keys_unchanged_and_gpt_oss_all_linear_says_what_it_leaves_out():
+    base = MOE_MODELS["gpt_oss"]()
+    keys = set(base.state_dict())
+    report = inject_adapters(base, LoRAConfig(target_modules="all-linear"))
+    assert {name for name, _ in report.skipped} == {
+        "model.layers.0.mlp.experts",
+        "model.layers.1.mlp.experts",
+    }
+    assert "target_parameters" in str(report)
+    model = MOE_MODELS["qwen3_moe"]()
+    keys = set(model.state_dict())
+    inject_adapters(model, LoRAConfig(target_modules="all-linear"))
+    added = set(model.state_dict()) - keys
+    assert keys <= set(model.state_dict())
+    assert added and all(".lora_" in k or "_lora_" in k for k in added)

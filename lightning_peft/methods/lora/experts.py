@@ -28,6 +28,8 @@ projections (biases), and what peft's ``ParamWrapper`` refuses (see ``param_laye
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any
 
 import torch
@@ -70,19 +72,34 @@ def experts_refusal(module: nn.Module, name: str, params: list[str]) -> str | No
     return None
 
 
-def _grouped_linear(x: Tensor, weight: Tensor, offsets: Tensor, transposed: bool) -> Tensor:
-    """Rows of ``x`` sorted by expert times each expert's weight (transformers' own grouped
-    linear where it exists)."""
+GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # torch._grouped_mm's
+
+
+@functools.cache
+def _transformers_grouped_linear():
+    """transformers' ``_grouped_linear(input, weight, offs, bias, is_transposed)``, or None where
+    this transformers has none with that signature."""
     try:
-        from transformers.integrations.moe import _grouped_linear as grouped
-    except ImportError:  # older transformers: a loop over the experts
-        weight = weight if transposed else weight.transpose(-2, -1)  # (E, in, out)
-        pieces, start = [], 0
-        for k, end in enumerate(offsets.tolist()):
-            pieces.append(x[start:end] @ weight[k])
-            start = end
-        return torch.cat(pieces)
-    return grouped(x, weight, offsets, is_transposed=transposed)
+        from transformers.integrations.moe import _grouped_linear
+    except ImportError:
+        return None
+    parameters = inspect.signature(_grouped_linear).parameters
+    return _grouped_linear if "is_transposed" in parameters else None
+
+
+def _grouped_linear(x: Tensor, weight: Tensor, offsets: Tensor, transposed: bool) -> Tensor:
+    """Rows of ``x`` (S, in) sorted by expert, each times its expert's weight: (S, out).
+    transformers' ``_grouped_linear`` (``torch._grouped_mm``) where it exists and takes the
+    dtype; otherwise a loop over the experts (float64, older transformers)."""
+    grouped = _transformers_grouped_linear()
+    if grouped is not None and x.dtype in GROUPED_MM_DTYPES and weight.dtype == x.dtype:
+        return grouped(x, weight, offsets, is_transposed=transposed)
+    weight = weight if transposed else weight.transpose(-2, -1)  # (E, in, out)
+    pieces, start = [], 0
+    for k, end in enumerate(offsets.tolist()):
+        pieces.append(x[start:end] @ weight[k].to(x.dtype))
+        start = end
+    return torch.cat(pieces)
 
 
 class LoRAExperts(ParameterLoRA):
@@ -115,7 +132,7 @@ class LoRAExperts(ParameterLoRA):
     def _delta(self, local: str, x: Tensor, offsets: Tensor, rows: Tensor | None) -> Tensor:
         dtype = torch.promote_types(x.dtype, self.factors(local)[0].dtype)
         lora_A, lora_B = self.expert_factors(local, dtype)
-        scaling = torch.full((lora_A.shape[0],), self.scalings[local], device=x.device)
+        scaling = torch.full((lora_A.shape[0],), self.scalings[local], dtype=dtype, device=x.device)
         return grouped_lora_delta(x, lora_A, lora_B, scaling, offsets, rows, backend=self.backend)
 
     def forward(self, hidden_states: Tensor, *routing: Any, **named: Any) -> Tensor:
