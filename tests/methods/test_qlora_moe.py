@@ -105,7 +105,7 @@ def test_lora_on_experts_of_a_quantized_model_matches_peft(saved_moe, mode, tmp_
     """LoRA on the attention (bitsandbytes layers) and on the experts' fused parameters of a
     4-bit / 8-bit model: the expert adapters act (the output moves with B ≠ 0, every expert
     factor gets a non-zero gradient) and ours equals peft's over the same quantized base."""
-    _, directory, _ = saved_moe
+    family, directory, _ = saved_moe
     ids = tokens(batch=3, length=6)
     ours = quantized(directory, mode)
     with torch.no_grad():
@@ -124,11 +124,15 @@ def test_lora_on_experts_of_a_quantized_model_matches_peft(saved_moe, mode, tmp_
     assert g_ours.keys() == g_theirs.keys()
     expert_keys = [k for k in g_ours if ".mlp.experts." in k]
     assert len(expert_keys) == 2 * len(EXPERTS) * len(ours.model.layers)
+    worst = 0.0
     for key in [*g_ours, "input"]:
         grad, peer = (dx_ours, dx_theirs) if key == "input" else (g_ours[key], g_theirs[key])
         scale = float(peer.abs().max())
         assert scale > 0, key  # every adapter factor, the experts' included, gets a gradient
         torch.testing.assert_close(grad, peer, rtol=1e-4, atol=1e-5 * scale, msg=key)
+        worst = max(worst, float((grad - peer).abs().max()) / scale)
+    difference = float((y_ours - y_theirs).abs().max())
+    print(f"\n{family} {mode}: out {difference:.1e}, grad {worst:.1e}")
     assert (y_ours - plain).abs().max() > 1e-3  # the adapters change the output...
     with disable_adapters(ours), torch.no_grad():
         torch.testing.assert_close(ours(input_ids=ids).logits, plain)  # ...and only they do
