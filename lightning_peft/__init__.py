@@ -30,8 +30,10 @@ _EXPORTS = {
     "LoRAConfig": "lightning_peft.methods.lora.config",
     "LoRAConv": "lightning_peft.methods.lora.conv",
     "LoRAEmbedding": "lightning_peft.methods.lora.embedding",
+    "LoRAExperts": "lightning_peft.methods.lora.experts",
     "LoRALinear": "lightning_peft.methods.lora.linear",
     "LoRAMultiheadAttention": "lightning_peft.methods.lora.mha",
+    "LoRAParameter": "lightning_peft.methods.lora.param_layer",
     "PEFTCallback": "lightning_peft.lightning.callback",
     "PromptEmbedding": "lightning_peft.methods.prompt_tuning.layers",
     "PromptTuningConfig": "lightning_peft.methods.prompt_tuning.config",
@@ -66,8 +68,10 @@ __all__ = [
     "LoRAConfig",
     "LoRAConv",
     "LoRAEmbedding",
+    "LoRAExperts",
     "LoRALinear",
     "LoRAMultiheadAttention",
+    "LoRAParameter",
     "PEFTCallback",
     "PromptEmbedding",
     "PromptTuningConfig",
@@ -115,8 +119,10 @@ if TYPE_CHECKING:
     from lightning_peft.methods.lora.config import LoRAConfig
     from lightning_peft.methods.lora.conv import LoRAConv
     from lightning_peft.methods.lora.embedding import LoRAEmbedding
+    from lightning_peft.methods.lora.experts import LoRAExperts
     from lightning_peft.methods.lora.linear import LoRALinear
     from lightning_peft.methods.lora.mha import LoRAMultiheadAttention
+    from lightning_peft.methods.lora.param_layer import LoRAParameter
     from lightning_peft.methods.prompt_tuning.config import PromptTuningConfig
     from lightning_peft.methods.prompt_tuning.layers import PromptEmbedding
     from lightning_peft.methods.registry import METHODS, method_for

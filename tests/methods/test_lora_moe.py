@@ -93,16 +93,20 @@ def _saved(model):
     return {names[k]: v for k, v in live.items()}
 
 
+ONE_EXPERT = {"num_experts": 1, "num_experts_per_tok": 1}
+
+
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "gpt_oss"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "gpt_oss", "qwen3_moe E=1"])
 def test_matches_peft_both_ways(family, implementation, tmp_path):
     """peft's adapter loads here and ours in peft: equal logits, adapter and input gradients,
-    for each experts implementation transformers offers."""
+    for each experts implementation transformers offers (and one expert, top-1)."""
     kwargs = dict(KWARGS)
     if family == "gpt_oss":  # peft leaves gpt-oss alone: name the parameters
         kwargs["target_parameters"] = ["gate_up_proj", "down_proj", "router.weight"]
-    base = MOE_MODELS[family]()
+    base = MOE_MODELS[family.split()[0]](**(ONE_EXPERT if "E=1" in family else {}))
     _set_implementation(base, implementation)
+    assert base.model.layers[0].mlp.experts.config._experts_implementation == implementation
     ids = tokens(batch=3, length=5)
 
     theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kwargs))
@@ -221,15 +225,74 @@ def _key(model, name):
     return peft_keys(model, [name])[name]
 
 
+def _nemotron_h():  # has_gate=False: up_proj and act_fn (relu²)
+    from transformers import NemotronHConfig
+    from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHExperts
+
+    return NemotronHExperts(
+        NemotronHConfig(
+            hidden_size=32,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            moe_intermediate_size=16,
+            n_routed_experts=4,
+            moe_latent_size=None,
+        )
+    )
+
+
+def _ergo():  # has_gate=False, is_transposed=True
+    from transformers.models.ergo.configuration_ergo import ErgoConfig
+    from transformers.models.ergo.modeling_ergo import ErgoExpertProjections
+
+    config = ErgoConfig(
+        hidden_size=32,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        moe_intermediate_size=16,
+        num_experts=4,
+    )
+    return ErgoExpertProjections(config)
+
+
+def _muse_spark():  # has_post_expert_norm=True
+    from transformers.models.muse_spark.configuration_muse_spark import MuseSparkTextConfig
+    from transformers.models.muse_spark.modeling_muse_spark import MuseSparkExperts
+
+    config = MuseSparkTextConfig(
+        moe_hidden_size=32,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        moe_intermediate_size=16,
+        num_local_experts=4,
+    )
+    return MuseSparkExperts(config)
+
+
+FLAG_EXPERTS = {"nemotron_h": _nemotron_h, "ergo": _ergo, "muse_spark": _muse_spark}
+
+
 def _experts_layer(family: str, dtype=torch.float64, **config) -> LoRAExperts:
-    """The first layer's experts of a tiny model, adapted (random A and B) in ``dtype``."""
-    experts = MOE_MODELS[family](**config).model.layers[0].mlp.experts.to(dtype)
+    """The first layer's experts of a tiny model (or one of ``FLAG_EXPERTS``, random weights),
+    adapted (random A and B) in ``dtype``."""
+    if family in FLAG_EXPERTS:
+        experts = FLAG_EXPERTS[family]()
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for param in experts.parameters():
+                param.normal_(0, 0.2)
+    else:
+        experts = MOE_MODELS[family](**config).model.layers[0].mlp.experts
+    experts = experts.to(dtype)
     experts.config._experts_implementation = "eager"
+    up = "gate_up_proj" if experts.has_gate else "up_proj"
     lora = LoRAConfig(
         r=3,
         lora_alpha=4,
         target_modules=None,
-        target_parameters=["gate_up_proj", "down_proj"],
+        target_parameters=[up, "down_proj"],
         init_lora_weights=False,
         adapter_dtype=str(dtype).removeprefix("torch."),
     )
@@ -262,19 +325,22 @@ def _routing(tokens_: int, top_k: int, experts: list[int], seed: int = 0):
         ("qwen3_moe", {"num_experts": 1, "num_experts_per_tok": 1}, 1, [0]),  # E = 1
         ("mixtral", {}, 3, [0, 1, 2, 3]),  # top-3
         ("gpt_oss", {}, 2, [1, 2]),  # transposed, biases, interleaved gate; 2 idle experts
+        ("nemotron_h", {}, 2, [0, 2, 3]),
+        ("ergo", {}, 1, [0, 1, 2]),  # its eager forward takes one route per row, weight 1
+        ("muse_spark", {}, 2, [0, 1, 3]),
     ],
 )
 def test_experts_forward_and_gradients_against_materialised_weights(family, config, top_k, reached):
     """float64: the routed grouped forward equals W + ΔW in transformers' eager loop; the
-    gradients of x, A and B too, and experts no token reaches get exactly zero gradient."""
+    gradients of x, A and B too, and experts no token reaches get exactly zero gradient. Every
+    flag of ``@use_experts_implementation``: transposed with biases and an interleaved gate
+    (gpt-oss), no gate (NemotronH; Ergo, transposed too), a post-expert norm (MuseSpark)."""
     layer = _experts_layer(family, **config)
     index, weights = _routing(7, top_k, reached)
-    x = torch.randn(
-        7,
-        layer.base_module.gate_up_proj.shape[-1 if not layer.base_module.is_transposed else 1],
-        dtype=torch.float64,
-        requires_grad=True,
-    )
+    if family == "ergo":
+        weights = torch.ones_like(weights)
+    hidden = layer.experts_of(layer, "down_proj")[1]  # down_proj's out: the hidden size
+    x = torch.randn(7, hidden, dtype=torch.float64, requires_grad=True)
     outputs, grads = [], []
     for run in (layer, lambda *a: _materialised(layer, *a)):
         layer.zero_grad(set_to_none=True)
@@ -415,3 +481,83 @@ def test_base_keys_unchanged_and_gpt_oss_all_linear_says_what_it_leaves_out():
     added = set(model.state_dict()) - keys
     assert keys <= set(model.state_dict())
     assert added and all(".lora_" in k or "_lora_" in k for k in added)
+
+
+@pytest.mark.slow
+def test_fit_with_the_callback_trains_the_experts_and_peft_loads_the_result(tmp_path):
+    """PEFTCallback on a LightningModule holding a tiny Qwen3-MoE: all-linear reaches the
+    experts and the router through the wrapper, every expert's pair trains, and peft loads the
+    adapter written at the end with our outputs."""
+    from lightning_peft import PEFTCallback
+    from tests.helpers.lightning_modules import PlainCausalLM, trainer
+
+    class MoECausalLM(PlainCausalLM):
+        def build_model(self):
+            return MOE_MODELS["qwen3_moe"](vocab_size=128).train()
+
+    module = MoECausalLM(lr=1e-2)
+    callback = PEFTCallback(
+        LoRAConfig(r=4, target_modules="all-linear"), save_adapter_to=tmp_path / "a"
+    )
+    trainer(tmp_path, [callback], max_steps=8).fit(module)
+    layers = [m for m in module.model.modules() if isinstance(m, LoRAExperts)]
+    assert len(layers) == 2
+    for layer in layers:  # B starts at zero: every expert pair has been trained
+        for local in layer.param_names:
+            assert layer.factors(local)[1].abs().amax(dim=0).gt(0).all()
+    assert read_config(tmp_path / "a").target_parameters
+    theirs = peft.PeftModel.from_pretrained(MOE_MODELS["qwen3_moe"](vocab_size=128), tmp_path / "a")
+    ids = tokens(batch=2, length=6)
+    module.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            theirs.eval()(ids).logits, module.model(ids).logits, rtol=1e-5, atol=1e-5
+        )
+
+
+def test_disable_adapters_runs_the_base_experts():
+    from lightning_peft import disable_adapters
+
+    base = MOE_MODELS["mixtral"]()
+    ids = tokens(batch=2, length=6)
+    with torch.no_grad():
+        expected = base(ids).logits
+        inject_adapters(base, LoRAConfig(target_modules="all-linear", init_lora_weights=False))
+        adapted = base(ids).logits
+        with disable_adapters(base):
+            torch.testing.assert_close(base(ids).logits, expected, rtol=0, atol=0)
+        torch.testing.assert_close(base(ids).logits, adapted, rtol=0, atol=0)
+    assert (adapted - expected).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_bfloat16_model_error_within_twice_peft_s(family):
+    """A bfloat16 model with float32 adapters: against the same adapter in float64, our logits'
+    error is at most twice peft's (which adds ΔW in bfloat16)."""
+    kwargs = dict(KWARGS, target_parameters=["gate_up_proj", "down_proj"])
+    base = MOE_MODELS[family]()
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kwargs))
+    ours = copy.deepcopy(base)
+    inject_adapters(ours, LoRAConfig(**kwargs))
+    with torch.no_grad():
+        for name, param in ours.named_parameters():
+            if "lora_" in name:
+                param.copy_(_saved_of(theirs)[_key(ours, name)])
+    reference = copy.deepcopy(ours).to(torch.float64)
+    for param in reference.parameters():  # the adapters too (they keep their dtype in .to)
+        param.data = param.data.to(torch.float64)
+    ids = tokens(batch=2, length=6)
+    with torch.no_grad():
+        exact = reference(ids).logits
+        ours.to(torch.bfloat16)
+        theirs.to(torch.bfloat16)
+        error_ours = (ours(ids).logits.double() - exact).abs().max()
+        error_theirs = (theirs(ids).logits.double() - exact).abs().max()
+    assert error_ours <= 2 * error_theirs, (float(error_ours), float(error_theirs))
+
+
+def test_a_one_d_parameter_is_refused():
+    base = MOE_MODELS["qwen3_moe"]()
+    config = LoRAConfig(target_modules=None, target_parameters=["model.norm.weight"])
+    with pytest.raises(ValueError, match=r"'model\.norm\.weight' has shape \(32,\)"):
+        inject_adapters(base, config)

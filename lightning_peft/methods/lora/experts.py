@@ -144,7 +144,7 @@ class LoRAExperts(ParameterLoRA):
             raise ValueError("LoRAExperts does not support expert parallelism")
         up_name, down_name = projections(base)
         experts, top_k = base.num_experts, top_k_index.shape[-1]
-        expert_ids = top_k_index.reshape(-1)
+        expert_ids = top_k_index.reshape(-1).to(torch.int64)
         sorted_ids, perm = torch.sort(expert_ids)
         rows = perm // top_k  # the token of each sorted (token, k) pair
         counts = torch.zeros(experts, dtype=torch.int64, device=expert_ids.device)

@@ -86,7 +86,7 @@ class ParameterLoRA(AdapterLayer):
         self.ranks, self.alphas, self.scalings = {}, {}, {}
         dtype = getattr(torch, config.adapter_dtype)
         shapes = self.adapter_shapes(base, config, name)
-        device = next(iter(base._parameters.values())).device
+        device = base._parameters[params[0]].device
         for local in params:
             rank, alpha = config.rank_and_alpha(f"{name}.{local}")
             self.ranks[local], self.alphas[local] = rank, alpha
