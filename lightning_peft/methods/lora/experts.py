@@ -154,17 +154,18 @@ class LoRAExperts(ParameterLoRA):
         hidden = _grouped_linear(
             hidden_states[rows], getattr(self, up_name), offsets, base.is_transposed
         )
+        # In place on the grouped products (their backward needs only their inputs).
         if base.has_bias:
-            hidden = hidden + getattr(self, f"{up_name}_bias")[sorted_ids]
+            hidden.add_(getattr(self, f"{up_name}_bias")[sorted_ids])
         if up_name in self.param_names:
-            hidden = hidden + self._delta(up_name, hidden_states, offsets, rows).to(hidden.dtype)
+            hidden.add_(self._delta(up_name, hidden_states, offsets, rows))
         hidden = base._apply_gate(hidden) if base.has_gate else base.act_fn(hidden)
 
         out = _grouped_linear(hidden, getattr(self, down_name), offsets, base.is_transposed)
         if base.has_bias:
-            out = out + getattr(self, f"{down_name}_bias")[sorted_ids]
+            out.add_(getattr(self, f"{down_name}_bias")[sorted_ids])
         if down_name in self.param_names:
-            out = out + self._delta(down_name, hidden, offsets, None).to(out.dtype)
+            out.add_(self._delta(down_name, hidden, offsets, None))
         if getattr(base, "has_post_expert_norm", False):
             out = base.post_expert_norm(out)
 
