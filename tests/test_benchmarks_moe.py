@@ -1,6 +1,10 @@
 """``python -m benchmarks moe --quick`` end to end on a tiny Qwen3-MoE, into a temporary folder."""
 
 import json
+import re
+import shlex
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -8,7 +12,6 @@ from benchmarks import moe
 from benchmarks.moe_variants import SHAPES, materialised_delta_bytes
 
 pytest.importorskip("peft")
-pytestmark = pytest.mark.slow  # ~8 s: three tiny models, two rounds
 
 
 @pytest.fixture(scope="module")
@@ -21,6 +24,7 @@ def quick_run(tmp_path_factory):
     return json.loads(path.read_text()), table.read_text()
 
 
+@pytest.mark.slow  # ~8 s with the next: three tiny models, two rounds
 def test_quick_run_writes_every_variant_with_paired_ratios(quick_run):
     result, table = quick_run
     rows = {row["implementation"]: row for row in result["rows"]}
@@ -43,6 +47,7 @@ def test_quick_run_writes_every_variant_with_paired_ratios(quick_run):
     assert "| floor (no adapters) |" in table and "| lightning-peft |" in table
 
 
+@pytest.mark.slow
 def test_adapters_cover_attention_and_every_expert(quick_run):
     """r × (in + out) per attention projection, r × E × (in + out) per fused expert
     parameter (peft's layout), in every layer."""
@@ -67,3 +72,29 @@ def test_materialised_delta_counts_every_expert_weight():
     model = load_base_model(shape, torch.float32, torch.device("cpu"), None)
     per_layer = shape.experts * 3 * shape.hidden * shape.expert_intermediate
     assert materialised_delta_bytes(model, torch.float32) == 4 * shape.layers * per_layer
+
+
+GPU_CHECK = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
+
+
+def test_gpu_check_runs_the_moe_benchmark_with_options_that_parse():
+    """gpu_check.sh is valid bash, and its MoE command's options parse here (the device aside:
+    no CUDA on this machine) into the stated GPU shape: bf16, E=64, hidden 2048, top-8."""
+    import torch
+
+    subprocess.run(["bash", "-n", str(GPU_CHECK)], check=True)
+    script = GPU_CHECK.read_text().replace("\\\n", " ")
+    (command,) = re.findall(r"-m benchmarks moe (.*)", script)
+    argv = [a for a in shlex.split(command.split(">")[0]) if a != "$OUT"]
+    argv[argv.index("--device") + 1] = "cpu"
+    argv.remove("--out")
+    args = moe.parse_args(argv)
+    assert (args.dtype, args.shape, args.rounds) == ("bfloat16", "gpu", 8)
+    shape = SHAPES[args.shape]
+    assert (shape.experts, shape.hidden, shape.top_k) == (64, 2048, 8)
+    with torch.device("meta"):
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_config(shape.config())
+    experts = model.model.layers[0].mlp.experts
+    assert tuple(experts.gate_up_proj.shape) == (64, 2 * shape.expert_intermediate, 2048)
