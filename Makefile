@@ -37,9 +37,11 @@ demo: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 $(VENV)/bin/lightning-peft fit --overwrite
 
 # The whole-model benchmark (SmolLM2-135M: floor / lightning-peft / peft, ~5 min on 2 cores),
-# then the per-layer sweeps.
+# the mixture-of-experts one (a Qwen3-MoE shape, LoRA on attention + experts), then the
+# per-layer sweeps.
 bench: $(VENV)/.installed
 	$(PY) -m benchmarks model
+	$(PY) -m benchmarks moe
 	$(PY) -m benchmarks
 
 lint: $(VENV)/.installed

@@ -1,6 +1,7 @@
 """Entry point: ``python -m benchmarks [--quick] ...`` (the layer sweeps) or
 ``python -m benchmarks model [...]`` (the whole-model benchmark),
-``python -m benchmarks qlora [...]`` (the QLoRA figures) or
+``python -m benchmarks qlora [...]`` (the QLoRA figures),
+``python -m benchmarks moe [...]`` (LoRA on a mixture-of-experts model),
 ``python -m benchmarks profile [...]`` (one layer's time, op by op) or
 ``python -m benchmarks grouped [...]`` (mixed adapters vs one adapter)."""
 
@@ -10,6 +11,7 @@ import sys
 SUBCOMMANDS = {
     "model": "benchmarks.model",
     "qlora": "benchmarks.qlora",
+    "moe": "benchmarks.moe",
     "profile": "benchmarks.layer_profile",
     "grouped": "benchmarks.grouped",
 }

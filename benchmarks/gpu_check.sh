@@ -20,7 +20,8 @@
 # shape with random weights (speed does not depend on the values); it needs transformers and
 # lightning (peft too for its columns) and says so when they are missing.
 # Bounded by `timeout`: 150 s for the tests, 180 s for the sweep, 90 s for the grouped benchmark,
-# 150 s for the whole-model benchmark (about 10 minutes in all, at most).
+# 150 s for the whole-model benchmark, 240 s for the MoE benchmark (its section at the end; about
+# 14 minutes in all, at most).
 # Exit status: 0 when every step passes, else the first failing step's status (124: timed out).
 set -u -o pipefail
 
@@ -101,7 +102,35 @@ cat "$OUT/grouped_stdout.txt"
 echo "== whole-model benchmark: status $model_status"
 [[ -f "$OUT/model_stdout.txt" ]] && cat "$OUT/model_stdout.txt"
 
-for status in "$tests_status" "$bench_status" "$grouped_status" "$model_status"; do
+# -- mixture of experts (python -m benchmarks moe) -------------------------------------------
+# A Qwen3-MoE shape with random weights (hidden 2048, 64 experts of intermediate 768, top-8,
+# 4 layers), bf16, batch 8x512, LoRA r=16 on attention + the experts' gate_up_proj/down_proj:
+# floor / lightning-peft / peft, 8 paired rounds. Targets (printed as "target: ... met|MISSED"):
+# ours' step <= 1.25x the floor and <= 0.8x peft's; peak beyond the floor <= 0.25x peft's.
+# Writes moe_stdout.txt, moe_progress.log and <date>_cuda-*_moe.json / .md. Bounded: 240 s.
+run_moe_benchmark() {
+    echo "== MoE benchmark, bf16 (progress: $OUT/moe_progress.log)"
+    if ! timeout 60 "$PYTHON" -c "import transformers, peft, benchmarks.moe" \
+        >>"$OUT/moe_progress.log" 2>&1; then
+        echo "-- transformers or peft does not import here: MoE benchmark skipped"
+        return 3
+    fi
+    timeout 240 "$PYTHON" -m benchmarks moe --device cuda --dtype bfloat16 --shape gpu \
+        --batch 8 --seq 512 --rounds 8 --out "$OUT" \
+        >"$OUT/moe_stdout.txt" 2>>"$OUT/moe_progress.log"
+    local status=$?
+    if [[ $status -ne 0 ]]; then
+        echo "-- MoE benchmark failed (status $status); last lines of its stderr:"
+        tail -n 30 "$OUT/moe_progress.log"
+    fi
+    cat "$OUT/moe_stdout.txt"
+    return "$status"
+}
+run_moe_benchmark
+moe_status=$?
+echo "== MoE benchmark: status $moe_status"
+
+for status in "$tests_status" "$bench_status" "$grouped_status" "$model_status" "$moe_status"; do
     if [[ $status -ne 0 ]]; then
         exit "$status"
     fi

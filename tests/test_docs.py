@@ -45,6 +45,8 @@ SKIPPED_COMMANDS = {
     "torchrun ": "2 nodes of 8 GPUs",
     "srun ": "a SLURM cluster with GPUs",
     ".venv/bin/python -m benchmarks model": "the SmolLM2 benchmark (~9 min)",
+    ".venv/bin/python -m benchmarks moe": "the MoE benchmark (~4 min); its --quick runs in "
+    "tests/test_benchmarks_moe.py",
 }
 # Python blocks that need something this machine may not have: (text in the block, check, why).
 PYTHON_NEEDS = [

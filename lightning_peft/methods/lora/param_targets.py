@@ -186,6 +186,23 @@ def _replace(config, modules, parameters, rank_pattern, alpha_pattern) -> LoRACo
     )
 
 
+def _refuse_parametrized(module: nn.Module, name: str, config: LoRAConfig) -> None:
+    """Refuse a named parameter that ``torch.nn.utils.parametrize`` computes (bitsandbytes'
+    ``replace_parameter_4bit`` quantizes experts that way): its stored tensor is not the weight,
+    so it cannot be adapted or merged (peft 0.21.2 skips such parameters in silence)."""
+    wanted = config.target_parameters or []
+    for local, chain in getattr(module, "parametrizations", {}).items():
+        key = f"{name}.{local}" if name else local
+        if key in wanted or any(key.endswith(f".{entry}") for entry in wanted):
+            kinds = ", ".join(type(p).__name__ for p in chain)
+            raise ValueError(
+                f"target_parameters names {key!r}, which a parametrization computes ({kinds}: "
+                "e.g. bitsandbytes' replace_parameter_4bit quantizing the experts); LoRA cannot "
+                "adapt a parametrized parameter. Load the experts unquantized (transformers' "
+                "BitsAndBytesConfig quantizes the nn.Linear layers only and leaves them float)"
+            )
+
+
 def parameter_targets(model: nn.Module, config: LoRAConfig) -> list[tuple[str, type[AdapterLayer]]]:
     """``(module name, layer class)`` for each module holding parameters that
     ``config.target_parameters`` names, in ``model.named_modules()`` order.
@@ -198,6 +215,7 @@ def parameter_targets(model: nn.Module, config: LoRAConfig) -> list[tuple[str, t
         return []
     found = []
     for name, module in model.named_modules():
+        _refuse_parametrized(module, name, config)
         params = targeted_parameters(module, name, config)
         if not params:
             continue
