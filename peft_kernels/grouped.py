@@ -395,8 +395,11 @@ def mixed_lora_linear(
         y (..., out) in x's dtype (the autocast dtype under autocast).
 
     The rows are sorted by adapter (``group_rows``, the rows of no adapter last, where they get
-    δ = 0), ``grouped_lora_delta`` runs over them and its output is scattered back onto the
-    base output with ``index_add``. No data-dependent shape: ``torch.compile`` traces it whole.
+    δ = 0) and the grouped delta of the sorted rows is added back at their places in the base
+    output ``F.linear(x, W, b)``, in place: the triton backend's expand kernel adds into y
+    directly (no (N, out) δ), the torch backend uses ``index_add_``. One ``torch.library`` op
+    (``peft_kernels::mixed_lora_linear``), no data-dependent shape: ``torch.compile`` traces it
+    whole. The bias's dtype must be x's; its gradient is ``Σ_rows grad_y``.
     """
     if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
         autocast = torch.get_autocast_dtype(x.device.type)
@@ -442,7 +445,72 @@ def mixed_lora_linear(
     backend = resolve_backend("auto" if backend is None else backend, x.device)
     # rows and offsets are valid by construction: no second value check
     rows, offsets = _group_all(adapter_index, lora_A.shape[0])
-    delta = _run(flat, lora_A, lora_B, scaling, offsets, rows, backend)
-    # in place on the fresh base output (its backward does not read it): no third M×out tensor
-    y = F.linear(flat, weight, bias).index_add_(0, rows, delta)
+    if not TABLE[backend].hand_written:  # naive: the reference loop, then a scatter
+        delta = _run(flat, lora_A, lora_B, scaling, offsets, rows, backend)
+        y = F.linear(flat, weight, bias).index_add(0, rows, delta)
+    else:
+        flat = flat if flat.is_contiguous() else flat.contiguous()
+        y = _mixed_lora_linear(flat, weight, bias, lora_A, lora_B, scaling, offsets, rows, backend)
     return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def _mixed_forward(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: Tensor,
+    offsets: Tensor,
+    rows: Tensor,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    """``(y (N, out), t (N, r))``: the base product with the grouped delta added at ``rows`` (a
+    permutation of x's rows) in place, from ``backend`` ("torch" | "triton")."""
+    return _implementation(backend).mixed_forward(
+        x, weight, bias, lora_A, lora_B, scaling, offsets, rows
+    )
+
+
+def _mixed_forward_fake(x, weight, bias, lora_A, lora_B, scaling, offsets, rows, backend):
+    wide = torch.promote_types(x.dtype, lora_A.dtype)
+    return (
+        x.new_empty(x.shape[0], weight.shape[0]),
+        x.new_empty(rows.shape[0], lora_A.shape[1], dtype=wide),
+    )
+
+
+def _mixed_save(args: tuple, out: tuple) -> tuple[tuple, tuple[str]]:
+    """x, W, the factors, scaling, offsets, rows and t (N, r); never an (N, out) tensor."""
+    x, weight, _bias, lora_A, lora_B, scaling, offsets, rows, backend = args
+    return (x, weight, lora_A, lora_B, scaling, offsets, rows, out[1]), (backend,)
+
+
+def _mixed_backward(
+    grad: Tensor,
+    saved: list[Tensor | None],
+    backend: str,
+    needs: list[bool],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """``(dx (N, in), dbias (out,), dA, dB)``, None where not needed."""
+    return _implementation(backend).mixed_backward(grad.contiguous(), *saved, tuple(needs))
+
+
+def _mixed_backward_fake(grad, saved, backend, needs):
+    x, weight, lora_A, lora_B = saved[:4]
+    likes = (x, weight[:, 0], lora_A, lora_B)
+    return tuple(
+        torch.empty_like(like) if need else like.new_empty(0)
+        for like, need in zip(likes, needs, strict=True)
+    )
+
+
+_mixed_lora_linear = dual_op(
+    "mixed_lora_linear",
+    forward=_mixed_forward,
+    forward_fake=_mixed_forward_fake,
+    save=_mixed_save,
+    backward=_mixed_backward,
+    backward_fake=_mixed_backward_fake,
+    differentiable=("x", "bias", "lora_A", "lora_B"),
+)

@@ -103,3 +103,43 @@ def backward(
             else:
                 grad_x.index_add_(0, rows[start:end], g_x)
     return grad_x, grad_a, grad_b
+
+
+def mixed_forward(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: Tensor,
+    offsets: Tensor,
+    rows: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """``(y (N, out), t (N, r))``: ``y = x Wᵀ + b``, then δ of the ordered rows ``x[rows]``
+    added at ``rows`` in place (``rows`` a permutation of x's rows)."""
+    delta, t = forward(x, lora_A, lora_B, scaling, offsets, rows)
+    return torch.nn.functional.linear(x, weight, bias).index_add_(0, rows, delta), t
+
+
+def mixed_backward(
+    grad_y: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: Tensor,
+    offsets: Tensor,
+    rows: Tensor,
+    t: Tensor,
+    needs: tuple[bool, bool, bool, bool],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """``(dx, dbias, dA, dB)``, None where not needed: ``backward`` on ``grad_y[rows]``, plus
+    ``grad_y W`` for x and ``Σ_rows grad_y`` for the bias."""
+    needs_x, needs_bias, needs_a, needs_b = needs
+    grad_x, grad_a, grad_b = backward(
+        grad_y.index_select(0, rows), x, lora_A, lora_B, scaling, offsets, rows, t,
+        (needs_x, needs_a, needs_b),
+    )  # fmt: skip
+    if needs_x:
+        grad_x += (grad_y @ weight).to(x.dtype)
+    return grad_x, grad_y.sum(0) if needs_bias else None, grad_a, grad_b

@@ -394,6 +394,9 @@ def test_fullgraph_compile_matches_eager(backend):
         torch.testing.assert_close(comp, eager)
 
 
+SEED = 9
+
+
 # -- CUDA: the Triton kernels against the torch backend (run by benchmarks/gpu_check.sh) ---------
 
 
@@ -454,12 +457,36 @@ def test_cuda_triton_matches_torch_backend(dtype, factor_dtype, routing):
 
 
 @pytest.mark.cuda
-def test_cuda_mixed_lora_linear_matches_torch_backend():
-    gen = torch.Generator().manual_seed(9)
-    x = _rand(gen, 4, 300, 520).cuda()
-    weight, bias = _rand(gen, 390, 520, scale=520**-0.5).cuda(), _rand(gen, 390).cuda()
-    A, B = _rand(gen, 5, 8, 520).cuda(), _rand(gen, 5, 390, 8).cuda()
-    scaling, idx = torch.rand(5, device="cuda"), torch.randint(-1, 5, (1200,), device="cuda")
-    outs = [mixed_lora_linear(x, weight, bias, A, B, scaling, idx, backend=backend)
-            for backend in ("torch", "triton")]  # fmt: skip
-    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cuda_mixed_lora_linear_matches_torch_backend(dtype):
+    """The fused layer (the expand adds into the base output) against the torch backend's,
+    forward and every gradient; both against float64."""
+    gen = torch.Generator().manual_seed(SEED)
+    tensors = {
+        "x": _rand(gen, 4, 300, 520),
+        "weight": _rand(gen, 390, 520, scale=520**-0.5),
+        "bias": _rand(gen, 390),
+        "lora_A": _rand(gen, 5, 8, 520, scale=520**-0.5),
+        "lora_B": _rand(gen, 5, 390, 8),
+    }
+    scaling = (torch.rand(5, generator=gen) + 0.5).cuda()
+    idx = torch.randint(-1, 5, (1200,), generator=gen).cuda()
+    grad = torch.randn(4, 300, 390, generator=gen)
+    results = {}
+    for name, backend, run_dtype in (
+        ("ref", "torch", torch.float64),
+        ("torch", "torch", dtype),
+        ("triton", "triton", dtype),
+    ):
+        leaf = {k: v.to("cuda", run_dtype, copy=True) for k, v in tensors.items()}
+        for k in ("x", "bias", "lora_A", "lora_B"):
+            leaf[k].requires_grad_()
+        y = mixed_lora_linear(**leaf, scaling=scaling.to(run_dtype), adapter_index=idx,
+                              backend=backend)  # fmt: skip
+        y.backward(grad.to("cuda", run_dtype))
+        results[name] = [y.detach()] + [leaf[k].grad for k in ("x", "bias", "lora_A", "lora_B")]
+    for label, want, torch_out, triton_out in zip(
+        ("y", "dx", "dbias", "dA", "dB"), *results.values(), strict=True
+    ):
+        bound = 1e-5 if dtype == torch.float32 else 2 * _rel_err(torch_out, want) + 2e-3
+        assert _rel_err(triton_out, want) <= bound, label
