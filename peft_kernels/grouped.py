@@ -147,24 +147,33 @@ def _check_values(n_rows: int, scaling: Tensor, offsets: Tensor, rows: Tensor | 
         raise ValueError(f"rows must index x's {n_rows} rows: every value in [0, {n_rows})")
 
 
-def _check_group_index(group_index: Tensor, num_groups: int) -> None:
+def _check_group_index(
+    group_index: Tensor, num_groups: int, name: str = "group_index", scaling: Tensor | None = None
+) -> None:
+    """Per-row group ids (N,) in [0, num_groups) or -1 (and, given, finite ``scaling``): the
+    values are read eagerly in one host sync, not under ``torch.compile``."""
     if not isinstance(group_index, Tensor):
-        _not_a_tensor("group_index", group_index)
-    if group_index.dtype.is_floating_point or group_index.dtype.is_complex:
-        raise TypeError(f"group_index must be an integer tensor, got dtype {group_index.dtype}")
-    if group_index.dtype == torch.bool:
-        raise TypeError("group_index must be an integer tensor, got dtype torch.bool")
+        _not_a_tensor(name, group_index)
+    dtype = group_index.dtype
+    if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got dtype {group_index.dtype}")
     if group_index.dim() != 1:
-        raise ValueError(f"group_index must be 1-D (N,), got shape {tuple(group_index.shape)}")
+        raise ValueError(f"{name} must be 1-D (N,), got shape {tuple(group_index.shape)}")
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 0:
         raise ValueError(f"num_groups must be an int >= 0, got {num_groups!r}")
-    if torch.compiler.is_compiling() or not group_index.numel():
+    if torch.compiler.is_compiling():
         return
-    if not bool(((group_index >= -1) & (group_index < num_groups)).all()):
+    checks = [((group_index >= -1) & (group_index < num_groups)).all()]
+    if scaling is not None:
+        checks.append(torch.isfinite(scaling).all())
+    ids_ok, *scaling_ok = torch.stack(checks).tolist()
+    if not ids_ok:
         raise ValueError(
-            f"group_index values must be in [0, {num_groups}) or -1 (no group); got values "
+            f"{name} values must be in [0, {num_groups}) or -1 (no group); got values "
             f"from {int(group_index.min())} to {int(group_index.max())}"
         )
+    if not all(scaling_ok):
+        raise ValueError(f"scaling must be finite, got {scaling.tolist()}")
 
 
 # -- grouping helpers ---------------------------------------------------------------------------
@@ -432,17 +441,16 @@ def mixed_lora_linear(
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"bias must be (out,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
     check_frozen_and_scalars(weight, 1.0, 0.0)
-    _check_group_index(adapter_index, lora_A.shape[0])
-    if adapter_index.shape != (flat.shape[0],):
+    if isinstance(adapter_index, Tensor) and adapter_index.shape != (flat.shape[0],):
         raise ValueError(
             f"adapter_index must be (N,) = ({flat.shape[0]},) (x's leading dimensions "
             f"flattened), got {tuple(adapter_index.shape)}"
         )
-    if adapter_index.device != x.device:
+    if isinstance(adapter_index, Tensor) and adapter_index.device != x.device:
         _elsewhere("adapter_index", adapter_index, x.device)
-    if not torch.compiler.is_compiling() and not bool(torch.isfinite(scaling).all()):
-        raise ValueError(f"scaling must be finite, got {scaling.tolist()}")
     backend = resolve_backend("auto" if backend is None else backend, x.device)
+    # last: the values (ids, finite scalings) in one host sync, right before the launches
+    _check_group_index(adapter_index, lora_A.shape[0], "adapter_index", scaling)
     # rows and offsets are valid by construction: no second value check
     rows, offsets = _group_all(adapter_index, lora_A.shape[0])
     if not TABLE[backend].hand_written:  # naive: the reference loop, then a scatter

@@ -340,9 +340,11 @@ def test_mixed_validation():
     s, idx = torch.ones(2), torch.zeros(6, dtype=torch.int64)
     with pytest.raises(ValueError, match="adapter_index must be"):
         mixed_lora_linear(x, weight, None, A, B, s, idx[:5])
-    with pytest.raises(ValueError, match="group_index values"):
+    with pytest.raises(ValueError, match="adapter_index values"):
         mixed_lora_linear(x, weight, None, A, B, s, torch.full((6,), 2))
-    with pytest.raises(TypeError, match="group_index must be an integer"):
+    with pytest.raises(ValueError, match="scaling must be finite"):
+        mixed_lora_linear(x, weight, None, A, B, torch.tensor([1.0, float("inf")]), idx)
+    with pytest.raises(TypeError, match="adapter_index must be an integer"):
         mixed_lora_linear(x, weight, None, A, B, s, idx.float())
     with pytest.raises(ValueError, match="weight must be"):
         mixed_lora_linear(x, torch.zeros(3, 5), None, A, B, s, idx)
