@@ -273,6 +273,20 @@ def test_mixed_on_one_adapter_equals_lora_linear(backend):
     torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
 
 
+def test_mixed_under_autocast_casts_the_base_operands():
+    """As lora_linear: x, W, b in the autocast dtype, the factors keep theirs (float32)."""
+    gen = torch.Generator().manual_seed(7)
+    x, weight, bias = _rand(gen, 2, 3, 16), _rand(gen, 12, 16), _rand(gen, 12)
+    A, B = _rand(gen, 2, 4, 16), _rand(gen, 2, 12, 4)
+    scaling, idx = torch.tensor([1.0, 0.5]), torch.tensor([0, 1, -1, 1, 0, 0])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = mixed_lora_linear(x, weight, bias, A, B, scaling, idx, backend="torch")
+    bf16 = [t.to(torch.bfloat16) for t in (x, weight, bias)]
+    want = mixed_lora_linear(*bf16, A, B, scaling, idx, backend="torch")
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, want, rtol=0, atol=0)
+
+
 # -- validation ---------------------------------------------------------------------------------
 
 
