@@ -405,10 +405,11 @@ def mixed_lora_linear(
 
     The rows are sorted by adapter (``group_rows``, the rows of no adapter last, where they get
     δ = 0) and the grouped delta of the sorted rows is added back at their places in the base
-    output ``F.linear(x, W, b)``, in place: the triton backend's expand kernel adds into y
-    directly (no (N, out) δ), the torch backend uses ``index_add_``. One ``torch.library`` op
-    (``peft_kernels::mixed_lora_linear``), no data-dependent shape: ``torch.compile`` traces it
-    whole. The bias's dtype must be x's; its gradient is ``Σ_rows grad_y``.
+    output: the triton backend's expand kernel writes ``δ + b`` at the rows' places and
+    cuBLAS adds ``x Wᵀ`` in place (no (N, out) δ), the torch backend uses ``index_add_``.
+    One ``torch.library`` op (``peft_kernels::mixed_lora_linear``), no data-dependent shape:
+    ``torch.compile`` traces it whole. The bias has x's dtype; its gradient is
+    ``Σ_rows grad_y``.
     """
     if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
         autocast = torch.get_autocast_dtype(x.device.type)

@@ -14,7 +14,9 @@ Three kernels, each used twice:
   (V_k = B_kᵀ, ordered rows, the tail written as zeros: no memset of δ). Backward:
   dx[rows[j]] += g_t[j] A_k (V_k = A_k): scattered with ``tl.atomic_add`` into a zeroed fp32
   (N, in) buffer when ``rows`` is given, so a row that appears twice (MoE top-k > 1) gets both
-  terms; stored directly (no atomics, no buffer) when it is not.
+  terms; stored directly (no atomics, no buffer) when it is not. ``mixed_forward`` /
+  ``mixed_backward`` (the mixed-adapter layer, ``rows`` a permutation) scatter-store
+  ``δ + b`` / ``g_t A_k`` to ``rows[j]`` and let cuBLAS add the dense product in place.
 - ``_outer_kernel``: ``out_k = σ_k · L_kᵀ X_k`` per group, a reduction over the group's rows.
   dA_k = g_tᵀ x_k (L = g_t, X = x gathered by ``rows``), dB_k = s_k · g_kᵀ t_k (L = t, X = g,
   stored transposed through the strides). One program per (group, column tile, rank tile)
@@ -53,8 +55,8 @@ __all__ = ["backward", "forward", "mixed_backward", "mixed_forward"]
 
 # How ``_expand_kernel`` writes its output: the launchers pass these ints as ``MODE``, the kernel
 # compares it with the constexpr globals.
-_MODES = {"store": 0, "atomic": 1, "add": 2}
-STORE, ATOMIC, ADD = (tl.constexpr(v) for v in _MODES.values())
+_MODES = {"store": 0, "atomic": 1, "scatter": 2}
+STORE, ATOMIC, SCATTER = (tl.constexpr(v) for v in _MODES.values())
 
 
 def _meta(**blocks: int) -> dict:
@@ -166,7 +168,7 @@ def _shrink_kernel(
 
 
 # restore_value: autotuning runs the kernel once per config; ``out`` is put back each time (the
-# atomic buffer to zeros, the base output of an ADD to itself)
+# atomic buffer to zeros)
 @triton.autotune(configs=_EXPAND_CONFIGS, key=["N", "R", "MODE"], restore_value=["out_ptr"])
 @triton.jit
 def _expand_kernel(
@@ -174,8 +176,9 @@ def _expand_kernel(
     t_ptr,  # (M, R) ordered
     v_ptr,  # (K, R, N) through strides: Bᵀ, or A
     scale_ptr,  # (K,) σ_k (HAS_SCALE)
-    out_ptr,  # (M, N) ordered (STORE), or (rows' range, N): fp32 (ATOMIC), any (ADD)
-    rows_ptr,  # (M,) int64 destination row of each ordered row (ATOMIC, ADD)
+    out_ptr,  # (M, N) ordered (STORE), or (rows' range, N): fp32 (ATOMIC), any (SCATTER)
+    rows_ptr,  # (M,) int64 destination row of each ordered row (ATOMIC, SCATTER)
+    bias_ptr,  # (N,) added to every row written (SCATTER with HAS_BIAS)
     tile_group_ptr,
     tile_start_ptr,
     tile_end_ptr,
@@ -193,15 +196,17 @@ def _expand_kernel(
     stride_on,
     # meta
     HAS_SCALE: tl.constexpr,
-    MODE: tl.constexpr,  # STORE, ATOMIC or ADD
+    HAS_BIAS: tl.constexpr,
+    MODE: tl.constexpr,  # STORE, ATOMIC or SCATTER
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """``out[dst_j, n] (+)= σ_k · Σ_r t[j, r] · v[k, r, n]``. STORE: ``=`` at j (the tail gets
-    zeros); ATOMIC: ``+=`` at ``rows[j]`` with fp32 atomics (rows may repeat); ADD: ``+=`` at
-    ``rows[j]`` by a plain read-modify-write, one rounding (rows must not repeat)."""
+    zeros); ATOMIC: ``+=`` at ``rows[j]`` with fp32 atomics (rows may repeat); SCATTER: ``=`` at
+    ``rows[j]`` (+ bias), the tail rows get the bias or zeros (``rows`` a permutation: every
+    row of ``out`` is written once)."""
     tile = tl.program_id(0)
     group = tl.load(tile_group_ptr + tile)
     start = tl.load(tile_start_ptr + tile)
@@ -238,12 +243,15 @@ def _expand_kernel(
         if MODE == ATOMIC:
             tl.atomic_add(out_ptrs, acc, mask=mask)
         else:
-            if MODE == ADD:
-                acc += tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
             tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-    elif group == K:  # the tail: δ = 0 (a scatter adds nothing)
-        if MODE == STORE:
-            tl.store(out_ptrs, tl.zeros((BLOCK_M, BLOCK_N), out_ptr.dtype.element_ty), mask=mask)
+    elif group == K:  # the tail: δ = 0 (an atomic scatter adds nothing)
+        if MODE != ATOMIC:
+            tail = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            if HAS_BIAS:
+                tail += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            tl.store(out_ptrs, tail.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.autotune(configs=_OUTER_CONFIGS, key=["N", "R", "HAS_ROWS"])
@@ -365,9 +373,9 @@ def _shrink(x, rows, w, w_strides, scale, t, maps, block_m) -> None:
     )  # fmt: skip
 
 
-def _expand(t, v, v_strides, scale, out, rows, maps, block_m, mode=None) -> None:
+def _expand(t, v, v_strides, scale, out, rows, maps, block_m, mode=None, bias=None) -> None:
     """out[rows or j] (+)= σ · t v per group; v (K, R, N) given by ``v_strides``; ``mode``:
-    "store" when ``rows`` is None, else "atomic" unless given ("add")."""
+    "store" when ``rows`` is None, else "atomic" unless given ("scatter", + ``bias``)."""
     if mode is None:
         mode = "store" if rows is None else "atomic"
     n_groups, rank, width = v.shape[0], t.shape[1], out.shape[1]
@@ -376,10 +384,12 @@ def _expand(t, v, v_strides, scale, out, rows, maps, block_m, mode=None) -> None
         return maps[0].shape[0], triton.cdiv(width, meta["BLOCK_N"])
 
     _expand_kernel[grid](
-        t, v, t if scale is None else scale, out, t if rows is None else rows, *maps,
+        t, v, t if scale is None else scale, out, t if rows is None else rows,
+        t if bias is None else bias, *maps,
         n_groups, width, rank,
         t.stride(0), t.stride(1), *v_strides, out.stride(0), out.stride(1),
-        HAS_SCALE=scale is not None, MODE=_MODES[mode], BLOCK_M=block_m,
+        HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, MODE=_MODES[mode],
+        BLOCK_M=block_m,
         BLOCK_R=_block_r(rank), DOT_PRECISION=dot_precision(),
     )  # fmt: skip
 
@@ -483,7 +493,7 @@ def _grad_x(grad_t: Tensor, x: Tensor, lora_A: Tensor, rows, maps, block_m: int)
 
 
 # ---------------------------------------------------------------------------------------------
-# The mixed-adapter layer: the expand adds into the base output in place
+# The mixed-adapter layer: the expand writes to the output rows, cuBLAS adds the base product
 # ---------------------------------------------------------------------------------------------
 
 
@@ -497,22 +507,22 @@ def mixed_forward(
     offsets: Tensor,
     rows: Tensor,
 ) -> tuple[Tensor, Tensor]:
-    """``(y (N, out), t (N, r))``: ``y = x Wᵀ + b`` (cuBLAS), then the expand adds
-    ``s_k · t B_kᵀ`` into y's rows ``rows[j]`` in place ("add": read-modify-write, one rounding;
-    ``rows`` is a permutation, so no two programs touch one row). No (N, out) δ is written,
-    read back and scattered: one pass over y instead of three.
+    """``(y (N, out), t (N, r))``. The expand writes ``s_k · t B_kᵀ + b`` straight into y's rows
+    ``rows[j]`` (a permutation: each row once; rows of no adapter get b), then cuBLAS adds
+    ``x Wᵀ`` in place (``addmm_``, beta = 1: the GEMM's epilogue reads y, hidden behind its
+    compute). Beyond the GEMM: one read of x (shrink) and one write of y; no (N, out) δ is
+    written, read back and scattered.
     """
-    y = torch.nn.functional.linear(x, weight, bias)
     n_rows, rank = rows.shape[0], lora_A.shape[1]
+    y = x.new_empty(n_rows, weight.shape[0])
     t = x.new_empty(n_rows, rank, dtype=torch.promote_types(x.dtype, lora_A.dtype))
-    if n_rows == 0:
-        return y, t
-    block_m = _block_m(n_rows)
-    maps = tile_map(offsets, n_rows, block_m)
-    _shrink(x, rows, lora_A, lora_A.stride(), None, t, maps, block_m)
-    b_strides = (lora_B.stride(0), lora_B.stride(2), lora_B.stride(1))
-    _expand(t, lora_B, b_strides, scaling, y, rows, maps, block_m, mode="add")
-    return y, t
+    if n_rows:
+        block_m = _block_m(n_rows)
+        maps = tile_map(offsets, n_rows, block_m)
+        _shrink(x, rows, lora_A, lora_A.stride(), None, t, maps, block_m)
+        b_strides = (lora_B.stride(0), lora_B.stride(2), lora_B.stride(1))
+        _expand(t, lora_B, b_strides, scaling, y, rows, maps, block_m, "scatter", bias)
+    return y.addmm_(x, weight.T), t
 
 
 def mixed_backward(
@@ -530,7 +540,8 @@ def mixed_backward(
     """``(dx, dbias, dA, dB)``, None where not needed (``needs`` in that order). The gradient
     of the ordered rows is ``grad_y[rows]``, read through ``rows`` by the kernels (never copied):
     dB = s·outer(t, grad_y[rows]), g_t = s·grad_y[rows] B_k, dA = outer(g_t, x[rows]),
-    dx = grad_y W (cuBLAS) + g_t A_k added in place at ``rows``.
+    dx = g_t A_k scattered to ``rows`` (zeros for rows of no adapter), then ``+= grad_y W``
+    (cuBLAS, in place).
     """
     needs_x, needs_bias, needs_a, needs_b = needs
     n_rows = rows.shape[0]
@@ -543,7 +554,7 @@ def mixed_backward(
             b_strides = (grad_b.stride(0), grad_b.stride(2), grad_b.stride(1))
             _outer(t, grad_y, rows, offsets, scaling, grad_b, b_strides)
     if needs_x:
-        grad_x = grad_y @ weight
+        grad_x = torch.empty_like(x)
     if needs_x or needs_a:
         grad_a = torch.zeros_like(lora_A) if needs_a else None
         if n_rows:
@@ -555,5 +566,8 @@ def mixed_backward(
             if needs_a:
                 _outer(grad_t, x, rows, offsets, None, grad_a, grad_a.stride())
             if needs_x:
-                _expand(grad_t, lora_A, lora_A.stride(), None, grad_x, rows, maps, block_m, "add")
+                a_strides = lora_A.stride()
+                _expand(grad_t, lora_A, a_strides, None, grad_x, rows, maps, block_m, "scatter")
+    if needs_x:
+        grad_x.addmm_(grad_y, weight)
     return grad_x, grad_bias, grad_a, grad_b
