@@ -41,6 +41,7 @@ from peft_kernels._validation import (
 )
 from peft_kernels.backends import TABLE, backend_module, resolve_backend
 from peft_kernels.dual_op import dual_op
+from peft_kernels.torch_grouped import group_all
 
 __all__ = ["group_rows", "grouped_lora_delta", "mixed_lora_linear", "pad_factors"]
 
@@ -179,16 +180,6 @@ def _check_group_index(
 # -- grouping helpers ---------------------------------------------------------------------------
 
 
-def _group_all(group_index: Tensor, num_groups: int) -> tuple[Tensor, Tensor]:
-    """``(rows (N,), offsets (num_groups,))``: every row, sorted by group (stable), the rows of
-    no group (-1) last, past ``offsets[-1]``. No data-dependent size (``torch.compile``)."""
-    key = torch.where(group_index < 0, num_groups, group_index).to(torch.int64)
-    rows = torch.sort(key, stable=True).indices
-    counts = torch.zeros(num_groups + 1, dtype=torch.int64, device=key.device)
-    counts.index_add_(0, key, torch.ones_like(key))
-    return rows, counts[:num_groups].cumsum(0)
-
-
 def group_rows(group_index: Tensor, num_groups: int) -> tuple[Tensor, Tensor]:
     """``(rows, offsets)`` for ``grouped_lora_delta`` from per-row group ids.
 
@@ -206,7 +197,7 @@ def group_rows(group_index: Tensor, num_groups: int) -> tuple[Tensor, Tensor]:
         TypeError / ValueError: a non-integer or non-1-D ``group_index``, ids out of range.
     """
     _check_group_index(group_index, num_groups)
-    rows, offsets = _group_all(group_index, num_groups)
+    rows, offsets = group_all(group_index, num_groups)
     if not num_groups:
         return rows[:0], offsets
     return rows[: int(offsets[-1])], offsets
@@ -405,8 +396,9 @@ def mixed_lora_linear(
 
     The rows are sorted by adapter (``group_rows``, the rows of no adapter last, where they get
     δ = 0) and the grouped delta of the sorted rows is added back at their places in the base
-    output: the triton backend's expand kernel writes ``δ + b`` at the rows' places and
-    cuBLAS adds ``x Wᵀ`` in place (no (N, out) δ), the torch backend uses ``index_add_``.
+    output ``F.linear(x, W, b)``, in place: the triton backend's expand kernel adds into it
+    directly (no (N, out) δ), the torch backend uses ``index_add_``. The ids are checked in one
+    host sync (eagerly), then the base GEMM is launched before the rows are grouped.
     One ``torch.library`` op (``peft_kernels::mixed_lora_linear``), no data-dependent shape:
     ``torch.compile`` traces it whole. The bias has x's dtype; its gradient is
     ``Σ_rows grad_y``.
@@ -453,13 +445,14 @@ def mixed_lora_linear(
     # last: the values (ids, finite scalings) in one host sync, right before the launches
     _check_group_index(adapter_index, lora_A.shape[0], "adapter_index", scaling)
     # rows and offsets are valid by construction: no second value check
-    rows, offsets = _group_all(adapter_index, lora_A.shape[0])
     if not TABLE[backend].hand_written:  # naive: the reference loop, then a scatter
+        rows, offsets = group_all(adapter_index, lora_A.shape[0])
         delta = _run(flat, lora_A, lora_B, scaling, offsets, rows, backend)
         y = F.linear(flat, weight, bias).index_add(0, rows, delta)
     else:
         flat = flat if flat.is_contiguous() else flat.contiguous()
-        y = _mixed_lora_linear(flat, weight, bias, lora_A, lora_B, scaling, offsets, rows, backend)
+        idx = adapter_index.to(torch.int64)
+        y = _mixed_lora_linear(flat, weight, bias, lora_A, lora_B, scaling, idx, backend)
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -470,29 +463,33 @@ def _mixed_forward(
     lora_A: Tensor,
     lora_B: Tensor,
     scaling: Tensor,
-    offsets: Tensor,
-    rows: Tensor,
+    adapter_index: Tensor,
     backend: str,
-) -> tuple[Tensor, Tensor]:
-    """``(y (N, out), t (N, r))``: the base product with the grouped delta added at ``rows`` (a
-    permutation of x's rows) in place, from ``backend`` ("torch" | "triton")."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(y (N, out), t (N, r), rows (N,), offsets (K,))`` from ``backend`` ("torch" |
+    "triton"): the base product, then the rows grouped by adapter (``group_all``: ``rows`` a
+    permutation, the rows of no adapter last) and their delta added at their places. The base
+    GEMM is launched first, so the small grouping ops run on the CPU behind it."""
     return _implementation(backend).mixed_forward(
-        x, weight, bias, lora_A, lora_B, scaling, offsets, rows
+        x, weight, bias, lora_A, lora_B, scaling, adapter_index
     )
 
 
-def _mixed_forward_fake(x, weight, bias, lora_A, lora_B, scaling, offsets, rows, backend):
+def _mixed_forward_fake(x, weight, bias, lora_A, lora_B, scaling, adapter_index, backend):
     wide = torch.promote_types(x.dtype, lora_A.dtype)
     return (
         x.new_empty(x.shape[0], weight.shape[0]),
-        x.new_empty(rows.shape[0], lora_A.shape[1], dtype=wide),
+        x.new_empty(x.shape[0], lora_A.shape[1], dtype=wide),
+        x.new_empty(x.shape[0], dtype=torch.int64),
+        x.new_empty(lora_A.shape[0], dtype=torch.int64),
     )
 
 
 def _mixed_save(args: tuple, out: tuple) -> tuple[tuple, tuple[str]]:
     """x, W, the factors, scaling, offsets, rows and t (N, r); never an (N, out) tensor."""
-    x, weight, _bias, lora_A, lora_B, scaling, offsets, rows, backend = args
-    return (x, weight, lora_A, lora_B, scaling, offsets, rows, out[1]), (backend,)
+    x, weight, _bias, lora_A, lora_B, scaling, _adapter_index, backend = args
+    _y, t, rows, offsets = out
+    return (x, weight, lora_A, lora_B, scaling, offsets, rows, t), (backend,)
 
 
 def _mixed_backward(

@@ -40,6 +40,16 @@ def segments(offsets: Tensor) -> list[tuple[int, int, int]]:
     return [(k, a, b) for k, (a, b) in enumerate(zip(starts, ends, strict=True)) if b > a]
 
 
+def group_all(group_index: Tensor, num_groups: int) -> tuple[Tensor, Tensor]:
+    """``(rows (N,), offsets (num_groups,))``: every row, sorted by group (stable), the rows of
+    no group (-1) last, past ``offsets[-1]``. No data-dependent size (``torch.compile``)."""
+    key = torch.where(group_index < 0, num_groups, group_index).to(torch.int64)
+    rows = torch.sort(key, stable=True).indices
+    counts = torch.zeros(num_groups + 1, dtype=torch.int64, device=key.device)
+    counts.index_add_(0, key, torch.ones_like(key))
+    return rows, counts[:num_groups].cumsum(0)
+
+
 def _ordered(x: Tensor, rows: Tensor | None, start: int, end: int, dtype: torch.dtype) -> Tensor:
     """Ordered rows ``[start, end)`` of x (gathered through ``rows``) in ``dtype``."""
     part = x[start:end] if rows is None else x.index_select(0, rows[start:end])
@@ -112,13 +122,14 @@ def mixed_forward(
     lora_A: Tensor,
     lora_B: Tensor,
     scaling: Tensor,
-    offsets: Tensor,
-    rows: Tensor,
-) -> tuple[Tensor, Tensor]:
-    """``(y (N, out), t (N, r))``: ``y = x Wᵀ + b``, then δ of the ordered rows ``x[rows]``
-    added at ``rows`` in place (``rows`` a permutation of x's rows)."""
+    adapter_index: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(y (N, out), t (N, r), rows (N,), offsets (K,))``: ``y = x Wᵀ + b``, then δ of the
+    rows sorted by adapter (``group_all``) added at their places in place."""
+    y = torch.nn.functional.linear(x, weight, bias)
+    rows, offsets = group_all(adapter_index, lora_A.shape[0])
     delta, t = forward(x, lora_A, lora_B, scaling, offsets, rows)
-    return torch.nn.functional.linear(x, weight, bias).index_add_(0, rows, delta), t
+    return y.index_add_(0, rows, delta), t, rows, offsets
 
 
 def mixed_backward(

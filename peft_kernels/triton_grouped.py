@@ -14,9 +14,10 @@ Three kernels, each used twice:
   (V_k = B_kᵀ, ordered rows, the tail written as zeros: no memset of δ). Backward:
   dx[rows[j]] += g_t[j] A_k (V_k = A_k): scattered with ``tl.atomic_add`` into a zeroed fp32
   (N, in) buffer when ``rows`` is given, so a row that appears twice (MoE top-k > 1) gets both
-  terms; stored directly (no atomics, no buffer) when it is not. ``mixed_forward`` /
-  ``mixed_backward`` (the mixed-adapter layer, ``rows`` a permutation) scatter-store
-  ``δ + b`` / ``g_t A_k`` to ``rows[j]`` and let cuBLAS add the dense product in place.
+  terms; stored directly (no atomics, no buffer) when it is not. In the mixed-adapter layer
+  (``rows`` a permutation): ``mixed_forward`` adds δ into the base output at ``rows[j]``
+  (read-modify-write), ``mixed_backward`` scatter-stores ``g_t A_k`` to ``rows[j]`` and lets
+  cuBLAS add ``grad_y W`` in place.
 - ``_outer_kernel``: ``out_k = σ_k · L_kᵀ X_k`` per group, a reduction over the group's rows.
   dA_k = g_tᵀ x_k (L = g_t, X = x gathered by ``rows``), dB_k = s_k · g_kᵀ t_k (L = t, X = g,
   stored transposed through the strides). One program per (group, column tile, rank tile)
@@ -49,14 +50,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from peft_kernels.torch_grouped import group_all
 from peft_kernels.triton_common import INTERPRET, MAX_BLOCK_R, _configs, dot_precision, mma_wide
 
 __all__ = ["backward", "forward", "mixed_backward", "mixed_forward"]
 
 # How ``_expand_kernel`` writes its output: the launchers pass these ints as ``MODE``, the kernel
 # compares it with the constexpr globals.
-_MODES = {"store": 0, "atomic": 1, "scatter": 2}
-STORE, ATOMIC, SCATTER = (tl.constexpr(v) for v in _MODES.values())
+_MODES = {"store": 0, "atomic": 1, "scatter": 2, "add": 3}
+STORE, ATOMIC, SCATTER, ADD = (tl.constexpr(v) for v in _MODES.values())
 
 
 def _meta(**blocks: int) -> dict:
@@ -168,7 +170,7 @@ def _shrink_kernel(
 
 
 # restore_value: autotuning runs the kernel once per config; ``out`` is put back each time (the
-# atomic buffer to zeros)
+# atomic buffer to zeros, the base output of an ADD to itself)
 @triton.autotune(configs=_EXPAND_CONFIGS, key=["N", "R", "MODE"], restore_value=["out_ptr"])
 @triton.jit
 def _expand_kernel(
@@ -176,8 +178,8 @@ def _expand_kernel(
     t_ptr,  # (M, R) ordered
     v_ptr,  # (K, R, N) through strides: Bᵀ, or A
     scale_ptr,  # (K,) σ_k (HAS_SCALE)
-    out_ptr,  # (M, N) ordered (STORE), or (rows' range, N): fp32 (ATOMIC), any (SCATTER)
-    rows_ptr,  # (M,) int64 destination row of each ordered row (ATOMIC, SCATTER)
+    out_ptr,  # (M, N) ordered (STORE), or (rows' range, N): fp32 (ATOMIC), any (SCATTER, ADD)
+    rows_ptr,  # (M,) int64 destination row of each ordered row (ATOMIC, SCATTER, ADD)
     bias_ptr,  # (N,) added to every row written (SCATTER with HAS_BIAS)
     tile_group_ptr,
     tile_start_ptr,
@@ -197,7 +199,7 @@ def _expand_kernel(
     # meta
     HAS_SCALE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    MODE: tl.constexpr,  # STORE, ATOMIC or SCATTER
+    MODE: tl.constexpr,  # STORE, ATOMIC, SCATTER or ADD
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -206,7 +208,8 @@ def _expand_kernel(
     """``out[dst_j, n] (+)= σ_k · Σ_r t[j, r] · v[k, r, n]``. STORE: ``=`` at j (the tail gets
     zeros); ATOMIC: ``+=`` at ``rows[j]`` with fp32 atomics (rows may repeat); SCATTER: ``=`` at
     ``rows[j]`` (+ bias), the tail rows get the bias or zeros (``rows`` a permutation: every
-    row of ``out`` is written once)."""
+    row of ``out`` is written once); ADD: ``+=`` at ``rows[j]`` by a plain read-modify-write
+    in fp32, one rounding (rows must not repeat)."""
     tile = tl.program_id(0)
     group = tl.load(tile_group_ptr + tile)
     start = tl.load(tile_start_ptr + tile)
@@ -243,11 +246,13 @@ def _expand_kernel(
         if MODE == ATOMIC:
             tl.atomic_add(out_ptrs, acc, mask=mask)
         else:
+            if MODE == ADD:
+                acc += tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
             if HAS_BIAS:
                 acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
             tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-    elif group == K:  # the tail: δ = 0 (an atomic scatter adds nothing)
-        if MODE != ATOMIC:
+    elif group == K:  # the tail: δ = 0 (an atomic scatter or an ADD adds nothing)
+        if MODE == STORE or MODE == SCATTER:
             tail = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             if HAS_BIAS:
                 tail += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -375,7 +380,7 @@ def _shrink(x, rows, w, w_strides, scale, t, maps, block_m) -> None:
 
 def _expand(t, v, v_strides, scale, out, rows, maps, block_m, mode=None, bias=None) -> None:
     """out[rows or j] (+)= σ · t v per group; v (K, R, N) given by ``v_strides``; ``mode``:
-    "store" when ``rows`` is None, else "atomic" unless given ("scatter", + ``bias``)."""
+    "store" when ``rows`` is None, else "atomic" unless given ("scatter" + ``bias``, "add")."""
     if mode is None:
         mode = "store" if rows is None else "atomic"
     n_groups, rank, width = v.shape[0], t.shape[1], out.shape[1]
@@ -493,7 +498,7 @@ def _grad_x(grad_t: Tensor, x: Tensor, lora_A: Tensor, rows, maps, block_m: int)
 
 
 # ---------------------------------------------------------------------------------------------
-# The mixed-adapter layer: the expand writes to the output rows, cuBLAS adds the base product
+# The mixed-adapter layer: the base GEMM first, the expand adds into its output in place
 # ---------------------------------------------------------------------------------------------
 
 
@@ -504,25 +509,28 @@ def mixed_forward(
     lora_A: Tensor,
     lora_B: Tensor,
     scaling: Tensor,
-    offsets: Tensor,
-    rows: Tensor,
-) -> tuple[Tensor, Tensor]:
-    """``(y (N, out), t (N, r))``. The expand writes ``s_k · t B_kᵀ + b`` straight into y's rows
-    ``rows[j]`` (a permutation: each row once; rows of no adapter get b), then cuBLAS adds
-    ``x Wᵀ`` in place (``addmm_``, beta = 1: the GEMM's epilogue reads y, hidden behind its
-    compute). Beyond the GEMM: one read of x (shrink) and one write of y; no (N, out) δ is
-    written, read back and scattered.
+    adapter_index: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(y (N, out), t (N, r), rows (N,), offsets (K,))``.
+
+    ``y = x Wᵀ + b`` (cuBLAS) is launched first: the eager value check of the adapter ids
+    (``grouped.mixed_lora_linear``) has just synchronised, and the GEMM keeps the GPU busy while
+    the CPU launches the small grouping ops (``group_all``, ``tile_map``). Then the shrink, and
+    the expand adds ``s_k · t B_kᵀ`` into y's rows ``rows[j]`` in place ("add": read-modify-
+    write in fp32, one rounding; ``rows`` is a permutation, no two programs touch one row).
+    No (N, out) δ is written, read back and scattered.
     """
+    y = torch.nn.functional.linear(x, weight, bias)
+    rows, offsets = group_all(adapter_index, lora_A.shape[0])
     n_rows, rank = rows.shape[0], lora_A.shape[1]
-    y = x.new_empty(n_rows, weight.shape[0])
     t = x.new_empty(n_rows, rank, dtype=torch.promote_types(x.dtype, lora_A.dtype))
     if n_rows:
         block_m = _block_m(n_rows)
         maps = tile_map(offsets, n_rows, block_m)
         _shrink(x, rows, lora_A, lora_A.stride(), None, t, maps, block_m)
         b_strides = (lora_B.stride(0), lora_B.stride(2), lora_B.stride(1))
-        _expand(t, lora_B, b_strides, scaling, y, rows, maps, block_m, "scatter", bias)
-    return y.addmm_(x, weight.T), t
+        _expand(t, lora_B, b_strides, scaling, y, rows, maps, block_m, "add")
+    return y, t, rows, offsets
 
 
 def mixed_backward(

@@ -43,6 +43,8 @@ VARIANTS = [
      {"t_ptr": "factor", "v_ptr": "factor", "out_ptr": "fp32", "bias_ptr": "act"}),
     (tg._expand_kernel, {"HAS_SCALE": True, "HAS_BIAS": True, "MODE": 2},
      {"t_ptr": "factor", "v_ptr": "factor", "out_ptr": "act", "bias_ptr": "act"}),
+    (tg._expand_kernel, {"HAS_SCALE": True, "HAS_BIAS": False, "MODE": 3},
+     {"t_ptr": "factor", "v_ptr": "factor", "out_ptr": "act", "bias_ptr": "act"}),
     (tg._outer_kernel, {"HAS_ROWS": True, "HAS_SCALE": False},
      {"l_ptr": "factor", "x_ptr": "act", "out_ptr": "factor"}),
     (tg._outer_kernel, {"HAS_ROWS": False, "HAS_SCALE": True},
