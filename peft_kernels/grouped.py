@@ -41,6 +41,7 @@ from peft_kernels._validation import (
 )
 from peft_kernels.backends import TABLE, backend_module, resolve_backend
 from peft_kernels.dual_op import dual_op
+from peft_kernels.torch_grouped import group_all
 
 __all__ = ["group_rows", "grouped_lora_delta", "mixed_lora_linear", "pad_factors"]
 
@@ -147,37 +148,36 @@ def _check_values(n_rows: int, scaling: Tensor, offsets: Tensor, rows: Tensor | 
         raise ValueError(f"rows must index x's {n_rows} rows: every value in [0, {n_rows})")
 
 
-def _check_group_index(group_index: Tensor, num_groups: int) -> None:
+def _check_group_index(
+    group_index: Tensor, num_groups: int, name: str = "group_index", scaling: Tensor | None = None
+) -> None:
+    """Per-row group ids (N,) in [0, num_groups) or -1 (and, given, finite ``scaling``): the
+    values are read eagerly in one host sync, not under ``torch.compile``."""
     if not isinstance(group_index, Tensor):
-        _not_a_tensor("group_index", group_index)
-    if group_index.dtype.is_floating_point or group_index.dtype.is_complex:
-        raise TypeError(f"group_index must be an integer tensor, got dtype {group_index.dtype}")
-    if group_index.dtype == torch.bool:
-        raise TypeError("group_index must be an integer tensor, got dtype torch.bool")
+        _not_a_tensor(name, group_index)
+    dtype = group_index.dtype
+    if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got dtype {group_index.dtype}")
     if group_index.dim() != 1:
-        raise ValueError(f"group_index must be 1-D (N,), got shape {tuple(group_index.shape)}")
+        raise ValueError(f"{name} must be 1-D (N,), got shape {tuple(group_index.shape)}")
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 0:
         raise ValueError(f"num_groups must be an int >= 0, got {num_groups!r}")
-    if torch.compiler.is_compiling() or not group_index.numel():
+    if torch.compiler.is_compiling():
         return
-    if not bool(((group_index >= -1) & (group_index < num_groups)).all()):
+    checks = [((group_index >= -1) & (group_index < num_groups)).all()]
+    if scaling is not None:
+        checks.append(torch.isfinite(scaling).all())
+    ids_ok, *scaling_ok = torch.stack(checks).tolist()
+    if not ids_ok:
         raise ValueError(
-            f"group_index values must be in [0, {num_groups}) or -1 (no group); got values "
+            f"{name} values must be in [0, {num_groups}) or -1 (no group); got values "
             f"from {int(group_index.min())} to {int(group_index.max())}"
         )
+    if not all(scaling_ok):
+        raise ValueError(f"scaling must be finite, got {scaling.tolist()}")
 
 
 # -- grouping helpers ---------------------------------------------------------------------------
-
-
-def _group_all(group_index: Tensor, num_groups: int) -> tuple[Tensor, Tensor]:
-    """``(rows (N,), offsets (num_groups,))``: every row, sorted by group (stable), the rows of
-    no group (-1) last, past ``offsets[-1]``. No data-dependent size (``torch.compile``)."""
-    key = torch.where(group_index < 0, num_groups, group_index).to(torch.int64)
-    rows = torch.sort(key, stable=True).indices
-    counts = torch.zeros(num_groups + 1, dtype=torch.int64, device=key.device)
-    counts.index_add_(0, key, torch.ones_like(key))
-    return rows, counts[:num_groups].cumsum(0)
 
 
 def group_rows(group_index: Tensor, num_groups: int) -> tuple[Tensor, Tensor]:
@@ -197,7 +197,7 @@ def group_rows(group_index: Tensor, num_groups: int) -> tuple[Tensor, Tensor]:
         TypeError / ValueError: a non-integer or non-1-D ``group_index``, ids out of range.
     """
     _check_group_index(group_index, num_groups)
-    rows, offsets = _group_all(group_index, num_groups)
+    rows, offsets = group_all(group_index, num_groups)
     if not num_groups:
         return rows[:0], offsets
     return rows[: int(offsets[-1])], offsets
@@ -395,8 +395,13 @@ def mixed_lora_linear(
         y (..., out) in x's dtype (the autocast dtype under autocast).
 
     The rows are sorted by adapter (``group_rows``, the rows of no adapter last, where they get
-    δ = 0), ``grouped_lora_delta`` runs over them and its output is scattered back onto the
-    base output with ``index_add``. No data-dependent shape: ``torch.compile`` traces it whole.
+    δ = 0) and the grouped delta of the sorted rows is added back at their places in the base
+    output ``F.linear(x, W, b)``, in place: the triton backend's expand kernel adds into it
+    directly (no (N, out) δ), the torch backend uses ``index_add_``. The ids are checked in one
+    host sync (eagerly), then the base GEMM is launched before the rows are grouped.
+    One ``torch.library`` op (``peft_kernels::mixed_lora_linear``), no data-dependent shape:
+    ``torch.compile`` traces it whole. The bias has x's dtype; its gradient is
+    ``Σ_rows grad_y``.
     """
     if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
         autocast = torch.get_autocast_dtype(x.device.type)
@@ -429,20 +434,89 @@ def mixed_lora_linear(
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"bias must be (out,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
     check_frozen_and_scalars(weight, 1.0, 0.0)
-    _check_group_index(adapter_index, lora_A.shape[0])
-    if adapter_index.shape != (flat.shape[0],):
+    if isinstance(adapter_index, Tensor) and adapter_index.shape != (flat.shape[0],):
         raise ValueError(
             f"adapter_index must be (N,) = ({flat.shape[0]},) (x's leading dimensions "
             f"flattened), got {tuple(adapter_index.shape)}"
         )
-    if adapter_index.device != x.device:
+    if isinstance(adapter_index, Tensor) and adapter_index.device != x.device:
         _elsewhere("adapter_index", adapter_index, x.device)
-    if not torch.compiler.is_compiling() and not bool(torch.isfinite(scaling).all()):
-        raise ValueError(f"scaling must be finite, got {scaling.tolist()}")
     backend = resolve_backend("auto" if backend is None else backend, x.device)
+    # last: the values (ids, finite scalings) in one host sync, right before the launches
+    _check_group_index(adapter_index, lora_A.shape[0], "adapter_index", scaling)
     # rows and offsets are valid by construction: no second value check
-    rows, offsets = _group_all(adapter_index, lora_A.shape[0])
-    delta = _run(flat, lora_A, lora_B, scaling, offsets, rows, backend)
-    # in place on the fresh base output (its backward does not read it): no third M×out tensor
-    y = F.linear(flat, weight, bias).index_add_(0, rows, delta)
+    if not TABLE[backend].hand_written:  # naive: the reference loop, then a scatter
+        rows, offsets = group_all(adapter_index, lora_A.shape[0])
+        delta = _run(flat, lora_A, lora_B, scaling, offsets, rows, backend)
+        y = F.linear(flat, weight, bias).index_add(0, rows, delta)
+    else:
+        flat = flat if flat.is_contiguous() else flat.contiguous()
+        idx = adapter_index.to(torch.int64)
+        y = _mixed_lora_linear(flat, weight, bias, lora_A, lora_B, scaling, idx, backend)
     return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def _mixed_forward(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: Tensor,
+    adapter_index: Tensor,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(y (N, out), t (N, r), rows (N,), offsets (K,))`` from ``backend`` ("torch" |
+    "triton"): the base product, then the rows grouped by adapter (``group_all``: ``rows`` a
+    permutation, the rows of no adapter last) and their delta added at their places. The base
+    GEMM is launched first, so the small grouping ops run on the CPU behind it."""
+    return _implementation(backend).mixed_forward(
+        x, weight, bias, lora_A, lora_B, scaling, adapter_index
+    )
+
+
+def _mixed_forward_fake(x, weight, bias, lora_A, lora_B, scaling, adapter_index, backend):
+    wide = torch.promote_types(x.dtype, lora_A.dtype)
+    return (
+        x.new_empty(x.shape[0], weight.shape[0]),
+        x.new_empty(x.shape[0], lora_A.shape[1], dtype=wide),
+        x.new_empty(x.shape[0], dtype=torch.int64),
+        x.new_empty(lora_A.shape[0], dtype=torch.int64),
+    )
+
+
+def _mixed_save(args: tuple, out: tuple) -> tuple[tuple, tuple[str]]:
+    """x, W, the factors, scaling, offsets, rows and t (N, r); never an (N, out) tensor."""
+    x, weight, _bias, lora_A, lora_B, scaling, _adapter_index, backend = args
+    _y, t, rows, offsets = out
+    return (x, weight, lora_A, lora_B, scaling, offsets, rows, t), (backend,)
+
+
+def _mixed_backward(
+    grad: Tensor,
+    saved: list[Tensor | None],
+    backend: str,
+    needs: list[bool],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """``(dx (N, in), dbias (out,), dA, dB)``, None where not needed."""
+    return _implementation(backend).mixed_backward(grad.contiguous(), *saved, tuple(needs))
+
+
+def _mixed_backward_fake(grad, saved, backend, needs):
+    x, weight, lora_A, lora_B = saved[:4]
+    likes = (x, weight[:, 0], lora_A, lora_B)
+    return tuple(
+        torch.empty_like(like) if need else like.new_empty(0)
+        for like, need in zip(likes, needs, strict=True)
+    )
+
+
+_mixed_lora_linear = dual_op(
+    "mixed_lora_linear",
+    forward=_mixed_forward,
+    forward_fake=_mixed_forward_fake,
+    save=_mixed_save,
+    backward=_mixed_backward,
+    backward_fake=_mixed_backward_fake,
+    differentiable=("x", "bias", "lora_A", "lora_B"),
+)

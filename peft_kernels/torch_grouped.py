@@ -40,6 +40,16 @@ def segments(offsets: Tensor) -> list[tuple[int, int, int]]:
     return [(k, a, b) for k, (a, b) in enumerate(zip(starts, ends, strict=True)) if b > a]
 
 
+def group_all(group_index: Tensor, num_groups: int) -> tuple[Tensor, Tensor]:
+    """``(rows (N,), offsets (num_groups,))``: every row, sorted by group (stable), the rows of
+    no group (-1) last, past ``offsets[-1]``. No data-dependent size (``torch.compile``)."""
+    key = torch.where(group_index < 0, num_groups, group_index).to(torch.int64)
+    rows = torch.sort(key, stable=True).indices
+    counts = torch.zeros(num_groups + 1, dtype=torch.int64, device=key.device)
+    counts.index_add_(0, key, torch.ones_like(key))
+    return rows, counts[:num_groups].cumsum(0)
+
+
 def _ordered(x: Tensor, rows: Tensor | None, start: int, end: int, dtype: torch.dtype) -> Tensor:
     """Ordered rows ``[start, end)`` of x (gathered through ``rows``) in ``dtype``."""
     part = x[start:end] if rows is None else x.index_select(0, rows[start:end])
@@ -103,3 +113,44 @@ def backward(
             else:
                 grad_x.index_add_(0, rows[start:end], g_x)
     return grad_x, grad_a, grad_b
+
+
+def mixed_forward(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: Tensor,
+    adapter_index: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(y (N, out), t (N, r), rows (N,), offsets (K,))``: ``y = x Wᵀ + b``, then δ of the
+    rows sorted by adapter (``group_all``) added at their places in place."""
+    y = torch.nn.functional.linear(x, weight, bias)
+    rows, offsets = group_all(adapter_index, lora_A.shape[0])
+    delta, t = forward(x, lora_A, lora_B, scaling, offsets, rows)
+    return y.index_add_(0, rows, delta), t, rows, offsets
+
+
+def mixed_backward(
+    grad_y: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: Tensor,
+    offsets: Tensor,
+    rows: Tensor,
+    t: Tensor,
+    needs: tuple[bool, bool, bool, bool],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """``(dx, dbias, dA, dB)``, None where not needed: ``backward`` on ``grad_y[rows]``, plus
+    ``grad_y W`` for x and ``Σ_rows grad_y`` for the bias."""
+    needs_x, needs_bias, needs_a, needs_b = needs
+    grad_x, grad_a, grad_b = backward(
+        grad_y.index_select(0, rows), x, lora_A, lora_B, scaling, offsets, rows, t,
+        (needs_x, needs_a, needs_b),
+    )  # fmt: skip
+    if needs_x:
+        grad_x += (grad_y @ weight).to(x.dtype)
+    return grad_x, grad_y.sum(0) if needs_bias else None, grad_a, grad_b

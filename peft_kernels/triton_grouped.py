@@ -14,7 +14,10 @@ Three kernels, each used twice:
   (V_k = B_kᵀ, ordered rows, the tail written as zeros: no memset of δ). Backward:
   dx[rows[j]] += g_t[j] A_k (V_k = A_k): scattered with ``tl.atomic_add`` into a zeroed fp32
   (N, in) buffer when ``rows`` is given, so a row that appears twice (MoE top-k > 1) gets both
-  terms; stored directly (no atomics, no buffer) when it is not.
+  terms; stored directly (no atomics, no buffer) when it is not. In the mixed-adapter layer
+  (``rows`` a permutation): ``mixed_forward`` adds δ into the base output at ``rows[j]``
+  (read-modify-write), ``mixed_backward`` scatter-stores ``g_t A_k`` to ``rows[j]`` and lets
+  cuBLAS add ``grad_y W`` in place.
 - ``_outer_kernel``: ``out_k = σ_k · L_kᵀ X_k`` per group, a reduction over the group's rows.
   dA_k = g_tᵀ x_k (L = g_t, X = x gathered by ``rows``), dB_k = s_k · g_kᵀ t_k (L = t, X = g,
   stored transposed through the strides). One program per (group, column tile, rank tile)
@@ -47,9 +50,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from peft_kernels.torch_grouped import group_all
 from peft_kernels.triton_common import INTERPRET, MAX_BLOCK_R, _configs, dot_precision, mma_wide
 
-__all__ = ["backward", "forward"]
+__all__ = ["backward", "forward", "mixed_backward", "mixed_forward"]
+
+# How ``_expand_kernel`` writes its output: the launchers pass these ints as ``MODE``, the kernel
+# compares it with the constexpr globals.
+_MODES = {"store": 0, "atomic": 1, "scatter": 2, "add": 3}
+STORE, ATOMIC, SCATTER, ADD = (tl.constexpr(v) for v in _MODES.values())
 
 
 def _meta(**blocks: int) -> dict:
@@ -160,15 +169,18 @@ def _shrink_kernel(
         tl.store(t_ptrs, zeros, mask=mask_m[:, None] & mask_r[None, :])
 
 
-@triton.autotune(configs=_EXPAND_CONFIGS, key=["N", "R", "SCATTER"], reset_to_zero=["out_ptr"])
+# restore_value: autotuning runs the kernel once per config; ``out`` is put back each time (the
+# atomic buffer to zeros, the base output of an ADD to itself)
+@triton.autotune(configs=_EXPAND_CONFIGS, key=["N", "R", "MODE"], restore_value=["out_ptr"])
 @triton.jit
 def _expand_kernel(
     # pointers
     t_ptr,  # (M, R) ordered
     v_ptr,  # (K, R, N) through strides: Bᵀ, or A
     scale_ptr,  # (K,) σ_k (HAS_SCALE)
-    out_ptr,  # (M, N) ordered, or (rows' range, N) fp32 (SCATTER)
-    rows_ptr,  # (M,) int64 destination row of each ordered row (SCATTER)
+    out_ptr,  # (M, N) ordered (STORE), or (rows' range, N): fp32 (ATOMIC), any (SCATTER, ADD)
+    rows_ptr,  # (M,) int64 destination row of each ordered row (ATOMIC, SCATTER, ADD)
+    bias_ptr,  # (N,) added to every row written (SCATTER with HAS_BIAS)
     tile_group_ptr,
     tile_start_ptr,
     tile_end_ptr,
@@ -186,13 +198,18 @@ def _expand_kernel(
     stride_on,
     # meta
     HAS_SCALE: tl.constexpr,
-    SCATTER: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    MODE: tl.constexpr,  # STORE, ATOMIC, SCATTER or ADD
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """out[dst_j, n] = σ_k · Σ_r t[j, r] · v[k, r, n]; SCATTER: ``+=`` at ``rows[j]``, atomic."""
+    """``out[dst_j, n] (+)= σ_k · Σ_r t[j, r] · v[k, r, n]``. STORE: ``=`` at j (the tail gets
+    zeros); ATOMIC: ``+=`` at ``rows[j]`` with fp32 atomics (rows may repeat); SCATTER: ``=`` at
+    ``rows[j]`` (+ bias), the tail rows get the bias or zeros (``rows`` a permutation: every
+    row of ``out`` is written once); ADD: ``+=`` at ``rows[j]`` by a plain read-modify-write
+    in fp32, one rounding (rows must not repeat)."""
     tile = tl.program_id(0)
     group = tl.load(tile_group_ptr + tile)
     start = tl.load(tile_start_ptr + tile)
@@ -202,7 +219,7 @@ def _expand_kernel(
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     mask = mask_m[:, None] & mask_n[None, :]
-    if SCATTER:
+    if MODE != STORE:
         dst = tl.load(rows_ptr + offs_m, mask=mask_m, other=0)
     else:
         dst = offs_m
@@ -226,13 +243,20 @@ def _expand_kernel(
             acc = mma_wide(t, v, acc, DOT_PRECISION)
         if HAS_SCALE:
             acc = acc * tl.load(scale_ptr + group).to(tl.float32)
-        if SCATTER:
+        if MODE == ATOMIC:
             tl.atomic_add(out_ptrs, acc, mask=mask)
         else:
+            if MODE == ADD:
+                acc += tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
             tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-    elif group == K:  # the tail: δ = 0 (a scatter adds nothing)
-        if not SCATTER:
-            tl.store(out_ptrs, tl.zeros((BLOCK_M, BLOCK_N), out_ptr.dtype.element_ty), mask=mask)
+    elif group == K:  # the tail: δ = 0 (an atomic scatter or an ADD adds nothing)
+        if MODE == STORE or MODE == SCATTER:
+            tail = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            if HAS_BIAS:
+                tail += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            tl.store(out_ptrs, tail.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.autotune(configs=_OUTER_CONFIGS, key=["N", "R", "HAS_ROWS"])
@@ -354,18 +378,23 @@ def _shrink(x, rows, w, w_strides, scale, t, maps, block_m) -> None:
     )  # fmt: skip
 
 
-def _expand(t, v, v_strides, scale, out, rows, maps, block_m) -> None:
-    """out[rows or j] (+)= σ · t v per group; v (K, R, N) given by ``v_strides``."""
+def _expand(t, v, v_strides, scale, out, rows, maps, block_m, mode=None, bias=None) -> None:
+    """out[rows or j] (+)= σ · t v per group; v (K, R, N) given by ``v_strides``; ``mode``:
+    "store" when ``rows`` is None, else "atomic" unless given ("scatter" + ``bias``, "add")."""
+    if mode is None:
+        mode = "store" if rows is None else "atomic"
     n_groups, rank, width = v.shape[0], t.shape[1], out.shape[1]
 
     def grid(meta):
         return maps[0].shape[0], triton.cdiv(width, meta["BLOCK_N"])
 
     _expand_kernel[grid](
-        t, v, t if scale is None else scale, out, t if rows is None else rows, *maps,
+        t, v, t if scale is None else scale, out, t if rows is None else rows,
+        t if bias is None else bias, *maps,
         n_groups, width, rank,
         t.stride(0), t.stride(1), *v_strides, out.stride(0), out.stride(1),
-        HAS_SCALE=scale is not None, SCATTER=rows is not None, BLOCK_M=block_m,
+        HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, MODE=_MODES[mode],
+        BLOCK_M=block_m,
         BLOCK_R=_block_r(rank), DOT_PRECISION=dot_precision(),
     )  # fmt: skip
 
@@ -466,3 +495,87 @@ def _grad_x(grad_t: Tensor, x: Tensor, lora_A: Tensor, rows, maps, block_m: int)
     if grad_t.shape[0]:
         _expand(grad_t, lora_A, lora_A.stride(), None, buffer, rows, maps, block_m)
     return buffer if x.dtype == torch.float32 else buffer.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# The mixed-adapter layer: the base GEMM first, the expand adds into its output in place
+# ---------------------------------------------------------------------------------------------
+
+
+def mixed_forward(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: Tensor,
+    adapter_index: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(y (N, out), t (N, r), rows (N,), offsets (K,))``.
+
+    ``y = x Wᵀ + b`` (cuBLAS) is launched first: the eager value check of the adapter ids
+    (``grouped.mixed_lora_linear``) has just synchronised, and the GEMM keeps the GPU busy while
+    the CPU launches the small grouping ops (``group_all``, ``tile_map``). Then the shrink, and
+    the expand adds ``s_k · t B_kᵀ`` into y's rows ``rows[j]`` in place ("add": read-modify-
+    write in fp32, one rounding; ``rows`` is a permutation, no two programs touch one row).
+    No (N, out) δ is written, read back and scattered.
+    """
+    y = torch.nn.functional.linear(x, weight, bias)
+    rows, offsets = group_all(adapter_index, lora_A.shape[0])
+    n_rows, rank = rows.shape[0], lora_A.shape[1]
+    t = x.new_empty(n_rows, rank, dtype=torch.promote_types(x.dtype, lora_A.dtype))
+    if n_rows:
+        block_m = _block_m(n_rows)
+        maps = tile_map(offsets, n_rows, block_m)
+        _shrink(x, rows, lora_A, lora_A.stride(), None, t, maps, block_m)
+        b_strides = (lora_B.stride(0), lora_B.stride(2), lora_B.stride(1))
+        _expand(t, lora_B, b_strides, scaling, y, rows, maps, block_m, "add")
+    return y, t, rows, offsets
+
+
+def mixed_backward(
+    grad_y: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: Tensor,
+    offsets: Tensor,
+    rows: Tensor,
+    t: Tensor,
+    needs: tuple[bool, bool, bool, bool],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """``(dx, dbias, dA, dB)``, None where not needed (``needs`` in that order). The gradient
+    of the ordered rows is ``grad_y[rows]``, read through ``rows`` by the kernels (never copied):
+    dB = s·outer(t, grad_y[rows]), g_t = s·grad_y[rows] B_k, dA = outer(g_t, x[rows]),
+    dx = g_t A_k scattered to ``rows`` (zeros for rows of no adapter), then ``+= grad_y W``
+    (cuBLAS, in place).
+    """
+    needs_x, needs_bias, needs_a, needs_b = needs
+    n_rows = rows.shape[0]
+    grad_x = grad_bias = grad_a = grad_b = None
+    if needs_bias:
+        grad_bias = grad_y.sum(0)
+    if needs_b:
+        grad_b = torch.zeros_like(lora_B)
+        if n_rows:
+            b_strides = (grad_b.stride(0), grad_b.stride(2), grad_b.stride(1))
+            _outer(t, grad_y, rows, offsets, scaling, grad_b, b_strides)
+    if needs_x:
+        grad_x = torch.empty_like(x)
+    if needs_x or needs_a:
+        grad_a = torch.zeros_like(lora_A) if needs_a else None
+        if n_rows:
+            block_m = _block_m(n_rows)
+            maps = tile_map(offsets, n_rows, block_m)
+            grad_t = t.new_empty(n_rows, t.shape[1])
+            b_strides = (lora_B.stride(0), lora_B.stride(2), lora_B.stride(1))
+            _shrink(grad_y, rows, lora_B, b_strides, scaling, grad_t, maps, block_m)
+            if needs_a:
+                _outer(grad_t, x, rows, offsets, None, grad_a, grad_a.stride())
+            if needs_x:
+                a_strides = lora_A.stride()
+                _expand(grad_t, lora_A, a_strides, None, grad_x, rows, maps, block_m, "scatter")
+    if needs_x:
+        grad_x.addmm_(grad_y, weight)
+    return grad_x, grad_bias, grad_a, grad_b

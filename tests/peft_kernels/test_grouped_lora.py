@@ -273,6 +273,20 @@ def test_mixed_on_one_adapter_equals_lora_linear(backend):
     torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
 
 
+def test_mixed_under_autocast_casts_the_base_operands():
+    """As lora_linear: x, W, b in the autocast dtype, the factors keep theirs (float32)."""
+    gen = torch.Generator().manual_seed(7)
+    x, weight, bias = _rand(gen, 2, 3, 16), _rand(gen, 12, 16), _rand(gen, 12)
+    A, B = _rand(gen, 2, 4, 16), _rand(gen, 2, 12, 4)
+    scaling, idx = torch.tensor([1.0, 0.5]), torch.tensor([0, 1, -1, 1, 0, 0])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = mixed_lora_linear(x, weight, bias, A, B, scaling, idx, backend="torch")
+    bf16 = [t.to(torch.bfloat16) for t in (x, weight, bias)]
+    want = mixed_lora_linear(*bf16, A, B, scaling, idx, backend="torch")
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, want, rtol=0, atol=0)
+
+
 # -- validation ---------------------------------------------------------------------------------
 
 
@@ -340,9 +354,11 @@ def test_mixed_validation():
     s, idx = torch.ones(2), torch.zeros(6, dtype=torch.int64)
     with pytest.raises(ValueError, match="adapter_index must be"):
         mixed_lora_linear(x, weight, None, A, B, s, idx[:5])
-    with pytest.raises(ValueError, match="group_index values"):
+    with pytest.raises(ValueError, match="adapter_index values"):
         mixed_lora_linear(x, weight, None, A, B, s, torch.full((6,), 2))
-    with pytest.raises(TypeError, match="group_index must be an integer"):
+    with pytest.raises(ValueError, match="scaling must be finite"):
+        mixed_lora_linear(x, weight, None, A, B, torch.tensor([1.0, float("inf")]), idx)
+    with pytest.raises(TypeError, match="adapter_index must be an integer"):
         mixed_lora_linear(x, weight, None, A, B, s, idx.float())
     with pytest.raises(ValueError, match="weight must be"):
         mixed_lora_linear(x, torch.zeros(3, 5), None, A, B, s, idx)
@@ -392,6 +408,9 @@ def test_fullgraph_compile_matches_eager(backend):
             p.grad = None
     for eager, comp in zip(*results, strict=True):
         torch.testing.assert_close(comp, eager)
+
+
+SEED = 9
 
 
 # -- CUDA: the Triton kernels against the torch backend (run by benchmarks/gpu_check.sh) ---------
@@ -454,12 +473,36 @@ def test_cuda_triton_matches_torch_backend(dtype, factor_dtype, routing):
 
 
 @pytest.mark.cuda
-def test_cuda_mixed_lora_linear_matches_torch_backend():
-    gen = torch.Generator().manual_seed(9)
-    x = _rand(gen, 4, 300, 520).cuda()
-    weight, bias = _rand(gen, 390, 520, scale=520**-0.5).cuda(), _rand(gen, 390).cuda()
-    A, B = _rand(gen, 5, 8, 520).cuda(), _rand(gen, 5, 390, 8).cuda()
-    scaling, idx = torch.rand(5, device="cuda"), torch.randint(-1, 5, (1200,), device="cuda")
-    outs = [mixed_lora_linear(x, weight, bias, A, B, scaling, idx, backend=backend)
-            for backend in ("torch", "triton")]  # fmt: skip
-    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cuda_mixed_lora_linear_matches_torch_backend(dtype):
+    """The fused layer (the expand adds into the base output) against the torch backend's,
+    forward and every gradient; both against float64."""
+    gen = torch.Generator().manual_seed(SEED)
+    tensors = {
+        "x": _rand(gen, 4, 300, 520),
+        "weight": _rand(gen, 390, 520, scale=520**-0.5),
+        "bias": _rand(gen, 390),
+        "lora_A": _rand(gen, 5, 8, 520, scale=520**-0.5),
+        "lora_B": _rand(gen, 5, 390, 8),
+    }
+    scaling = (torch.rand(5, generator=gen) + 0.5).cuda()
+    idx = torch.randint(-1, 5, (1200,), generator=gen).cuda()
+    grad = torch.randn(4, 300, 390, generator=gen)
+    results = {}
+    for name, backend, run_dtype in (
+        ("ref", "torch", torch.float64),
+        ("torch", "torch", dtype),
+        ("triton", "triton", dtype),
+    ):
+        leaf = {k: v.to("cuda", run_dtype, copy=True) for k, v in tensors.items()}
+        for k in ("x", "bias", "lora_A", "lora_B"):
+            leaf[k].requires_grad_()
+        y = mixed_lora_linear(**leaf, scaling=scaling.to(run_dtype), adapter_index=idx,
+                              backend=backend)  # fmt: skip
+        y.backward(grad.to("cuda", run_dtype))
+        results[name] = [y.detach()] + [leaf[k].grad for k in ("x", "bias", "lora_A", "lora_B")]
+    for label, want, torch_out, triton_out in zip(
+        ("y", "dx", "dbias", "dA", "dB"), *results.values(), strict=True
+    ):
+        bound = 1e-5 if dtype == torch.float32 else 2 * _rel_err(torch_out, want) + 2e-3
+        assert _rel_err(triton_out, want) <= bound, label
