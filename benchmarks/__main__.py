@@ -10,6 +10,7 @@ SUBCOMMANDS = {
     "model": "benchmarks.model",
     "qlora": "benchmarks.qlora",
     "profile": "benchmarks.layer_profile",
+    "mixed": "benchmarks.mixed",
 }
 
 if len(sys.argv) > 1 and sys.argv[1] in SUBCOMMANDS:
