@@ -1,7 +1,9 @@
 """Entry point: ``python -m benchmarks [--quick] ...`` (the layer sweeps) or
 ``python -m benchmarks model [...]`` (the whole-model benchmark),
-``python -m benchmarks qlora [...]`` (the QLoRA figures) or
-``python -m benchmarks profile [...]`` (one layer's time, op by op)."""
+``python -m benchmarks qlora [...]`` (the QLoRA figures),
+``python -m benchmarks profile [...]`` (one layer's time, op by op),
+``python -m benchmarks grouped [...]`` (the grouped op: mixed adapters vs one adapter) or
+``python -m benchmarks mixed [...]`` (mixed-adapter batches on a whole model, ours vs peft)."""
 
 import importlib
 import sys
@@ -10,6 +12,7 @@ SUBCOMMANDS = {
     "model": "benchmarks.model",
     "qlora": "benchmarks.qlora",
     "profile": "benchmarks.layer_profile",
+    "grouped": "benchmarks.grouped",
     "mixed": "benchmarks.mixed",
 }
 

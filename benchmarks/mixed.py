@@ -197,11 +197,7 @@ class Parts:
         )
         first = next(iter(self.directories.values()))
         self.ours_single = build_ours_single(base, first)
-        # TODO(named): drop this guard once mixed_batch is merged
-        import lightning_peft
-
-        self.has_mixed = hasattr(lightning_peft, "mixed_batch")
-        self.ours_named = build_ours_named(base, self.directories) if self.has_mixed else None
+        self.ours_named = build_ours_named(base, self.directories)
         self.peft = build_peft(base, self.directories)
         device = next(base.parameters()).device
         self.ids = make_batch(base.config.vocab_size, args.batch, args.seq, device)
@@ -218,10 +214,9 @@ class Parts:
             "peft single": forward_call(self.peft, self.ids, nullcontext),
         }
         for count in self.counts:
-            if self.has_mixed:
-                calls[f"ours mixed {count}"] = forward_call(
-                    self.ours_named, self.ids, self._mixed(count)
-                )
+            calls[f"ours mixed {count}"] = forward_call(
+                self.ours_named, self.ids, self._mixed(count)
+            )
             calls[f"peft mixed {count}"] = forward_call(
                 self.peft, self.ids, nullcontext, adapter_names=self.rows[count]
             )
@@ -232,10 +227,9 @@ class Parts:
         calls = {}
         new = self.args.new_tokens
         for count in self.counts:
-            if self.has_mixed:
-                calls[f"ours mixed {count}"] = generate_call(
-                    self.ours_named, self.prompt, new, self._mixed(count)
-                )
+            calls[f"ours mixed {count}"] = generate_call(
+                self.ours_named, self.prompt, new, self._mixed(count)
+            )
             calls[f"peft mixed {count}"] = generate_call(
                 self.peft, self.prompt, new, nullcontext, adapter_names=self.rows[count]
             )
@@ -245,8 +239,6 @@ class Parts:
         self.ours_single.train()
         single = make_optimizer(trainable_parameters(self.ours_single))
         calls = {"ours single": train_step_call(self.ours_single, self.ids, nullcontext, single)}
-        if not self.has_mixed:
-            return calls
         self.ours_named.train()
         named = make_optimizer(trainable_parameters(self.ours_named))
         for count in self.counts:
@@ -257,20 +249,12 @@ class Parts:
 
     def _eval(self) -> None:
         for model in (self.ours_single, self.ours_named, self.peft):
-            if model is not None:
-                model.eval()
+            model.eval()
 
 
 def _check_part(part: str, first: dict[str, object], parts: Parts, dtype: torch.dtype) -> list:
     """Agreement notes from each variant's first (untimed) call; raises when logits differ."""
     top = parts.counts[-1]
-    if not parts.has_mixed:  # TODO(named)
-        notes = ["lightning-peft has no mixed_batch yet: ours mixed not measured"]
-        if part == "forward":
-            notes.append(
-                _check_logits("one adapter", first["ours single"], first["peft single"], dtype)
-            )
-        return notes
     if part == "forward":
         return [
             _check_logits("one adapter", first["ours single"], first["peft single"], dtype),

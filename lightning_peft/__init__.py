@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 
 # public name -> the module that defines it
 _EXPORTS = {
-    "METHODS": "lightning_peft.methods.registry",
     "AdapterConfig": "lightning_peft.methods.bottleneck.config",
     "AdapterLayer": "lightning_peft.core.adapter",
     "BottleneckAdapter": "lightning_peft.methods.bottleneck.layers",
@@ -32,11 +31,15 @@ _EXPORTS = {
     "LoRAEmbedding": "lightning_peft.methods.lora.embedding",
     "LoRALinear": "lightning_peft.methods.lora.linear",
     "LoRAMultiheadAttention": "lightning_peft.methods.lora.mha",
+    "METHODS": "lightning_peft.methods.registry",
     "PEFTCallback": "lightning_peft.lightning.callback",
     "PromptEmbedding": "lightning_peft.methods.prompt_tuning.layers",
     "PromptTuningConfig": "lightning_peft.methods.prompt_tuning.config",
+    "active_adapters": "lightning_peft.model.named",
+    "adapter_names": "lightning_peft.model.named",
     "adapter_state_dict": "lightning_peft.model.helpers",
     "check_save_directory": "lightning_peft.peft_format.files",
+    "delete_adapter": "lightning_peft.model.named",
     "disable_adapters": "lightning_peft.model.helpers",
     "find_injection": "lightning_peft.model.injection",
     "fsdp2_shard": "lightning_peft.lightning.distributed",
@@ -46,9 +49,11 @@ _EXPORTS = {
     "lora_plus_param_groups": "lightning_peft.model.lora_plus",
     "merge_adapters": "lightning_peft.model.helpers",
     "method_for": "lightning_peft.methods.registry",
+    "mixed_batch": "lightning_peft.model.mixed",
     "read_config": "lightning_peft.peft_format.files",
     "save_adapter": "lightning_peft.peft_format.files",
     "select_targets": "lightning_peft.model.targeting",
+    "set_active_adapters": "lightning_peft.model.named",
     "trainable_parameters": "lightning_peft.model.helpers",
     "unload": "lightning_peft.model.helpers",
     "unmerge_adapters": "lightning_peft.model.helpers",
@@ -71,8 +76,11 @@ __all__ = [
     "PEFTCallback",
     "PromptEmbedding",
     "PromptTuningConfig",
+    "active_adapters",
+    "adapter_names",
     "adapter_state_dict",
     "check_save_directory",
+    "delete_adapter",
     "disable_adapters",
     "find_injection",
     "fsdp2_shard",
@@ -82,9 +90,11 @@ __all__ = [
     "lora_plus_param_groups",
     "merge_adapters",
     "method_for",
+    "mixed_batch",
     "read_config",
     "save_adapter",
     "select_targets",
+    "set_active_adapters",
     "trainable_parameters",
     "unload",
     "unmerge_adapters",
@@ -135,6 +145,13 @@ if TYPE_CHECKING:
         injection_report,
     )
     from lightning_peft.model.lora_plus import lora_plus_param_groups
+    from lightning_peft.model.mixed import mixed_batch
+    from lightning_peft.model.named import (
+        active_adapters,
+        adapter_names,
+        delete_adapter,
+        set_active_adapters,
+    )
     from lightning_peft.model.targeting import select_targets
     from lightning_peft.peft_format.files import (
         check_save_directory,

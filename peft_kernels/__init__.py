@@ -9,6 +9,10 @@ Standalone: imports neither Lightning nor (until a triton op runs) Triton.
 Over a base product computed elsewhere (a quantized layer): ``lora_delta`` (the LoRA branch),
 ``dora_combine`` (DoRA from the base output and the branch) and ``factored_weight_norm``.
 
+Many adapters at once (mixed-adapter batches, LoRA on mixture-of-experts experts):
+``grouped_lora_delta`` (segmented LoRA, Punica's SGMV), ``mixed_lora_linear``, ``group_rows``,
+``pad_factors``.
+
 Note: Hugging Face publishes an unrelated distribution whose import name is also ``peft_kernels``;
 the two cannot share an environment.
 """
@@ -24,6 +28,7 @@ from peft_kernels.embedding import (
     lora_embedding,
 )
 from peft_kernels.functional import dora_linear, lora_linear
+from peft_kernels.grouped import group_rows, grouped_lora_delta, mixed_lora_linear, pad_factors
 from peft_kernels.ia3 import ia3_linear, ia3_merge, ia3_scale, ia3_weight_factor
 from peft_kernels.norm import dora_weight_norm, factored_weight_norm, weight_row_sq_norm
 
@@ -42,6 +47,8 @@ __all__ = [
     "embedding_dora_weight_norm",
     "embedding_weight_sq_norm",
     "factored_weight_norm",
+    "group_rows",
+    "grouped_lora_delta",
     "ia3_linear",
     "ia3_merge",
     "ia3_scale",
@@ -50,6 +57,8 @@ __all__ = [
     "lora_delta",
     "lora_embedding",
     "lora_linear",
+    "mixed_lora_linear",
+    "pad_factors",
     "resolve_backend",
     "weight_row_sq_norm",
 ]

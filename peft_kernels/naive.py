@@ -88,3 +88,27 @@ def adapter_linear(
     if magnitude is None:
         return lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training)
     return dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, training)
+
+
+def grouped_lora_delta(
+    x: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: Tensor,
+    offsets: Tensor,
+    rows: Tensor | None = None,
+) -> Tensor:
+    """Segmented LoRA by a loop over the groups: ``δ_j = s_k·(x_o[j] A_kᵀ) B_kᵀ`` for ordered
+    row j of group k (``x_o = x[rows]`` or x; group k = ``[offsets[k-1], offsets[k])``), 0 past
+    ``offsets[-1]``. Shapes: x (N, in), A (K, r, in), B (K, out, r) -> δ (M, out) in x's dtype,
+    computed in ``promote(x.dtype, A.dtype)``.
+    """
+    wide = torch.promote_types(x.dtype, lora_A.dtype)
+    ordered = (x if rows is None else x[rows]).to(wide)
+    pieces, start = [], 0
+    for k, end in enumerate(offsets.tolist()):
+        segment = ordered[start:end] @ lora_A[k].to(wide).T @ lora_B[k].to(wide).T
+        pieces.append(segment * scaling[k].to(wide))
+        start = end
+    pieces.append(ordered.new_zeros(ordered.shape[0] - start, lora_B.shape[1]))
+    return torch.cat(pieces).to(x.dtype)

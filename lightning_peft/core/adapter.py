@@ -205,6 +205,19 @@ class AdapterLayer(nn.Module):
     disabled: bool
     merged: bool
 
+    # Named adapters (``lightning_peft.model.named``). ``adapter_name``: the adapter this layer
+    # belongs to. ``supports_named``: whether further named adapters can sit beside this one at
+    # the same base module (each another layer of the class, held in the site layer's
+    # ``named_adapters``, sharing the base tensors). ``nested``: this layer is such a further
+    # adapter (its shared base tensors are left out of its state dict). ``router``: None, or a
+    # function ``(layer, *inputs) -> output`` that the forward of a site holding several active
+    # adapters (or running a mixed batch) hands its inputs to; the one attribute a single-adapter
+    # forward tests.
+    adapter_name: str = "default"
+    supports_named: ClassVar[bool] = False
+    nested: bool = False
+    router: Callable | None = None
+
     # -- class level: before injection ----------------------------------------------------------
 
     @classmethod
@@ -268,6 +281,41 @@ class AdapterLayer(nn.Module):
     def describe(self) -> tuple[str, str, int]:
         """``(kind, shape, rank)`` for the injection report."""
         raise NotImplementedError
+
+    # -- named adapters -------------------------------------------------------------------------
+
+    @classmethod
+    def named_refusal(cls, config: Any, name: str) -> str | None:
+        """Why an adapter ``name`` with ``config`` cannot sit beside others at a module of this
+        class (e.g. an init that rewrites the shared base weight), or None."""
+        return None
+
+    def compose(self, x: Any, layers: list[AdapterLayer]) -> Any:
+        """The output of this site with ``layers`` (adapters at this site, this layer possibly
+        among them) active together; only for classes with ``supports_named``."""
+        raise NotImplementedError
+
+    def shared_names(self) -> list[str]:
+        """The base module's tensors this layer holds under their own names (shared, not owned
+        by the adapter): a nested layer leaves them out of its state dict."""
+        base = self.base_layer
+        return [*base._parameters, *base._buffers]
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.nested:  # the site layer saves the base tensors once
+            for name in self.shared_names():
+                destination.pop(prefix + name, None)
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, metadata, strict, missing, unexpected, errors
+    ):
+        super()._load_from_state_dict(
+            state_dict, prefix, metadata, strict, missing, unexpected, errors
+        )
+        if self.nested:
+            shared = {prefix + name for name in self.shared_names()}
+            missing[:] = [key for key in missing if key not in shared]
 
     def _apply(self, fn, recurse=True):
         # Adapters stay in their configured dtype through model.to(dtype) / .half() / Lightning's

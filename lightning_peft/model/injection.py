@@ -14,20 +14,44 @@ from torch import nn
 from lightning_peft.core.adapter import AdapterLayer
 from lightning_peft.core.bnb import keep_standard_layout, parameter_count
 from lightning_peft.core.distributed import clean_name
-from lightning_peft.methods.registry import method_for
-from lightning_peft.model.targeting import TargetPlan, plan_targets
+from lightning_peft.methods.registry import adapter_layers, method_for
+from lightning_peft.model.sites import (
+    DEFAULT_NAME,
+    add_nested,
+    check_adapter_name,
+    check_beside,
+    one_adapter_refusal,
+    refresh_routes,
+    site_path_of,
+)
+from lightning_peft.model.targeting import TargetPlan, base_module_at, plan_targets
 
 STATE_ATTR = "lightning_peft_state"
 
 
 @dataclass
 class InjectionState:
-    """Kept on the injected root module: what was injected, for saving and unloading."""
+    """One named adapter: what was injected, for saving and unloading."""
 
     config: object
     targets: list[str]
     modules_to_save: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    name: str = DEFAULT_NAME
+
+
+@dataclass
+class AdapterSet:
+    """Kept on the injected root module (``STATE_ATTR``): every named adapter's state in
+    injection order, and the active names (``set_active_adapters``; several sum)."""
+
+    states: dict[str, InjectionState]
+    active: list[str]
+
+    @property
+    def primary(self) -> InjectionState:
+        """The first active adapter's state (the adapter, when there is one)."""
+        return self.states[self.active[0]] if self.active else next(iter(self.states.values()))
 
 
 @dataclass
@@ -79,13 +103,20 @@ class InjectionReport:
     __str__ = table
 
 
-def find_injection(model: nn.Module) -> tuple[str, nn.Module, InjectionState] | None:
-    """``(prefix, root, state)`` of the injected root at or below ``model``, or None."""
+def find_adapters(model: nn.Module) -> tuple[str, nn.Module, AdapterSet] | None:
+    """``(prefix, root, adapter set)`` of the injected root at or below ``model``, or None."""
     for prefix, module in model.named_modules():
-        state = getattr(module, STATE_ATTR, None)
-        if isinstance(state, InjectionState):
-            return prefix, module, state
+        adapters = getattr(module, STATE_ATTR, None)
+        if isinstance(adapters, AdapterSet):
+            return prefix, module, adapters
     return None
+
+
+def find_injection(model: nn.Module) -> tuple[str, nn.Module, InjectionState] | None:
+    """``(prefix, root, state)`` of the injected root at or below ``model``, or None; with
+    several named adapters, the state of the first active one."""
+    found = find_adapters(model)
+    return None if found is None else (found[0], found[1], found[2].primary)
 
 
 def modules_to_save_names(model: nn.Module, config) -> list[str]:
@@ -112,24 +143,37 @@ class InjectionPlan:
     aliases: dict[str, list[str]]  # target -> every path of the target module in the model
 
 
-def plan_injection(model: nn.Module, config) -> InjectionPlan:
+def plan_injection(model: nn.Module, config, name: str = DEFAULT_NAME) -> InjectionPlan:
     """Select the targets and run every check that could fail, without changing ``model``.
 
     Raises:
         TypeError: ``config`` is not a registered method's config.
-        ValueError: naming the problem (see ``plan_targets``, the layer classes' ``check``).
+        ValueError: naming the problem (see ``plan_targets``, the layer classes' ``check``,
+            ``check_beside`` for a model that has adapters already).
     """
-    targets = plan_targets(model, config)  # refuses a model that already has adapters
+    method = method_for(config)
+    check_adapter_name(name, method.layers)
+    found = find_adapters(model)
+    existing = [layer for _, layer in adapter_layers(model)]
+    if existing:
+        check_beside(model, found, config, name)
+    targets = plan_targets(model, config)
     save_names = modules_to_save_names(model, config)
     paths: dict[int, list[str]] = {}
     for path, module in model.named_modules(remove_duplicate=False):
         paths.setdefault(id(module), []).append(path)
     aliases = {}
-    for name, layer_class in targets.targets:
-        module = model.get_submodule(name)
-        aliases[name] = paths[id(module)]
-        layer_class.placement.check(model, name, aliases[name])
-        layer_class.check(module, config, name)
+    for target, layer_class in targets.targets:
+        module = base_module_at(model, target)
+        if existing:
+            if not layer_class.supports_named:
+                raise ValueError(one_adapter_refusal(layer_class.__name__, target))
+            refusal = layer_class.named_refusal(config, name)
+            if refusal is not None:
+                raise ValueError(refusal)
+        aliases[target] = paths[id(model.get_submodule(target))]
+        layer_class.placement.check(model, target, aliases[target])
+        layer_class.check(module, config, target)
     adapted = [path for name in targets.names for path in aliases[name]]
     state = InjectionState(config, targets.names, save_names)
     for name, param in _base_parameters(model, state, adapted):
@@ -147,7 +191,8 @@ def adapter_parameters(
     root: nn.Module, state: InjectionState
 ) -> Iterator[tuple[str, nn.Parameter]]:
     """``(name, parameter)`` of everything that trains and is saved: the adapter layers'
-    parameters, ``modules_to_save``, and the biases ``config.bias`` chooses. A tensor the model
+    parameters (of the adapter ``state.name``), ``modules_to_save``, and the biases
+    ``config.bias`` chooses. A tensor the model
     holds in several places (a shared module, tied weights) comes once, under the first name
     that qualifies (peft saves a shared module once, too). The one source of the trainable set,
     ``adapter_state_dict`` and the saved file."""
@@ -155,7 +200,7 @@ def adapter_parameters(
     adapter_names: set[str] = set()
     adapted: list[str] = []  # target paths, as root names them
     for path, module in modules.items():
-        if isinstance(module, AdapterLayer):
+        if isinstance(module, AdapterLayer) and module.adapter_name == state.name:
             adapter_names.update(f"{path}.{n}" for n in module.adapter_parameter_names())
             adapted.append(type(module).placement.target_path(path))
     saved = [clean_name(n) for n in state.modules_to_save]
@@ -181,14 +226,22 @@ def _trained_bias(name: str, bias: str, adapted: list[str]) -> bool:
     return False
 
 
-def mark_trainable(model: nn.Module, state: InjectionState) -> None:
-    """Freeze everything, then unfreeze what ``adapter_parameters`` names."""
+def mark_trainable(model: nn.Module, *states: InjectionState) -> None:
+    """Freeze everything, then unfreeze what ``adapter_parameters`` names for each state."""
     model.requires_grad_(False)
-    for _, param in adapter_parameters(model, state):
-        param.requires_grad_(True)
+    for state in states:
+        for _, param in adapter_parameters(model, state):
+            param.requires_grad_(True)
 
 
-def inject_adapters(model: nn.Module, config) -> InjectionReport:
+def mark_active_trainable(root: nn.Module, adapters: AdapterSet) -> None:
+    """Only the active adapters train (peft's ``set_adapter``); each site routes its forward
+    for its active adapters."""
+    mark_trainable(root, *(adapters.states[name] for name in adapters.active))
+    refresh_routes(root, adapters.active)
+
+
+def inject_adapters(model: nn.Module, config, name: str = DEFAULT_NAME) -> InjectionReport:
     """Adapt the target modules of ``model`` in place and freeze everything else.
 
     LoRA/DoRA: each target ``nn.Linear``/``Conv1D`` becomes a ``LoRALinear``, each
@@ -196,42 +249,67 @@ def inject_adapters(model: nn.Module, config) -> InjectionReport:
     parameters. Adapters: each target gets a ``BottleneckAdapter`` on its output. What stays
     trainable: the adapters, ``modules_to_save``, and biases as ``config.bias`` says.
 
+    ``name`` names the adapter (``"default"`` unless given). A model that has adapters already
+    gets this one beside them (``docs/named-adapters.md``): a target already adapted keeps its
+    layer and holds the new one in its ``named_adapters``; the active adapters stay as they
+    were (peft's ``add_adapter``), so the new one is frozen until ``set_active_adapters``.
+
     Raises:
         TypeError: ``config`` is not a registered method's config.
-        ValueError: no module matched (naming close matches), a target of the wrong type, a
-            model that already has adapters. The model is unchanged then.
+        ValueError: no module matched (naming close matches), a target of the wrong type, an
+            invalid name or one the model has already, an adapter that cannot sit beside the
+            ones there (``check_beside``). The model is unchanged then.
     """
-    plan = plan_injection(model, config)
+    plan = plan_injection(model, config, name)
+    found = find_adapters(model)
     keep_standard_layout(model)  # bitsandbytes layers: no CPU repacking that drops gradients
-    for name, layer_class in plan.targets.targets:  # nothing can fail below this line
-        layer = layer_class.build(model.get_submodule(name), config, name)
-        layer_class.placement.attach(model, name, layer)
+    for target, layer_class in plan.targets.targets:  # nothing can fail below this line
+        site = model.get_submodule(target)
+        if isinstance(site, AdapterLayer) and not site.nested and type(site).supports_named:
+            add_nested(site, name, layer_class.build(site.base_layer, config, target))
+            continue
+        layer = layer_class.build(site, config, target)
+        layer.adapter_name = name
+        layer_class.placement.attach(model, target, layer)
     state = InjectionState(
         config=config,
         targets=plan.targets.names,
         modules_to_save=plan.modules_to_save,
         skipped=plan.targets.skipped,
+        name=name,
     )
-    setattr(model, STATE_ATTR, state)
-    mark_trainable(model, state)
+    if found is None:
+        root, adapters = model, AdapterSet({name: state}, [name])
+        setattr(model, STATE_ATTR, adapters)
+        mark_trainable(model, state)
+    else:
+        from lightning_peft.model.mixed import accept_adapter_names  # it imports this module
+
+        root, adapters = found[1], found[2]
+        adapters.states[name] = state
+        mark_active_trainable(root, adapters)
+        accept_adapter_names(root)  # model(..., adapter_names=[...]) as in peft
     return injection_report(model)
 
 
-def injection_report(model: nn.Module) -> InjectionReport:
-    found = find_injection(model)
+def injection_report(model: nn.Module, name: str | None = None) -> InjectionReport:
+    """The report of the adapter ``name`` (by default the first active one): its layers, and
+    the model's trainable and total parameter counts."""
+    found = find_adapters(model)
     if found is None:
         raise ValueError("the model has no adapters (inject_adapters was not called on it)")
-    _, root, state = found
+    _, root, adapters = found
+    state = adapters.primary if name is None else adapters.states[name]
     report = InjectionReport(
         method=method_for(state.config).name,
         modules_to_save=list(state.modules_to_save),
         skipped=list(state.skipped),
     )
-    for name, layer in root.named_modules():
-        if isinstance(layer, AdapterLayer):
+    for path, layer in root.named_modules():
+        if isinstance(layer, AdapterLayer) and layer.adapter_name == state.name:
             kind, shape, rank = layer.describe()
             params = sum(layer.get_parameter(n).numel() for n in layer.adapter_parameter_names())
-            target = clean_name(type(layer).placement.target_path(name))
+            target = clean_name(type(layer).placement.target_path(site_path_of(path)))
             report.modules.append(AdaptedModule(target, kind, shape, rank, params))
     params = list({id(p): p for p in model.parameters()}.values())
     report.trainable_params = sum(parameter_count(p) for p in params if p.requires_grad)
@@ -239,11 +317,13 @@ def injection_report(model: nn.Module) -> InjectionReport:
     return report
 
 
-def planned_tensors(model: nn.Module, config) -> dict[str, tuple[int, ...]]:
+def planned_tensors(
+    model: nn.Module, config, name: str = DEFAULT_NAME
+) -> dict[str, tuple[int, ...]]:
     """``{PEFT key: shape}`` of what ``save_adapter`` writes after ``inject_adapters(model,
-    config)``, from the layer classes' declarations (``adapter_shapes``, ``peft_key``, the
+    config, name)``, from the layer classes' declarations (``adapter_shapes``, ``peft_key``, the
     placement), computed on the model before injection. Raises as ``plan_injection``."""
-    plan = plan_injection(model, config)
+    plan = plan_injection(model, config, name)
     prefix = method_for(config).file_prefix
     shapes: dict[str, tuple[int, ...]] = {}
     replaced: dict[str, type[AdapterLayer]] = {}  # targets whose layer takes their place
@@ -251,7 +331,7 @@ def planned_tensors(model: nn.Module, config) -> dict[str, tuple[int, ...]]:
         layer_path = layer_class.placement.layer_path(name)
         if layer_path == name:
             replaced[name] = layer_class
-        module = model.get_submodule(name)
+        module = base_module_at(model, name)
         for local, shape in layer_class.adapter_shapes(module, config, name).items():
             shapes[layer_class.peft_key(layer_path, local)] = shape
     adapted = [p for name in plan.targets.names for p in plan.aliases[name]]

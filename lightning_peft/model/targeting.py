@@ -85,18 +85,45 @@ def refuse_existing_adapters(model: nn.Module) -> None:
         )
 
 
+def base_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``model.named_modules()`` as the base model has them: an adapter layer that took a
+    module's place stands for that module (its base layer and the base's own children), what
+    adapters added (nested named adapters, hooked children) is left out. Without adapters, the
+    model's own modules."""
+    out: list[tuple[str, nn.Module]] = []
+    skip: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix) for prefix in skip):
+            continue
+        if isinstance(module, AdapterLayer):
+            skip.append(f"{name}.")
+            if type(module).placement.layer_path(name) != name:  # a hooked child: not the base
+                continue
+            base = module.base_layer
+            out += [(".".join(filter(None, (name, n))), m) for n, m in base.named_modules()]
+            continue
+        out.append((name, module))
+    return out
+
+
+def base_module_at(model: nn.Module, name: str) -> nn.Module:
+    """The base model's module at ``name`` (an adapter layer's base layer where one took its
+    place)."""
+    module = model.get_submodule(name)
+    return module.base_layer if isinstance(module, AdapterLayer) else module
+
+
 def plan_targets(model: nn.Module, config) -> TargetPlan:
-    """Each module ``config`` adapts, in ``model.named_modules()`` order, with its layer class.
+    """Each module ``config`` adapts, in ``model.named_modules()`` order, with its layer class;
+    in a model that has adapters, the base model's modules (``base_modules``).
 
     Raises:
         TypeError: ``config`` is not a registered method's config.
-        ValueError: the model already has adapters; no module matched (naming close matches
-            among the model's module names); a target that no layer class of the method adapts
-            or that its parent never calls.
+        ValueError: no module matched (naming close matches among the model's module names); a
+            target that no layer class of the method adapts or that its parent never calls.
     """
     method = method_for(config)
-    refuse_existing_adapters(model)
-    modules = [(n, m) for n, m in model.named_modules() if n]
+    modules = [(n, m) for n, m in base_modules(model) if n]
     all_linear = getattr(config, "target_modules", None) == ALL_LINEAR
     if method.select is not None:
         matched = method.select(model, config)

@@ -51,7 +51,14 @@ from lightning_peft.core.finite import non_finite_tensors
 from lightning_peft.methods.bottleneck.layers import BOTTLENECK_TYPE
 from lightning_peft.methods.registry import METHODS, method_for, method_for_peft_type
 from lightning_peft.model.helpers import adapter_state_dict
-from lightning_peft.model.injection import find_injection, inject_adapters, planned_tensors
+from lightning_peft.model.injection import (
+    find_adapters,
+    find_injection,
+    inject_adapters,
+    planned_tensors,
+)
+from lightning_peft.model.named import checked_names
+from lightning_peft.model.sites import DEFAULT_NAME, site_path_of
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -63,6 +70,7 @@ __all__ = [
     "CONFIG_NAME",
     "PREFIX",
     "WEIGHTS_NAME",
+    "adapter_directory",
     "check_save_directory",
     "load_adapter",
     "peft_key",
@@ -85,15 +93,16 @@ def peft_keys(model: nn.Module, keys) -> dict[str, str]:
     found = find_injection(model)
     prefix = method_for(found[2].config).file_prefix if found is not None else PEFT_PREFIX
     layers = {
-        clean_name(path): type(module)
+        clean_name(path): (type(module), clean_name(site_path_of(path)))
         for path, module in model.named_modules(remove_duplicate=False)
         if isinstance(module, AdapterLayer)
     }
     out = {}
     for key in keys:
         owner, _, local = key.rpartition(".")
-        layer_class = layers.get(owner)
-        out[key] = layer_class.peft_key(owner, local) if layer_class is not None else prefix + key
+        layer_class, site = layers.get(owner, (None, owner))
+        # a named adapter's tensors are keyed at its site, without its name (peft's files)
+        out[key] = layer_class.peft_key(site, local) if layer_class is not None else prefix + key
     return out
 
 
@@ -140,11 +149,18 @@ def _without_aliases(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
+def adapter_directory(directory: str | Path, name: str) -> Path:
+    """Where ``save_adapter`` writes the adapter ``name`` under ``directory`` (peft's layout):
+    ``directory`` itself for ``"default"``, ``directory/<name>`` for any other."""
+    return Path(directory) if name == DEFAULT_NAME else Path(directory) / name
+
+
 def save_adapter(
     model: nn.Module,
     directory: str | Path,
     state_dict: Mapping[str, Tensor] | None = None,
     *,
+    names: str | list[str] | None = None,
     overwrite: bool = False,
     allow_non_finite: bool = False,
 ) -> Path:
@@ -152,14 +168,18 @@ def save_adapter(
 
     ``peft.PeftModel.from_pretrained(base_model, directory)`` loads the result (LoRA, rsLoRA,
     DoRA). ``model`` may be the injected model or any module above it (a LightningModule).
+    Named adapters go where peft's ``save_pretrained`` puts them: ``default`` at ``directory``,
+    every other at ``directory/<name>/`` (``adapter_directory``), each with its own
+    ``adapter_config.json`` and weights keyed without the name.
 
     Args:
         model: the injected model, or a parent of it.
         directory: where to write; created if needed.
         state_dict: full tensors keyed as ``model.state_dict()`` (e.g. gathered from the ranks
             of a sharded model); by default the model's own tensors.
-        overwrite: replace an adapter already in ``directory`` (by default that is an error,
-            raised before anything is written).
+        names: the adapters to write (one name or a list); None: all of them.
+        overwrite: replace an adapter already in a target directory (by default that is an
+            error, raised before anything is written).
         allow_non_finite: write tensors that hold NaN or infinity (by default refused, before
             anything is written: such an adapter is the trace of a diverged run).
 
@@ -167,28 +187,35 @@ def save_adapter(
         the directory.
 
     Raises:
-        ValueError: the model has no adapters. NonFiniteError (a ``ValueError``): a tensor
-        holds NaN or infinity, named with the count. FileExistsError / PermissionError: see
-        ``check_save_directory``. Nothing is written then.
+        ValueError: the model has no adapters, or no adapter of a name given. NonFiniteError
+        (a ``ValueError``): a tensor holds NaN or infinity, named with the count.
+        FileExistsError / PermissionError: see ``check_save_directory``. Nothing is written
+        then.
     """
-    found = find_injection(model)
+    found = find_adapters(model)
     if found is None:
         raise ValueError("the model has no adapters to save (inject_adapters was not called on it)")
-    directory = check_save_directory(directory, overwrite)
-    prefix, root, state = found
+    prefix, root, adapters = found
     prefix = f"{prefix}." if prefix else ""
-    live = adapter_state_dict(root)
-    names = peft_keys(root, live)
-    tensors = {}
-    for key, tensor in live.items():
-        if state_dict is not None:
-            tensor = state_dict[prefix + key]
-        tensors[names[key]] = tensor.detach().contiguous().cpu()
-    if not allow_non_finite:
-        _refuse_non_finite(directory, tensors)
-    config = method_for(state.config).write_config(root, state.config, state.targets)
-    _write_atomically(directory, _without_aliases(tensors), config)
-    return directory
+    chosen = list(adapters.states) if names is None else checked_names(root, names)
+    writes = []  # (directory, tensors, config) of each adapter, all checked before any write
+    for name in chosen:
+        target = check_save_directory(adapter_directory(directory, name), overwrite)
+        state = adapters.states[name]
+        live = adapter_state_dict(root, name)
+        keys = peft_keys(root, live)
+        tensors = {}
+        for key, tensor in live.items():
+            if state_dict is not None:
+                tensor = state_dict[prefix + key]
+            tensors[keys[key]] = tensor.detach().contiguous().cpu()
+        if not allow_non_finite:
+            _refuse_non_finite(target, tensors)
+        config = method_for(state.config).write_config(root, state.config, state.targets)
+        writes.append((target, _without_aliases(tensors), config))
+    for target, tensors, config in writes:
+        _write_atomically(target, tensors, config)
+    return Path(directory)
 
 
 def _refuse_non_finite(directory: Path, tensors: dict[str, Tensor]) -> None:
@@ -316,10 +343,11 @@ def read_weights(directory: str | Path) -> tuple[Path, dict[str, Tensor]]:
     )
 
 
-def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
+def load_adapter(model: nn.Module, directory: str | Path, name: str = DEFAULT_NAME) -> nn.Module:
     """Inject and load the adapter in ``directory`` (written here or by ``peft``; the weights in
     ``adapter_model.safetensors`` or peft's older ``adapter_model.bin``, see ``read_weights``)
-    into ``model``.
+    into ``model`` as the adapter ``name`` (beside the model's adapters, if it has some: see
+    ``inject_adapters``; peft's ``load_adapter(directory, adapter_name=name)``).
 
     Everything is checked before the model is touched: a directory that does not fit (missing
     or unexpected keys, wrong shapes, an unknown method) raises naming the first mismatch and
@@ -328,7 +356,7 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     directory = Path(directory)
     config = read_config(directory)
     weights_path, tensors = read_weights(directory)
-    expected = planned_tensors(model, config)
+    expected = planned_tensors(model, config, name)
     for key, shape in expected.items():
         if key not in tensors:
             raise ValueError(f"{weights_path}: missing key {key!r} (expected shape {shape})")
@@ -341,8 +369,8 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     if unexpected:
         raise ValueError(f"{weights_path}: unexpected key {unexpected[0]!r} for this model")
 
-    inject_adapters(model, config)  # pissa/olora turn W into its residual here, as peft does
-    live = adapter_state_dict(model)
+    inject_adapters(model, config, name)  # pissa/olora turn W into its residual, as in peft
+    live = adapter_state_dict(model, name)
     names = peft_keys(model, live)
     targets = {names[key]: value for key, value in live.items()}
     with torch.no_grad():

@@ -120,6 +120,27 @@ class _IA3Layer(AdapterLayer):
         else:
             nn.init.normal_(self.ia3_l)
 
+    # -- named adapters -------------------------------------------------------------------------
+
+    supports_named = True
+
+    def compose(self, x: Tensor, layers: list[_IA3Layer]) -> Tensor:
+        """The site with ``layers`` active together: their vectors multiply (peft's
+        ``ia3_scaling *= l``), one scaled forward; disabled layers are skipped, and a site with
+        a merged adapter runs as its (merged) base."""
+        layers = [layer for layer in layers if not layer.disabled]
+        if self.merged or any(layer.merged for layer in layers) or not layers:
+            return self.scaled_forward(x, None)
+        scale = layers[0].ia3_l.flatten()
+        for layer in layers[1:]:
+            scale = scale * layer.ia3_l.flatten()
+        return self.scaled_forward(x, scale)
+
+    def scaled_forward(self, x: Tensor, scale: Tensor | None) -> Tensor:
+        """The base's forward with ``scale`` (flat) on its output (or, feed-forward, its input);
+        None: the base alone."""
+        raise NotImplementedError
+
     # -- merge ----------------------------------------------------------------------------------
 
     def weight_view(self) -> Tensor:
@@ -177,12 +198,20 @@ class IA3Linear(_IA3Layer):
 
     def forward(self, x: Tensor) -> Tensor:
         """x (..., in) -> (..., out)."""
+        if self.router is not None:  # several adapters active here, or a mixed batch
+            return self.router(self, x)
         # weight_view() written out (one Python call less per forward); detach(): frozen
         # (FSDP1 hands a view that requires grad)
         weight = (self.weight.T if self.fan_in_fan_out else self.weight).detach()
         if self.disabled or self.merged:
             return F.linear(x, weight, self.bias)
         return ia3_linear(x, weight, self.bias, self.ia3_l.flatten(), self.feedforward)
+
+    def scaled_forward(self, x: Tensor, scale: Tensor | None) -> Tensor:
+        weight = self.weight_view().detach()
+        if scale is None:
+            return F.linear(x, weight, self.bias)
+        return ia3_linear(x, weight, self.bias, scale, self.feedforward)
 
     def describe(self) -> tuple[str, str, int]:
         out_features, in_features = self.weight_view().shape
@@ -212,12 +241,19 @@ class IA3Conv(_IA3Layer):
 
     def forward(self, x: Tensor) -> Tensor:
         """x (N, C_in, *spatial) or unbatched (C_in, *spatial) -> (N, C_out, *spatial')."""
+        if self.router is not None:  # several adapters active here, or a mixed batch
+            return self.router(self, x)
+        conv = self.base_module._conv_forward
+        if self.disabled or self.merged:
+            return conv(x, self.weight.detach(), self.bias)
+        return self.scaled_forward(x, self.ia3_l.flatten())
+
+    def scaled_forward(self, x: Tensor, scale: Tensor | None) -> Tensor:
         conv = self.base_module._conv_forward
         weight = self.weight.detach()
-        channel_dim = -(self.weight.dim() - 1)  # channels come before the spatial dims
-        if self.disabled or self.merged:
+        if scale is None:
             return conv(x, weight, self.bias)
-        scale = self.ia3_l.flatten()
+        channel_dim = -(self.weight.dim() - 1)  # channels come before the spatial dims
         if self.feedforward:
             return conv(ia3_scale(x, scale, channel_dim), weight, self.bias)
         return ia3_scale(conv(x, weight, self.bias), scale, channel_dim)

@@ -493,9 +493,44 @@ class LoRALayer(AdapterLayer):
     # -- forward --------------------------------------------------------------------------------
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.router is not None:  # several adapters active here, or a mixed batch
+            return self.router(self, x)
         if self.disabled or self.merged:
             return self.base_output(x)
         return self.variant.forward(self, x)
+
+    # -- named adapters -------------------------------------------------------------------------
+
+    supports_named = True
+
+    @classmethod
+    def named_refusal(cls, config: LoRAConfig, name: str) -> str | None:
+        init = config.init_lora_weights
+        if init in REWRITES_BASE:
+            return (
+                f"init_lora_weights={init!r} rewrites the base weight, which the adapters "
+                f"already there share; adapter {name!r} cannot use it beside them: use True or "
+                "'gaussian'"
+            )
+        return None
+
+    def adapter_delta(self, x: Tensor) -> Tensor:
+        """What this adapter adds to the base output: ``variant.forward(x) − base(x)`` (DoRA's
+        relative to the base W: ``(m/n − 1) ⊙ (x Wᵀ) + (m/n) ⊙ s·B A x``); a layer type with a
+        cheaper branch overrides it."""
+        return self.variant.forward(self, x) - self.base_output(x)
+
+    def compose(self, x: Tensor, layers: list[LoRALayer]) -> Tensor:
+        """``base(x) + Σ_k delta_k(x)`` over the active ``layers`` at this site (peft's sum;
+        each DoRA delta relative to the base W). A site with a merged adapter runs as its
+        (merged) base, as peft's does; disabled layers are skipped."""
+        out = self.base_output(x)
+        if self.merged or any(layer.merged for layer in layers):
+            return out
+        for layer in layers:
+            if not layer.disabled:
+                out = out + layer.adapter_delta(x)
+        return out
 
     # -- weights and merge ----------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ from lightning_peft.core.adapter import (
     quantized_reason,
 )
 from lightning_peft.methods.lora.base import (
+    LORA_VARIANT,
     DoRAVariant,
     LoRALayer,
     LoRAVariant,
@@ -36,7 +37,15 @@ from lightning_peft.methods.lora.config import (
     REWRITES_BASE,
     LoRAConfig,
 )
-from peft_kernels import dora_linear, dora_weight_norm, lora_linear, weight_row_sq_norm
+from peft_kernels import (
+    dora_linear,
+    dora_weight_norm,
+    grouped_lora_delta,
+    lora_delta,
+    lora_linear,
+    pad_factors,
+    weight_row_sq_norm,
+)
 
 __all__ = ["DoRAVariant", "LoRALinear", "LoRAVariant", "variant_for"]
 
@@ -71,6 +80,20 @@ REWRITING_INITS = {"pissa": _init_pissa, "olora": _init_olora}
 
 
 assert set(REWRITING_INITS) == set(REWRITES_BASE)
+
+
+def _dropped_rows(flat: Tensor, probabilities: list[float], local: Tensor) -> Tensor:
+    """Dropout on the rows (N, in) for a mixed batch: one mask for every row when the adapters
+    share p (peft's per-adapter modules draw one each; the rows are disjoint, so the law is the
+    same), else each row at its adapter's p (the base rows at 0, their delta is 0 anyway)."""
+    if not any(probabilities):
+        return flat
+    if len(set(probabilities)) == 1:
+        return F.dropout(flat, probabilities[0], training=True)
+    table = torch.tensor([*probabilities, 0.0], dtype=flat.dtype, device=flat.device)
+    p = table[local].unsqueeze(1)  # local -1 reads the last entry: 0
+    keep = torch.rand_like(flat) >= p
+    return flat * keep / (1 - p)
 
 
 class LoRALinear(LoRALayer):
@@ -192,6 +215,63 @@ class LoRALinear(LoRALayer):
             training=self.training,
             backend=self.backend,
         )
+
+    def adapter_delta(self, x: Tensor) -> Tensor:
+        """``s·(dropout(x) Aᵀ) Bᵀ (+ s·b_B)`` for LoRA, in x's dtype; DoRA as ``LoRALayer``."""
+        if self.variant is not LORA_VARIANT:
+            return super().adapter_delta(x)
+        delta = lora_delta(
+            x.to(self.lora_A.dtype),
+            self.lora_A,
+            self.lora_B,
+            self.scaling,
+            self.dropout_p,
+            training=self.training,
+            backend=self.backend,
+        )
+        if self.lora_bias is not None:
+            delta = delta + self.scaling * self.lora_bias
+        return delta.to(x.dtype)
+
+    # -- mixed-adapter batches ------------------------------------------------------------------
+
+    @staticmethod
+    def grouped_refusal(layers: list[LoRALinear]) -> str | None:
+        """Why ``mixed_output`` cannot run these adapters in one op (DoRA, ``lora_bias``: the
+        per-adapter loop runs them), or None."""
+        if any(
+            layer.variant is not LORA_VARIANT or layer.lora_bias is not None for layer in layers
+        ):
+            return "a DoRA adapter or lora_bias"
+        return None
+
+    def mixed_output(
+        self, x: Tensor, layers: list[LoRALinear], rows: Tensor, offsets: Tensor, local: Tensor
+    ) -> Tensor:
+        """A mixed batch through this layer in one grouped op: ``y_i = x_i Wᵀ + b +
+        s_k·B_k A_k dropout_k(x_i)`` for the flattened row i of adapter k = ``local[i]``
+        (-1: the base alone).
+
+        Args:
+            x: (..., in); its leading dimensions flattened are the N rows.
+            layers: the K plain-LoRA layers on this base module (this one possibly among them),
+                ranks that may differ (zero-padded, ``pad_factors``).
+            rows: (N,) every flattened row, sorted by adapter (the base rows last);
+                offsets: (K,) the groups' cumulative ends; local: (N,) each row's adapter.
+        """
+        weight = (self.weight.T if self.fan_in_fan_out else self.weight).detach()
+        base = F.linear(x, weight, self.bias)
+        flat = x.reshape(-1, x.shape[-1])
+        lora_A, lora_B = pad_factors([lay.lora_A for lay in layers], [lay.lora_B for lay in layers])
+        scales = [lay.scaling for lay in layers]
+        scaling = torch.tensor(scales, dtype=lora_A.dtype, device=x.device)
+        if self.training:
+            flat = _dropped_rows(flat, [layer.dropout_p for layer in layers], local)
+        delta = grouped_lora_delta(
+            flat, lora_A, lora_B, scaling, offsets, rows, backend=self.backend
+        )
+        out = base.reshape(-1, base.shape[-1]).index_add(0, rows, delta.to(base.dtype))
+        return out.reshape(base.shape)
 
     def dora_output(self, x: Tensor, weight_sq_norm: Tensor, weight_norm: Tensor | None) -> Tensor:
         weight = (self.weight.T if self.fan_in_fan_out else self.weight).detach()

@@ -41,6 +41,8 @@ class LoRAMultiheadAttention(LoRALayer):
     the weights); DoRA and ``lora_bias`` are refused.
     """
 
+    supports_named = False  # one adapter per module (named adapters: docs/named-adapters.md)
+
     adapts_kinds = ("nn.MultiheadAttention",)
 
     saved_names: ClassVar[dict[str, str]] = {

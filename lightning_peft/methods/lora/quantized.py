@@ -72,6 +72,8 @@ class QuantizedLoRALinear(LoRALayer):
     eval forward), and stays off after ``unwrap()``.
     """
 
+    supports_named = False  # one adapter per module (named adapters: docs/named-adapters.md)
+
     adapts_kinds = ("bitsandbytes' Linear4bit/Linear8bitLt",)
     over_quantized = True
 
