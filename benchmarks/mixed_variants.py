@@ -6,8 +6,8 @@ weights exist once). The adapters are written once to a scratch folder in the PE
 libraries, so ours and peft hold the same values:
 
 - ``ours single``: ``load_adapter`` of adapter ``a0`` alone, the plain one-adapter model;
-- ``ours mixed``: every adapter loaded by name (``load_adapter(..., name=)``); a batch runs inside
-  ``mixed_batch(model, adapter_names=rows)``, one name per row;
+- ``ours mixed``: every adapter loaded by name (``load_adapter(..., name=)``), all active (so all
+  train); a batch runs inside ``mixed_batch(model, adapter_names=rows)``, one name per row;
 - ``peft``: a ``PeftModel`` holding every adapter (``from_pretrained`` + ``load_adapter``); single
   is its forward with ``a0`` active, mixed is ``model(..., adapter_names=rows)``.
 
@@ -74,12 +74,14 @@ def build_ours_single(base: nn.Module, directory: Path) -> nn.Module:
 
 
 def build_ours_named(base: nn.Module, directories: dict[str, Path]) -> nn.Module:
-    """lightning-peft with every adapter of ``directories`` loaded under its name."""
-    from lightning_peft import load_adapter
+    """lightning-peft with every adapter of ``directories`` loaded under its name, all of them
+    active, so all are trainable (inside ``mixed_batch`` each row runs its own adapter only)."""
+    from lightning_peft import load_adapter, set_active_adapters
 
     model = shared_copy(base)
     for name, directory in directories.items():
         load_adapter(model, directory, name=name)
+    set_active_adapters(model, list(directories))
     return model
 
 
