@@ -63,7 +63,13 @@ def forward(
     end = 0
     for k, start, end in segments(offsets):
         t_k = torch.mm(_ordered(x, rows, start, end, wide), lora_A[k].to(wide).T, out=t[start:end])
-        delta[start:end] = torch.mm(t_k, lora_B[k].to(wide).T).mul_(scales[k])
+        # s_k on the small t_k (n_k, r); the expand GEMM writes into δ when δ has the compute
+        # dtype (no (n_k, out) temporary and copy)
+        scaled = t_k * scales[k]
+        if delta.dtype == wide:
+            torch.mm(scaled, lora_B[k].T, out=delta[start:end])
+        else:
+            delta[start:end] = torch.mm(scaled, lora_B[k].to(wide).T)
     delta[end:] = 0
     t[end:] = 0
     return delta, t

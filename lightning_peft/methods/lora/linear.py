@@ -246,7 +246,13 @@ class LoRALinear(LoRALayer):
         return None
 
     def mixed_output(
-        self, x: Tensor, layers: list[LoRALinear], rows: Tensor, offsets: Tensor, local: Tensor
+        self,
+        x: Tensor,
+        layers: list[LoRALinear],
+        rows: Tensor,
+        offsets: Tensor,
+        local: Tensor,
+        cache: dict | None = None,
     ) -> Tensor:
         """A mixed batch through this layer in one grouped op: ``y_i = x_i Wᵀ + b +
         s_k·B_k A_k dropout_k(x_i)`` for the flattened row i of adapter k = ``local[i]``
@@ -258,20 +264,50 @@ class LoRALinear(LoRALayer):
                 ranks that may differ (zero-padded, ``pad_factors``).
             rows: (N,) every flattened row, sorted by adapter (the base rows last);
                 offsets: (K,) the groups' cumulative ends; local: (N,) each row's adapter.
+            cache: where the stacked factors may be kept for the next call of the same batch
+                (``mixed_factors``); None: stacked on every call.
         """
         weight = (self.weight.T if self.fan_in_fan_out else self.weight).detach()
         base = F.linear(x, weight, self.bias)
         flat = x.reshape(-1, x.shape[-1])
-        lora_A, lora_B = pad_factors([lay.lora_A for lay in layers], [lay.lora_B for lay in layers])
-        scales = [lay.scaling for lay in layers]
-        scaling = torch.tensor(scales, dtype=lora_A.dtype, device=x.device)
+        lora_A, lora_B, scaling = self.mixed_factors(layers, x.device, cache)
         if self.training:
             flat = _dropped_rows(flat, [layer.dropout_p for layer in layers], local)
         delta = grouped_lora_delta(
             flat, lora_A, lora_B, scaling, offsets, rows, backend=self.backend
         )
-        out = base.reshape(-1, base.shape[-1]).index_add(0, rows, delta.to(base.dtype))
-        return out.reshape(base.shape)
+        # in place: F.linear's backward does not need its output, and base is ours alone
+        base.reshape(-1, base.shape[-1]).index_add_(0, rows, delta.to(base.dtype))
+        return base
+
+    @staticmethod
+    def mixed_factors(
+        layers: list[LoRALinear], device: torch.device, cache: dict | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``(lora_A (K, r, in), lora_B (K, out, r), scaling (K,))`` of ``layers``, stacked
+        (``pad_factors``). While autograd records nothing through the factors (decoding under
+        ``no_grad``), the stack is kept in ``cache``, keyed by the factor tensors, their
+        versions (an in-place update makes a new key) and the scalings: one stack per layer and
+        batch instead of one per decoded token."""
+        recording = torch.is_grad_enabled() and any(
+            layer.lora_A.requires_grad or layer.lora_B.requires_grad for layer in layers
+        )
+        key = None
+        if cache is not None and not recording:
+            key = tuple(
+                (id(A), A._version, id(B), B._version, layer.scaling)
+                for layer in layers
+                for A, B in [(layer.lora_A, layer.lora_B)]
+            )
+            found = cache.get(key)
+            if found is not None:
+                return found
+        lora_A, lora_B = pad_factors([lay.lora_A for lay in layers], [lay.lora_B for lay in layers])
+        scales = [lay.scaling for lay in layers]
+        stacked = lora_A, lora_B, torch.tensor(scales, dtype=lora_A.dtype, device=device)
+        if key is not None:
+            cache[key] = stacked
+        return stacked
 
     def dora_output(self, x: Tensor, weight_sq_norm: Tensor, weight_norm: Tensor | None) -> Tensor:
         weight = (self.weight.T if self.fan_in_fan_out else self.weight).detach()
