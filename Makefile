@@ -37,11 +37,13 @@ demo: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 $(VENV)/bin/lightning-peft fit --overwrite
 
 # The whole-model benchmark (SmolLM2-135M: floor / lightning-peft / peft, ~5 min on 2 cores),
-# the mixture-of-experts one (a Qwen3-MoE shape, LoRA on attention + experts), then the
+# mixed-adapter batches on it (1, 4, 16 LoRA adapters: ours / peft), the
+# mixture-of-experts one (a Qwen3-MoE shape, LoRA on attention + experts), then the
 # per-layer sweeps.
 bench: $(VENV)/.installed
 	$(PY) -m benchmarks model
 	$(PY) -m benchmarks moe
+	$(PY) -m benchmarks mixed --threads 2
 	$(PY) -m benchmarks
 
 lint: $(VENV)/.installed

@@ -243,6 +243,8 @@ def pad_factors(As: Sequence[Tensor], Bs: Sequence[Tensor]) -> tuple[Tensor, Ten
                 f"(r_k, {first.shape[1]}) and ({Bs[0].shape[0]}, r_k)"
             )
     r_max = max(a.shape[0] for a in As)
+    if all(a.shape[0] == r_max for a in As):  # one rank: stack alone (F.pad would copy first)
+        return torch.stack(list(As)), torch.stack(list(Bs))
     lora_A = torch.stack([F.pad(a, (0, 0, 0, r_max - a.shape[0])) for a in As])
     lora_B = torch.stack([F.pad(b, (0, r_max - b.shape[1])) for b in Bs])
     return lora_A, lora_B

@@ -4,7 +4,8 @@ Notation: x (N, in); the ordered rows ``x_o = x[rows]`` (M, in) (x itself when `
 None); group k is ordered rows ``[o_{k-1}, o_k)`` (``o`` = ``offsets``, cumulative ends,
 ``o_{-1} = 0``) with factors A_k (r, in), B_k (out, r) and scaling s_k.
 
-Forward, per group (one GEMM pair on slices; the offsets and scalings go to the host once):
+Forward, per group (one GEMM pair on slices; the offsets and scalings go to the host once;
+groups all of one size run as one batched pair, ``uniform_size``):
     t_k = x_k A_kᵀ   (n_k, r)          δ_k = s_k · t_k B_kᵀ   (n_k, out)
 Rows ``j >= o_{K-1}`` get δ = 0 (and t = 0).
 
@@ -50,6 +51,16 @@ def group_all(group_index: Tensor, num_groups: int) -> tuple[Tensor, Tensor]:
     return rows, counts[:num_groups].cumsum(0)
 
 
+def uniform_size(groups: list[tuple[int, int, int]], n_groups: int) -> int | None:
+    """The common size n of the groups when all ``n_groups`` are non-empty and of one size
+    (ordered rows ``[0, K·n)``: a batch spread evenly over its adapters), else None. Those run as
+    one batched GEMM pair (``torch.bmm`` over (K, n, ·) views) instead of a loop of 2K GEMMs."""
+    if not groups or len(groups) != n_groups:
+        return None
+    size = groups[0][2] - groups[0][1]
+    return size if all(end - start == size for _, start, end in groups) else None
+
+
 def _ordered(x: Tensor, rows: Tensor | None, start: int, end: int, dtype: torch.dtype) -> Tensor:
     """Ordered rows ``[start, end)`` of x (gathered through ``rows``) in ``dtype``."""
     part = x[start:end] if rows is None else x.index_select(0, rows[start:end])
@@ -69,11 +80,23 @@ def forward(
     n_ordered = x.shape[0] if rows is None else rows.shape[0]
     delta = x.new_empty(n_ordered, lora_B.shape[1])
     t = x.new_empty(n_ordered, lora_A.shape[1], dtype=wide)
+    groups = segments(offsets)
+    size = uniform_size(groups, lora_A.shape[0])
+    if size is not None:
+        end = _uniform_forward(x, lora_A, lora_B, scaling, rows, size, delta, t)
+        groups = []
+    else:
+        end = 0
     scales = scaling.tolist()
-    end = 0
-    for k, start, end in segments(offsets):
+    for k, start, end in groups:
         t_k = torch.mm(_ordered(x, rows, start, end, wide), lora_A[k].to(wide).T, out=t[start:end])
-        delta[start:end] = torch.mm(t_k, lora_B[k].to(wide).T).mul_(scales[k])
+        # s_k on the small t_k (n_k, r); the expand GEMM writes into δ when δ has the compute
+        # dtype (no (n_k, out) temporary and copy)
+        scaled = t_k * scales[k]
+        if delta.dtype == wide:
+            torch.mm(scaled, lora_B[k].to(wide).T, out=delta[start:end])
+        else:
+            delta[start:end] = torch.mm(scaled, lora_B[k].to(wide).T)
     delta[end:] = 0
     t[end:] = 0
     return delta, t
@@ -96,11 +119,16 @@ def backward(
     grad_x = torch.zeros_like(x) if needs_x else None
     grad_a = torch.zeros_like(lora_A) if needs_a else None
     grad_b = torch.zeros_like(lora_B) if needs_b else None
+    groups = segments(offsets)
+    size = uniform_size(groups, lora_A.shape[0])
+    if size is not None:
+        _uniform_backward(grad, x, lora_A, lora_B, scaling, rows, t, size, grad_x, grad_a, grad_b)
+        return grad_x, grad_a, grad_b
     scales = scaling.tolist()
-    for k, start, end in segments(offsets):
+    for k, start, end in groups:
         g_k = grad[start:end].to(wide)
         if needs_b:
-            grad_b[k] = torch.mm(g_k.T, t[start:end]).mul_(scales[k])
+            grad_b[k] = torch.mm(t[start:end].T, g_k).mul_(scales[k]).T  # (tᵀ g)ᵀ: the fast layout
         if not (needs_x or needs_a):
             continue
         g_t = torch.mm(g_k, lora_B[k].to(wide)).mul_(scales[k])  # (n_k, r)
@@ -154,3 +182,64 @@ def mixed_backward(
     if needs_x:
         grad_x += (grad_y @ weight).to(x.dtype)
     return grad_x, grad_y.sum(0) if needs_bias else None, grad_a, grad_b
+
+
+def _uniform_forward(
+    x: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: Tensor,
+    rows: Tensor | None,
+    size: int,
+    delta: Tensor,
+    t: Tensor,
+) -> int:
+    """``forward`` for K groups of ``size`` rows each (``uniform_size``), batched over the
+    groups, into ``delta`` and ``t``; returns the end of the grouped rows, K·size."""
+    wide, n_groups = t.dtype, lora_A.shape[0]
+    end = n_groups * size
+    ordered = _ordered(x, rows, 0, end, wide).view(n_groups, size, -1)
+    t_u = t[:end].view(n_groups, size, -1)
+    torch.bmm(ordered, lora_A.to(wide).transpose(1, 2), out=t_u)
+    scaled = t_u * scaling.to(wide).view(-1, 1, 1)
+    expand = lora_B.to(wide).transpose(1, 2)
+    if delta.dtype == wide:
+        torch.bmm(scaled, expand, out=delta[:end].view(n_groups, size, -1))
+    else:
+        delta[:end] = torch.bmm(scaled, expand).view(end, -1)
+    return end
+
+
+def _uniform_backward(
+    grad: Tensor,
+    x: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: Tensor,
+    rows: Tensor | None,
+    t: Tensor,
+    size: int,
+    grad_x: Tensor | None,
+    grad_a: Tensor | None,
+    grad_b: Tensor | None,
+) -> None:
+    """``backward`` for K groups of ``size`` rows each (``uniform_size``), batched over the
+    groups, into the given (zeroed) gradients."""
+    wide, n_groups = t.dtype, lora_A.shape[0]
+    end = n_groups * size
+    g = grad[:end].to(wide).view(n_groups, size, -1)  # (K, n, out)
+    scale = scaling.to(wide).view(-1, 1, 1)
+    if grad_b is not None:  # (tᵀ g)ᵀ: reading g transposed is the slow layout
+        grad_b.copy_(torch.bmm(t[:end].view(n_groups, size, -1).transpose(1, 2), g).mul_(scale).mT)
+    if grad_x is None and grad_a is None:
+        return
+    g_t = torch.bmm(g, lora_B.to(wide)).mul_(scale)  # (K, n, r)
+    if grad_a is not None:
+        ordered = _ordered(x, rows, 0, end, wide).view(n_groups, size, -1)
+        grad_a.copy_(torch.bmm(g_t.transpose(1, 2), ordered))
+    if grad_x is not None:
+        g_x = torch.bmm(g_t, lora_A.to(wide)).view(end, -1).to(x.dtype)
+        if rows is None:
+            grad_x[:end] = g_x
+        else:
+            grad_x.index_add_(0, rows[:end], g_x)

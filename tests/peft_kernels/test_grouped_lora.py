@@ -100,6 +100,9 @@ CASES = {
     "N0": (0, 13, 11, 3, [0, 0], None),
     "r1": (7, 13, 11, 1, [2, 7], None),
     "odd_sizes": (37, 33, 35, 5, [1, 17, 30], None),
+    # groups of one size: the torch backend's batched path (uniform_size)
+    "uniform_rows_unsorted": (8, 13, 11, 3, [2, 4, 6, 8], [7, 0, 5, 2, 3, 6, 1, 4]),
+    "uniform_tail_without_group": (10, 13, 11, 3, [3, 6], None),
 }
 
 
@@ -139,12 +142,13 @@ def test_only_some_inputs_require_grad(backend):
     torch.testing.assert_close(case["lora_B"].grad.double(), B64.grad, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("ends", [[5, 5, 19, 24], [6, 12, 18, 24]], ids=["ragged", "uniform"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_bf16_x_with_float32_factors(backend):
+def test_bf16_x_with_float32_factors(backend, ends):
     """bf16 x, fp32 factors: fp32 math, one rounding to bf16; the error against float64 is at
     most ~2x that of rounding the exact result to bf16 (4x for the Triton interpreter, which
     rounds fp32 -> bf16 toward zero, as tests/peft_kernels/test_triton_linear.py notes)."""
-    case = make_case(24, 40, 24, 4, [5, 5, 19, 24], None, dtype=torch.bfloat16,
+    case = make_case(24, 40, 24, 4, ends, None, dtype=torch.bfloat16,
                      factor_dtype=torch.float32)  # fmt: skip
     x, A, B = case["x"], case["lora_A"], case["lora_B"]
     delta = grouped_lora_delta(*case.values(), backend=backend)
@@ -153,7 +157,7 @@ def test_bf16_x_with_float32_factors(backend):
     delta.backward(grad.to(torch.bfloat16))
     assert x.grad.dtype == torch.bfloat16 and A.grad.dtype == torch.float32
     x64, A64, B64 = _leaves64(x, A, B)
-    ref = reference_delta(x64, list(A64), list(B64), case["scaling"].double(), [5, 5, 19, 24], None)
+    ref = reference_delta(x64, list(A64), list(B64), case["scaling"].double(), ends, None)
     ref.backward(grad.to(torch.bfloat16).double())
     for got, want in ((delta, ref), (x.grad, x64.grad)):
         rounding = (want.to(torch.bfloat16).double() - want).abs().max()
