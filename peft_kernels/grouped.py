@@ -17,7 +17,8 @@ rows past ``offsets[K-1]`` belong to no group and get δ = 0. The ordered rows a
 (rows may repeat: MoE top-k > 1) or x itself.
 
 Backends (``peft_kernels.backends``): ``naive`` (plain autograd loop, ``peft_kernels.naive``),
-``torch`` (a loop over the groups with a hand-written backward, ``peft_kernels.torch_grouped``),
+``torch`` (grouped or batched GEMMs, else a loop over the groups, with a hand-written backward,
+``peft_kernels.torch_grouped``),
 ``triton`` (segmented SGMV kernels, ``peft_kernels.triton_grouped``). The hand-written backends
 run through one ``peft_kernels.dual_op`` op (``torch.ops.peft_kernels.grouped_lora_delta``), so
 ``torch.compile(fullgraph=True)`` traces them.

@@ -103,7 +103,11 @@ CASES = {
     # groups of one size: the torch backend's batched path (uniform_size)
     "uniform_rows_unsorted": (8, 13, 11, 3, [2, 4, 6, 8], [7, 0, 5, 2, 3, 6, 1, 4]),
     "uniform_tail_without_group": (10, 13, 11, 3, [3, 6], None),
+    # in, out, r multiples of 16 bytes: the torch backend's grouped-GEMM path (torch._grouped_mm)
+    "gmm_rows_repeats_tail": (6, 16, 12, 4, [3, 3, 7, 9], [4, 0, 4, 2, 5, 1, 0, 3, 2, 5]),
+    "gmm_empty_first_tail": (10, 16, 20, 8, [0, 4, 4, 7], None),
 }
+GROUPED_MM_CASES = [name for name in CASES if name.startswith("gmm_")]
 
 
 @pytest.mark.parametrize("case_name", list(CASES))
@@ -111,6 +115,44 @@ CASES = {
 def test_matches_reference(backend, case_name):
     n, in_f, out_f, r, ends, rows = CASES[case_name]
     check_against_reference(make_case(n, in_f, out_f, r, ends, rows), backend)
+
+
+@pytest.mark.parametrize("case_name", GROUPED_MM_CASES)
+def test_torch_backend_grouped_mm_path_taken(case_name):
+    """The gmm_ cases run as grouped GEMMs where this torch has them (else the loop): the
+    reference test above then checks that path."""
+    from peft_kernels import torch_grouped
+
+    n, in_f, out_f, r, ends, rows = CASES[case_name]
+    case = make_case(n, in_f, out_f, r, ends, rows)
+    n_ordered = n if rows is None else len(rows)
+    taken = torch_grouped._use_grouped_mm(
+        case["x"], case["lora_A"], case["lora_B"], torch.float32, n_ordered
+    )
+    assert taken == torch_grouped.grouped_mm_runs("cpu")
+    assert not torch_grouped._use_grouped_mm(
+        case["x"].double(), case["lora_A"].double(), case["lora_B"].double(), torch.float64, n
+    )
+
+
+@pytest.mark.parametrize("case_name", ["gmm_rows_repeats_tail", "rows_unsorted_repeats"])
+def test_torch_backend_strided_b_gradient_in_b_layout(case_name):
+    """B given as a permuted view (E, out, r) of an (out, r, E) tensor, as LoRA on experts passes
+    it: same values as the reference, and dB arrives with B's strides (the base's layout)."""
+    n, in_f, out_f, r, ends, rows = CASES[case_name]
+    case = make_case(n, in_f, out_f, r, ends, rows)
+    base = case["lora_B"].detach().permute(1, 2, 0).contiguous().requires_grad_()  # (out, r, E)
+    strided = base.permute(2, 0, 1)
+    args = (case["x"], case["lora_A"], strided, case["scaling"], case["offsets"], case["rows"])
+    delta = grouped_lora_delta(*args, backend="torch")
+    delta.square().sum().backward()
+    contiguous = case["lora_B"].detach().requires_grad_()
+    args = (case["x"].detach(), case["lora_A"].detach(), contiguous, *args[3:])
+    want = grouped_lora_delta(*args, backend="torch")
+    want.square().sum().backward()
+    torch.testing.assert_close(delta, want, rtol=0, atol=0)
+    torch.testing.assert_close(base.grad.permute(2, 0, 1), contiguous.grad, rtol=1e-6, atol=1e-6)
+    assert base.grad.stride() == base.stride()
 
 
 @pytest.mark.parametrize("backend", ["naive", "torch"])
@@ -165,6 +207,26 @@ def test_bf16_x_with_float32_factors(backend, ends):
         assert (got.double() - want).abs().max() <= factor * rounding + 1e-6
     for got, want in ((A.grad, A64.grad), (B.grad, B64.grad)):  # fp32 math on exact bf16 inputs
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_bf16_grouped_mm_path_within_twice_plain_bf16_error():
+    """All-bf16, ragged groups, sizes multiples of 16 bytes (the torch backend's grouped-GEMM
+    path): its error against float64 is at most ~2x that of the plain-autograd bf16 loop."""
+    ends, rows = [5, 5, 19, 24], [(7 * j) % 20 for j in range(26)]
+    errors = {}
+    for backend in ("naive", "torch"):
+        case = make_case(20, 40, 24, 8, ends, rows, dtype=torch.bfloat16)
+        x, A, B = case["x"], case["lora_A"], case["lora_B"]
+        delta = grouped_lora_delta(*case.values(), backend=backend)
+        grad = torch.randn(delta.shape, generator=torch.Generator().manual_seed(2))
+        delta.backward(grad.to(torch.bfloat16))
+        x64, A64, B64 = _leaves64(x, A, B)
+        ref = reference_delta(x64, list(A64), list(B64), case["scaling"].double(), ends, rows)
+        ref.backward(grad.to(torch.bfloat16).double())
+        pairs = ((delta, ref), (x.grad, x64.grad), (A.grad, A64.grad), (B.grad, B64.grad))
+        errors[backend] = [(got.double() - want).abs().max().item() for got, want in pairs]
+    for ours, plain in zip(errors["torch"], errors["naive"], strict=True):
+        assert ours <= 2 * plain + 1e-3
 
 
 # -- ranks that differ --------------------------------------------------------------------------

@@ -10,7 +10,9 @@ to every expert's weight on every forward (``torch.nn.utils.parametrize``: E·ou
 their gradient). ``LoRAExperts`` instead runs the experts itself, grouped by expert:
 
 1. the (token, k) pairs are sorted by expert once per forward (``offsets``: cumulative ends);
-2. ``h = x_g W_upᵀ (+ b) + grouped_lora_delta(x, A_up, B_up, s, offsets, rows)``, grouped;
+2. ``h = x_g W_upᵀ (+ b) + grouped_lora_delta(x_g, A_up, B_up, s, offsets)``, grouped, with
+   ``x_g = x[rows]`` gathered once for both (the base's grouped GEMM saves it for backward
+   anyway, so the adapter holds no copy of its own);
 3. ``a = _apply_gate(h)`` (the class's own gate: concatenated or interleaved layout, gpt-oss's
    clamped SwiGLU) or ``act_fn(h)`` without a gate;
 4. ``y = a W_downᵀ (+ b) + grouped_lora_delta(a, A_down, B_down, s, offsets)``, then the
@@ -129,11 +131,13 @@ class LoRAExperts(ParameterLoRA):
 
     # -- forward --------------------------------------------------------------------------------
 
-    def _delta(self, local: str, x: Tensor, offsets: Tensor, rows: Tensor | None) -> Tensor:
+    def _delta(self, local: str, x: Tensor, offsets: Tensor) -> Tensor:
         dtype = torch.promote_types(x.dtype, self.factors(local)[0].dtype)
         lora_A, lora_B = self.expert_factors(local, dtype)
+        if not x.is_cpu:  # the GPU kernels read B_k tiles: laid out per expert, as before
+            lora_B = lora_B.contiguous()
         scaling = torch.full((lora_A.shape[0],), self.scalings[local], dtype=dtype, device=x.device)
-        return grouped_lora_delta(x, lora_A, lora_B, scaling, offsets, rows, backend=self.backend)
+        return grouped_lora_delta(x, lora_A, lora_B, scaling, offsets, backend=self.backend)
 
     def forward(self, hidden_states: Tensor, *routing: Any, **named: Any) -> Tensor:
         if self.disabled or self.merged:
@@ -151,21 +155,20 @@ class LoRAExperts(ParameterLoRA):
         counts.scatter_add_(0, sorted_ids, torch.ones_like(sorted_ids))
         offsets = torch.cumsum(counts, 0).to(torch.int32)
 
-        hidden = _grouped_linear(
-            hidden_states[rows], getattr(self, up_name), offsets, base.is_transposed
-        )
+        routed = hidden_states[rows]  # (S, H): one gather, the base's and the adapter's input
+        hidden = _grouped_linear(routed, getattr(self, up_name), offsets, base.is_transposed)
         # In place on the grouped products (their backward needs only their inputs).
         if base.has_bias:
             hidden.add_(getattr(self, f"{up_name}_bias")[sorted_ids])
         if up_name in self.param_names:
-            hidden.add_(self._delta(up_name, hidden_states, offsets, rows))
+            hidden.add_(self._delta(up_name, routed, offsets))
         hidden = base._apply_gate(hidden) if base.has_gate else base.act_fn(hidden)
 
         out = _grouped_linear(hidden, getattr(self, down_name), offsets, base.is_transposed)
         if base.has_bias:
             out.add_(getattr(self, f"{down_name}_bias")[sorted_ids])
         if down_name in self.param_names:
-            out.add_(self._delta(down_name, hidden, offsets, None))
+            out.add_(self._delta(down_name, hidden, offsets))
         if getattr(base, "has_post_expert_norm", False):
             out = base.post_expert_norm(out)
 
