@@ -52,7 +52,6 @@ class MixedBatch:
     index: Tensor  # (B,) int64: position in ``adapters``, -1 for a base row
     paths: dict[int, str]  # id(site) -> path, for messages
     _groupings: dict[tuple, tuple[Tensor, Tensor, Tensor]] = field(default_factory=dict)
-    factors: dict = field(default_factory=dict)  # stacked factors kept while not recording
 
     def grouping(self, present: tuple[int, ...], n_rows: int, device) -> tuple[Tensor, ...]:
         """``(rows (N,), offsets (K,), local (N,))`` for a site holding the adapters at the
@@ -173,7 +172,7 @@ def mixed_route(site: AdapterLayer, x: Tensor) -> Tensor:
     if mixed_output is not None and site.grouped_refusal(layers) is None:
         n_rows = x.numel() // x.shape[-1]
         rows, offsets, local = batch.grouping(tuple(k for k, _ in here), n_rows, x.device)
-        return mixed_output(x, layers, rows, offsets, local, cache=batch.factors)
+        return mixed_output(x, layers, rows, offsets, local)
     out = site.compose(x, [])
     for k, layer in here:
         rows = batch.rows_of(k, x.device)

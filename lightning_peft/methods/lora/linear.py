@@ -82,6 +82,20 @@ REWRITING_INITS = {"pissa": _init_pissa, "olora": _init_olora}
 assert set(REWRITING_INITS) == set(REWRITES_BASE)
 
 
+_KEPT_FACTORS = "_kept_mixed_factors"  # (tensors, versions, scalings, stacked): mixed_factors
+
+
+def _stack_factors(layers: list, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """The layers' factors stacked (padded when ranks differ) and their scalings (K,)."""
+    As, Bs = [layer.lora_A for layer in layers], [layer.lora_B for layer in layers]
+    if all(a.shape[0] == As[0].shape[0] for a in As):  # one rank: no padding, no checks
+        lora_A, lora_B = torch.stack(As), torch.stack(Bs)
+    else:
+        lora_A, lora_B = pad_factors(As, Bs)
+    scales = [layer.scaling for layer in layers]
+    return lora_A, lora_B, torch.tensor(scales, dtype=lora_A.dtype, device=device)
+
+
 def _dropped_rows(flat: Tensor, probabilities: list[float], local: Tensor) -> Tensor:
     """Dropout on the rows (N, in) for a mixed batch: one mask for every row when the adapters
     share p (peft's per-adapter modules draw one each; the rows are disjoint, so the law is the
@@ -246,13 +260,7 @@ class LoRALinear(LoRALayer):
         return None
 
     def mixed_output(
-        self,
-        x: Tensor,
-        layers: list[LoRALinear],
-        rows: Tensor,
-        offsets: Tensor,
-        local: Tensor,
-        cache: dict | None = None,
+        self, x: Tensor, layers: list[LoRALinear], rows: Tensor, offsets: Tensor, local: Tensor
     ) -> Tensor:
         """A mixed batch through this layer in one grouped op: ``y_i = x_i Wᵀ + b +
         s_k·B_k A_k dropout_k(x_i)`` for the flattened row i of adapter k = ``local[i]``
@@ -264,13 +272,11 @@ class LoRALinear(LoRALayer):
                 ranks that may differ (zero-padded, ``pad_factors``).
             rows: (N,) every flattened row, sorted by adapter (the base rows last);
                 offsets: (K,) the groups' cumulative ends; local: (N,) each row's adapter.
-            cache: where the stacked factors may be kept for the next call of the same batch
-                (``mixed_factors``); None: stacked on every call.
         """
         weight = (self.weight.T if self.fan_in_fan_out else self.weight).detach()
         base = F.linear(x, weight, self.bias)
         flat = x.reshape(-1, x.shape[-1])
-        lora_A, lora_B, scaling = self.mixed_factors(layers, x.device, cache)
+        lora_A, lora_B, scaling = self.mixed_factors(layers, x.device)
         if self.training:
             flat = _dropped_rows(flat, [layer.dropout_p for layer in layers], local)
         delta = grouped_lora_delta(
@@ -280,33 +286,37 @@ class LoRALinear(LoRALayer):
         base.reshape(-1, base.shape[-1]).index_add_(0, rows, delta.to(base.dtype))
         return base
 
-    @staticmethod
     def mixed_factors(
-        layers: list[LoRALinear], device: torch.device, cache: dict | None = None
+        self, layers: list[LoRALinear], device: torch.device
     ) -> tuple[Tensor, Tensor, Tensor]:
         """``(lora_A (K, r, in), lora_B (K, out, r), scaling (K,))`` of ``layers``, stacked
-        (``pad_factors``). While autograd records nothing through the factors (decoding under
-        ``no_grad``), the stack is kept in ``cache``, keyed by the factor tensors, their
-        versions (an in-place update makes a new key) and the scalings: one stack per layer and
-        batch instead of one per decoded token."""
+        (zero-padded where ranks differ, ``pad_factors``).
+
+        While autograd records nothing through the factors (inference, decoding under
+        ``no_grad``), the last stack is kept on this layer and reused as long as the same
+        factor tensors, unchanged (version counters), and the same scalings come again:
+        one stack per layer for a run of batches and tokens instead of one per call (storage,
+        dtype or device changed by ``.to()``: a new stack). It holds one more copy of those
+        adapters' factors (dropped on the next stack made here)."""
         recording = torch.is_grad_enabled() and any(
             layer.lora_A.requires_grad or layer.lora_B.requires_grad for layer in layers
         )
-        key = None
-        if cache is not None and not recording:
-            key = tuple(
-                (id(A), A._version, id(B), B._version, layer.scaling)
-                for layer in layers
-                for A, B in [(layer.lora_A, layer.lora_B)]
-            )
-            found = cache.get(key)
-            if found is not None:
-                return found
-        lora_A, lora_B = pad_factors([lay.lora_A for lay in layers], [lay.lora_B for lay in layers])
-        scales = [lay.scaling for lay in layers]
-        stacked = lora_A, lora_B, torch.tensor(scales, dtype=lora_A.dtype, device=device)
-        if key is not None:
-            cache[key] = stacked
+        if recording or torch.compiler.is_compiling():
+            return _stack_factors(layers, device)
+        tensors = [t for layer in layers for t in (layer.lora_A, layer.lora_B)]
+        versions = [(t._version, t.data_ptr(), t.dtype, t.device) for t in tensors]
+        scales = [layer.scaling for layer in layers]
+        kept = self.__dict__.get(_KEPT_FACTORS)
+        if (
+            kept is not None
+            and len(kept[0]) == len(tensors)
+            and all(a is b for a, b in zip(kept[0], tensors, strict=True))
+            and kept[1] == versions
+            and kept[2] == scales
+        ):
+            return kept[3]
+        stacked = _stack_factors(layers, device)
+        self.__dict__[_KEPT_FACTORS] = (tensors, versions, scales, stacked)
         return stacked
 
     def dora_output(self, x: Tensor, weight_sq_norm: Tensor, weight_norm: Tensor | None) -> Tensor:
