@@ -260,7 +260,12 @@ class LoRALinear(LoRALayer):
         return None
 
     def mixed_output(
-        self, x: Tensor, layers: list[LoRALinear], rows: Tensor, offsets: Tensor, local: Tensor
+        self,
+        x: Tensor,
+        layers: list[LoRALinear],
+        rows: Tensor | None,
+        offsets: Tensor,
+        local: Tensor,
     ) -> Tensor:
         """A mixed batch through this layer in one grouped op: ``y_i = x_i Wᵀ + b +
         s_k·B_k A_k dropout_k(x_i)`` for the flattened row i of adapter k = ``local[i]``
@@ -270,8 +275,9 @@ class LoRALinear(LoRALayer):
             x: (..., in); its leading dimensions flattened are the N rows.
             layers: the K plain-LoRA layers on this base module (this one possibly among them),
                 ranks that may differ (zero-padded, ``pad_factors``).
-            rows: (N,) every flattened row, sorted by adapter (the base rows last);
-                offsets: (K,) the groups' cumulative ends; local: (N,) each row's adapter.
+            rows: (N,) every flattened row, sorted by adapter (the base rows last), or None
+                (x's rows in that order already); offsets: (K,) the groups' cumulative ends;
+                local: (N,) each row's adapter.
         """
         weight = (self.weight.T if self.fan_in_fan_out else self.weight).detach()
         base = F.linear(x, weight, self.bias)
@@ -283,7 +289,11 @@ class LoRALinear(LoRALayer):
             flat, lora_A, lora_B, scaling, offsets, rows, backend=self.backend
         )
         # in place: F.linear's backward does not need its output, and base is ours alone
-        base.reshape(-1, base.shape[-1]).index_add_(0, rows, delta.to(base.dtype))
+        flat_base = base.reshape(-1, base.shape[-1])
+        if rows is None:  # the rows in adapter order already
+            flat_base.add_(delta.to(base.dtype))
+        else:
+            flat_base.index_add_(0, rows, delta.to(base.dtype))
         return base
 
     def mixed_factors(
