@@ -45,6 +45,7 @@ SKIPPED_COMMANDS = {
     "torchrun ": "2 nodes of 8 GPUs",
     "srun ": "a SLURM cluster with GPUs",
     ".venv/bin/python -m benchmarks model": "the SmolLM2 benchmark (~9 min)",
+    ".venv/bin/python -m benchmarks mixed": "the SmolLM2 mixed-adapter benchmark (~10 min)",
 }
 # Python blocks that need something this machine may not have: (text in the block, check, why).
 PYTHON_NEEDS = [
