@@ -61,6 +61,9 @@ from benchmarks.progress import progress_bar
 from benchmarks.timing import CLOCKS, sample_interleaved
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+# Paired rounds per part by default: ~8 minutes on SmolLM2 with 2 quiet cores (one generate
+# call of peft's 16-adapter loop alone takes ~20 s).
+ROUNDS = {"forward": 5, "train": 3, "generate": 3}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Largest |ours - peft| over the largest |peft| of the logits (same adapters, same batch).
 LOGIT_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
@@ -83,7 +86,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if cuda else "cpu")
     parser.add_argument("--dtype", choices=tuple(DTYPES), help="default: bf16 on cuda, else fp32")
     parser.add_argument("--threads", type=int, default=usable_cpus(), help="torch CPU threads")
-    parser.add_argument("--rounds", type=int, default=None, help="paired rounds (default 5)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="paired rounds of every part (default: forward 5, train 3, generate 3)",
+    )
     parser.add_argument(
         "--adapters",
         type=int,
@@ -120,10 +128,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for name in ("threads", "batch", "seq", "rank", "new_tokens", "prompt_tokens"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.rounds is None:
-        args.rounds = 2 if args.quick else 5
-    if args.rounds < 1:
+    if args.rounds is not None and args.rounds < 1:
         parser.error("--rounds must be >= 1")
+    if args.rounds is None and args.quick:
+        args.rounds = 2
+    args.rounds = {part: args.rounds or ROUNDS[part] for part in args.parts}
     args.adapters = sorted(set(args.adapters))
     if args.adapters[0] < 1:
         parser.error("--adapters: every count must be >= 1")
@@ -317,7 +326,7 @@ def run(args: argparse.Namespace) -> tuple[str, list[Path]]:
             )
         print(
             f"{model_name}: k = {', '.join(map(str, parts.counts))} adapters, parts "
-            f"{', '.join(args.parts)}, {args.rounds} paired rounds, {args.dtype}, "
+            f"{', '.join(args.parts)}, paired rounds {args.rounds}, {args.dtype}, "
             f"{metadata['device_name']}, {metadata['threads']} threads",
             flush=True,
         )
@@ -325,7 +334,9 @@ def run(args: argparse.Namespace) -> tuple[str, list[Path]]:
         order = [part for part in ("forward", "generate", "train") if part in args.parts]
         sizes = {"forward": 2 + 2 * len(parts.counts), "generate": 2 * len(parts.counts)}
         sizes["train"] = 1 + len(parts.counts)
-        bar = progress_bar(sum(sizes[p] * (args.rounds + 1) for p in order), not args.no_progress)
+        bar = progress_bar(
+            sum(sizes[p] * (args.rounds[p] + 1) for p in order), not args.no_progress
+        )
         rows: list[dict[str, object]] = []
         try:
             for part in order:  # training last: its steps move the adapters away from peft's
@@ -339,7 +350,11 @@ def run(args: argparse.Namespace) -> tuple[str, list[Path]]:
                 del first
                 bar.set_description(f"{part} rounds")
                 samples = sample_interleaved(
-                    calls, device, args.rounds, on_sample=lambda _: bar.update(), clock=args.clock
+                    calls,
+                    device,
+                    args.rounds[part],
+                    on_sample=lambda _: bar.update(),
+                    clock=args.clock,
                 )
                 rows += time_rows(part, samples) + ratio_rows(part, samples, parts.counts)
         finally:

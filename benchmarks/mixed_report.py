@@ -136,9 +136,10 @@ def format_table(rows: Sequence[Mapping[str, object]], metadata: Mapping[str, ob
         f"over k adapters; {metadata['dtype']}, {metadata['device_name']}, "
         f"{metadata['threads']} threads, torch {metadata['torch']}, peft {metadata['peft']}, "
         f"{metadata['date']}",
-        f"{metadata['rounds']} paired rounds per part, interleaved in a rotated order, "
-        f"{metadata['clock']} clock; ratios of times are the median [min-max] of the per-round "
-        "ratios (below 1: the first is faster).",
+        "paired rounds per part "
+        + ", ".join(f"{part} {count}" for part, count in metadata["rounds"].items())
+        + f", interleaved in a rotated order, {metadata['clock']} clock; ratios of times are the "
+        "median [min-max] of the per-round ratios (below 1: the first is faster).",
     ]
     width = 28
     for part, title in PARTS.items():

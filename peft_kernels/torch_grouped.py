@@ -132,13 +132,17 @@ def backward(
     size = uniform_size(groups, lora_A.shape[0])
     if size is None and _use_grouped_mm(x, lora_A, lora_B, wide, t.shape[0]):
         return _grouped_mm_backward(grad, x, lora_A, lora_B, scaling, offsets, rows, t, needs)
+    if size is not None:
+        grad_x, grad_a, grad_b = _uniform_backward(
+            grad, x, lora_A, lora_B.contiguous(), scaling, rows, t, size, needs
+        )
+        if grad_b is not None and grad_b.stride() != lora_B.stride():
+            grad_b = torch.empty_like(lora_B).copy_(grad_b)  # B's strides (as the fake's)
+        return grad_x, grad_a, grad_b
     grad_x = torch.zeros_like(x) if needs_x else None
     grad_a = torch.zeros_like(lora_A) if needs_a else None
     grad_b = torch.zeros_like(lora_B) if needs_b else None  # B's strides (as the fake's)
     lora_B = lora_B.contiguous()
-    if size is not None:
-        _uniform_backward(grad, x, lora_A, lora_B, scaling, rows, t, size, grad_x, grad_a, grad_b)
-        return grad_x, grad_a, grad_b
     scales = scaling.tolist()
     for k, start, end in groups:
         g_k = grad[start:end].to(wide)
@@ -234,30 +238,38 @@ def _uniform_backward(
     rows: Tensor | None,
     t: Tensor,
     size: int,
-    grad_x: Tensor | None,
-    grad_a: Tensor | None,
-    grad_b: Tensor | None,
-) -> None:
+    needs: tuple[bool, bool, bool],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """``backward`` for K groups of ``size`` rows each (``uniform_size``), batched over the
-    groups, into the given (zeroed) gradients."""
+    groups. dA and dB come straight from the batched GEMMs (every group is there: nothing to
+    zero); dx too when x's rows are the ordered rows, all of them."""
+    needs_x, needs_a, needs_b = needs
     wide, n_groups = t.dtype, lora_A.shape[0]
     end = n_groups * size
     g = grad[:end].to(wide).view(n_groups, size, -1)  # (K, n, out)
     scale = scaling.to(wide).view(-1, 1, 1)
-    if grad_b is not None:  # (tᵀ g)ᵀ: reading g transposed is the slow layout
-        grad_b.copy_(torch.bmm(t[:end].view(n_groups, size, -1).transpose(1, 2), g).mul_(scale).mT)
-    if grad_x is None and grad_a is None:
-        return
+    grad_x = grad_a = grad_b = None
+    if needs_b:  # (tᵀ g)ᵀ: reading g transposed is the slow layout
+        t_u = t[:end].view(n_groups, size, -1)
+        grad_b = torch.bmm(t_u.transpose(1, 2), g).mul_(scale).mT.to(lora_B.dtype)
+        grad_b = grad_b.contiguous()
+    if not (needs_x or needs_a):
+        return grad_x, grad_a, grad_b
     g_t = torch.bmm(g, lora_B.to(wide)).mul_(scale)  # (K, n, r)
-    if grad_a is not None:
+    if needs_a:
         ordered = _ordered(x, rows, 0, end, wide).view(n_groups, size, -1)
-        grad_a.copy_(torch.bmm(g_t.transpose(1, 2), ordered))
-    if grad_x is not None:
+        grad_a = torch.bmm(g_t.transpose(1, 2), ordered).to(lora_A.dtype)
+    if needs_x:
         g_x = torch.bmm(g_t, lora_A.to(wide)).view(end, -1).to(x.dtype)
-        if rows is None:
-            grad_x[:end] = g_x
+        if rows is None and end == x.shape[0]:
+            grad_x = g_x
         else:
-            grad_x.index_add_(0, rows[:end], g_x)
+            grad_x = torch.zeros_like(x)
+            if rows is None:
+                grad_x[:end] = g_x
+            else:
+                grad_x.index_add_(0, rows[:end], g_x)
+    return grad_x, grad_a, grad_b
 
 
 # -- one grouped GEMM per product (torch._grouped_mm) -------------------------------------------

@@ -31,7 +31,8 @@ def test_mixed_benchmark_rows_ratios_and_checks(quick_mixed_run):
     table, files, data = quick_mixed_run
     metadata, rows = data["metadata"], data["rows"]
     counts = metadata["adapter_counts"]
-    assert counts == [1, 4, 16] and metadata["rounds"] == 2 and metadata["threads"] == 1
+    assert counts == [1, 4, 16] and metadata["threads"] == 1
+    assert metadata["rounds"] == {"forward": 2, "generate": 2, "train": 2}
     times = {(r["part"], r["name"]): r for r in rows if r["kind"] == "time"}
     expected = {("forward", "ours single"), ("forward", "peft single"), ("train", "ours single")}
     for count in counts:
@@ -64,6 +65,12 @@ def test_rows_are_spread_round_robin_and_counts_need_rows():
     assert row_names(4, 1) == ["a0"] * 4
     with pytest.raises(ValueError, match="16 adapters need at least 16 rows"):
         row_names(8, 16)
+
+
+@NEEDS_PEFT
+def test_rounds_per_part():
+    assert mixed.parse_args(["--parts", "train", "forward"]).rounds == {"train": 3, "forward": 5}
+    assert mixed.parse_args(["--rounds", "7"]).rounds == dict.fromkeys(mixed.PARTS, 7)
 
 
 @NEEDS_PEFT

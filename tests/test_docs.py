@@ -47,6 +47,7 @@ SKIPPED_COMMANDS = {
     ".venv/bin/python -m benchmarks model": "the SmolLM2 benchmark (~9 min)",
     ".venv/bin/python -m benchmarks moe": "the MoE benchmark (~4 min); its --quick runs in "
     "tests/test_benchmarks_moe.py",
+    ".venv/bin/python -m benchmarks mixed": "the SmolLM2 mixed-adapter benchmark (~10 min)",
 }
 # Python blocks that need something this machine may not have: (text in the block, check, why).
 PYTHON_NEEDS = [

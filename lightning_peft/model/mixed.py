@@ -54,24 +54,29 @@ class MixedBatch:
     index: Tensor  # (B,) int64: position in ``adapters``, -1 for a base row
     paths: dict[int, str]  # id(site) -> path, for messages
     _groupings: dict[tuple, tuple[Tensor, Tensor, Tensor]] = field(default_factory=dict)
-    site_caches: dict[int, dict] = field(default_factory=dict)  # id(site) -> the site's cache
 
-    def grouping(self, present: tuple[int, ...], n_rows: int, device) -> tuple[Tensor, ...]:
-        """``(rows (N,), offsets (K,), local (N,))`` for a site holding the adapters at the
-        positions ``present`` (K of them, in that order) and an input of ``n_rows`` flattened
-        rows (B·T): every flattened row sorted by its adapter there (stable; rows of no adapter
-        last, past ``offsets[-1]``), the groups' cumulative ends, and each flattened row's local
-        adapter (-1: none). Computed once per (present, n_rows, device), no host sync."""
+    def grouping(
+        self, present: tuple[int, ...], n_rows: int, device
+    ) -> tuple[Tensor | None, Tensor, Tensor]:
+        """``(rows (N,) or None, offsets (K,), local (N,))`` for a site holding the adapters at
+        the positions ``present`` (K of them, in that order) and an input of ``n_rows``
+        flattened rows (B·T): every flattened row sorted by its adapter there (stable; rows of
+        no adapter last, past ``offsets[-1]``), None when the batch is in that order already (no
+        gather, no scatter: e.g. one adapter, or one row per adapter), the groups' cumulative
+        ends, and each flattened row's local adapter (-1: none). Computed once per (present,
+        n_rows, device), no device sync (the order is read on the (B,) host index)."""
         key = (present, n_rows, device)
         found = self._groupings.get(key)
         if found is not None:
             return found
         to_local = torch.full((len(self.adapters) + 1,), -1, dtype=torch.int64)
         to_local[list(present)] = torch.arange(len(present))
-        local = to_local[self.index].to(device)  # index -1 reads the last entry: -1
-        local = local.repeat_interleave(n_rows // len(self.names))
+        per_row = to_local[self.index]  # (B,) on the host; index -1 reads the last entry: -1
+        order = torch.where(per_row < 0, len(present), per_row)
+        in_order = bool((order[1:] >= order[:-1]).all())
+        local = per_row.to(device).repeat_interleave(n_rows // len(self.names))
         group = torch.where(local < 0, len(present), local)
-        rows = torch.sort(group, stable=True).indices
+        rows = None if in_order else torch.sort(group, stable=True).indices
         counts = torch.bincount(group, minlength=len(present) + 1)
         found = (rows, counts[: len(present)].cumsum(0), local)
         self._groupings[key] = found
@@ -175,8 +180,7 @@ def mixed_route(site: AdapterLayer, x: Tensor) -> Tensor:
     if mixed_output is not None and site.grouped_refusal(layers) is None:
         n_rows = x.numel() // x.shape[-1]
         rows, offsets, local = batch.grouping(tuple(k for k, _ in here), n_rows, x.device)
-        cache = batch.site_caches.setdefault(id(site), {})
-        return mixed_output(x, layers, rows, offsets, local, cache)
+        return mixed_output(x, layers, rows, offsets, local)
     out = site.compose(x, [])
     for k, layer in here:
         rows = batch.rows_of(k, x.device)

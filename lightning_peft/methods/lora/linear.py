@@ -82,20 +82,18 @@ REWRITING_INITS = {"pissa": _init_pissa, "olora": _init_olora}
 assert set(REWRITING_INITS) == set(REWRITES_BASE)
 
 
-def _stacked_factors(layers: list[LoRALinear], device, cache: dict | None) -> tuple[Tensor, ...]:
-    """``(A (K, r, in), B (K, out, r), s (K,))`` of ``layers``, zero-padded to one rank; without
-    autograd, kept in ``cache`` and reused while every factor's data and version are the same."""
-    key = None
-    if cache is not None and not torch.is_grad_enabled():
-        key = tuple((f.data_ptr(), f._version) for lay in layers for f in (lay.lora_A, lay.lora_B))
-        if cache.get("key") == key:
-            return cache["factors"]
-    lora_A, lora_B = pad_factors([lay.lora_A for lay in layers], [lay.lora_B for lay in layers])
-    scales = [lay.scaling for lay in layers]
-    factors = (lora_A, lora_B, torch.tensor(scales, dtype=lora_A.dtype, device=device))
-    if key is not None:
-        cache["key"], cache["factors"] = key, factors
-    return factors
+_KEPT_FACTORS = "_kept_mixed_factors"  # (tensors, versions, scalings, stacked): mixed_factors
+
+
+def _stack_factors(layers: list, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """The layers' factors stacked (padded when ranks differ) and their scalings (K,)."""
+    As, Bs = [layer.lora_A for layer in layers], [layer.lora_B for layer in layers]
+    if all(a.shape[0] == As[0].shape[0] for a in As):  # one rank: no padding, no checks
+        lora_A, lora_B = torch.stack(As), torch.stack(Bs)
+    else:
+        lora_A, lora_B = pad_factors(As, Bs)
+    scales = [layer.scaling for layer in layers]
+    return lora_A, lora_B, torch.tensor(scales, dtype=lora_A.dtype, device=device)
 
 
 def _dropped_rows(flat: Tensor, probabilities: list[float], local: Tensor) -> Tensor:
@@ -265,10 +263,9 @@ class LoRALinear(LoRALayer):
         self,
         x: Tensor,
         layers: list[LoRALinear],
-        rows: Tensor,
+        rows: Tensor | None,
         offsets: Tensor,
         local: Tensor,
-        cache: dict | None = None,
     ) -> Tensor:
         """A mixed batch through this layer in one grouped op: ``y_i = x_i Wᵀ + b +
         s_k·B_k A_k dropout_k(x_i)`` for the flattened row i of adapter k = ``local[i]``
@@ -278,23 +275,59 @@ class LoRALinear(LoRALayer):
             x: (..., in); its leading dimensions flattened are the N rows.
             layers: the K plain-LoRA layers on this base module (this one possibly among them),
                 ranks that may differ (zero-padded, ``pad_factors``).
-            rows: (N,) every flattened row, sorted by adapter (the base rows last);
-                offsets: (K,) the groups' cumulative ends; local: (N,) each row's adapter.
-            cache: a dict this site keeps for the batch: forwards without autograd (decoding)
-                reuse the padded factors there until a factor changes.
+            rows: (N,) every flattened row, sorted by adapter (the base rows last), or None
+                (x's rows in that order already); offsets: (K,) the groups' cumulative ends;
+                local: (N,) each row's adapter.
         """
         weight = (self.weight.T if self.fan_in_fan_out else self.weight).detach()
         base = F.linear(x, weight, self.bias)
         flat = x.reshape(-1, x.shape[-1])
-        lora_A, lora_B, scaling = _stacked_factors(layers, x.device, cache)
+        lora_A, lora_B, scaling = self.mixed_factors(layers, x.device)
         if self.training:
             flat = _dropped_rows(flat, [layer.dropout_p for layer in layers], local)
         delta = grouped_lora_delta(
             flat, lora_A, lora_B, scaling, offsets, rows, backend=self.backend
         )
-        # in place: the base product's backward does not read its output
-        base.view(-1, base.shape[-1]).index_add_(0, rows, delta.to(base.dtype))
+        # in place: F.linear's backward does not need its output, and base is ours alone
+        flat_base = base.reshape(-1, base.shape[-1])
+        if rows is None:  # the rows in adapter order already
+            flat_base.add_(delta.to(base.dtype))
+        else:
+            flat_base.index_add_(0, rows, delta.to(base.dtype))
         return base
+
+    def mixed_factors(
+        self, layers: list[LoRALinear], device: torch.device
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``(lora_A (K, r, in), lora_B (K, out, r), scaling (K,))`` of ``layers``, stacked
+        (zero-padded where ranks differ, ``pad_factors``).
+
+        While autograd records nothing through the factors (inference, decoding under
+        ``no_grad``), the last stack is kept on this layer and reused as long as the same
+        factor tensors, unchanged (version counters), and the same scalings come again:
+        one stack per layer for a run of batches and tokens instead of one per call (storage,
+        dtype or device changed by ``.to()``: a new stack). It holds one more copy of those
+        adapters' factors (dropped on the next stack made here)."""
+        recording = torch.is_grad_enabled() and any(
+            layer.lora_A.requires_grad or layer.lora_B.requires_grad for layer in layers
+        )
+        if recording or torch.compiler.is_compiling():
+            return _stack_factors(layers, device)
+        tensors = [t for layer in layers for t in (layer.lora_A, layer.lora_B)]
+        versions = [(t._version, t.data_ptr(), t.dtype, t.device) for t in tensors]
+        scales = [layer.scaling for layer in layers]
+        kept = self.__dict__.get(_KEPT_FACTORS)
+        if (
+            kept is not None
+            and len(kept[0]) == len(tensors)
+            and all(a is b for a, b in zip(kept[0], tensors, strict=True))
+            and kept[1] == versions
+            and kept[2] == scales
+        ):
+            return kept[3]
+        stacked = _stack_factors(layers, device)
+        self.__dict__[_KEPT_FACTORS] = (tensors, versions, scales, stacked)
+        return stacked
 
     def dora_output(self, x: Tensor, weight_sq_norm: Tensor, weight_norm: Tensor | None) -> Tensor:
         weight = (self.weight.T if self.fan_in_fan_out else self.weight).detach()
