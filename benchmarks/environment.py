@@ -3,6 +3,7 @@ files a run writes."""
 
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime as dt
 import importlib.metadata
@@ -23,6 +24,30 @@ def usable_cpus() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_run_arguments(
+    parser: argparse.ArgumentParser, *, model_source: bool, dtypes: Sequence[str] = tuple(DTYPES)
+) -> None:
+    """The options every whole-model benchmark shares: where the model comes from (``--model``,
+    ``--random-weights`` or ``--quick``, with ``model_source``), ``--device``, ``--dtype`` (one
+    of ``dtypes``; default bf16 on CUDA, else fp32) and ``--threads``."""
+    if model_source:
+        source = parser.add_mutually_exclusive_group()
+        source.add_argument("--model", type=Path, help="a transformers causal-LM directory")
+        source.add_argument(
+            "--random-weights",
+            action="store_true",
+            help="SmolLM2-135M's shape with random weights (no model files needed)",
+        )
+        source.add_argument("--quick", action="store_true", help="a tiny random Llama, 2 rounds")
+    cuda = torch.cuda.is_available()
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if cuda else "cpu")
+    parser.add_argument("--dtype", choices=tuple(dtypes), help="default: bf16 on cuda, else fp32")
+    parser.add_argument("--threads", type=int, default=usable_cpus(), help="torch CPU threads")
 
 
 @contextmanager

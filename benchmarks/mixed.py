@@ -32,7 +32,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from benchmarks.environment import file_stem, run_metadata, torch_threads, usable_cpus
+from benchmarks.environment import (
+    DTYPES,
+    add_run_arguments,
+    file_stem,
+    run_metadata,
+    torch_threads,
+)
 from benchmarks.mixed_report import PARTS, format_table, ratio_rows, time_rows, write_files
 from benchmarks.mixed_variants import (
     ADAPTER_COUNTS,
@@ -64,7 +70,6 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 # Paired rounds per part by default: ~8 minutes on SmolLM2 with 2 quiet cores (one generate
 # call of peft's 16-adapter loop alone takes ~20 s).
 ROUNDS = {"forward": 5, "train": 3, "generate": 3}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Largest |ours - peft| over the largest |peft| of the logits (same adapters, same batch).
 LOGIT_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
 
@@ -75,17 +80,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         prog="python -m benchmarks mixed",
         description="Mixed-adapter batches: forward, training step and generate, ours and peft.",
     )
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--model", type=Path, help="a transformers causal-LM directory")
-    source.add_argument(
-        "--random-weights",
-        action="store_true",
-        help="SmolLM2-135M's shape with random weights (no model files needed)",
-    )
-    source.add_argument("--quick", action="store_true", help="a tiny random Llama, 2 rounds")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if cuda else "cpu")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), help="default: bf16 on cuda, else fp32")
-    parser.add_argument("--threads", type=int, default=usable_cpus(), help="torch CPU threads")
+    add_run_arguments(parser, model_source=True)
     parser.add_argument(
         "--rounds",
         type=int,

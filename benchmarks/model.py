@@ -26,7 +26,13 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.environment import file_stem, run_metadata, torch_threads, usable_cpus
+from benchmarks.environment import (
+    DTYPES,
+    add_run_arguments,
+    file_stem,
+    run_metadata,
+    torch_threads,
+)
 from benchmarks.memory import measure_step_memory
 from benchmarks.model_report import decode_rows, format_table, plot, train_rows, write_files
 from benchmarks.model_variants import (
@@ -50,7 +56,6 @@ from benchmarks.progress import progress_bar
 from benchmarks.timing import CLOCKS, SampleTimer, sample_interleaved
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Loss agreement of ours and peft (same adapter values, dropout off), relative.
 LOSS_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 1e-2}
 
@@ -61,17 +66,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         prog="python -m benchmarks model",
         description="Whole-model LoRA/DoRA benchmark: floor, lightning-peft and peft side by side.",
     )
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--model", type=Path, help="a transformers causal-LM directory")
-    source.add_argument(
-        "--random-weights",
-        action="store_true",
-        help="SmolLM2-135M's shape with random weights (no model files needed)",
-    )
-    source.add_argument("--quick", action="store_true", help="a tiny random Llama, 2 rounds")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if cuda else "cpu")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), help="default: bf16 on cuda, else fp32")
-    parser.add_argument("--threads", type=int, default=usable_cpus(), help="torch CPU threads")
+    add_run_arguments(parser, model_source=True)
     parser.add_argument("--rounds", type=int, default=None, help="paired rounds (default 8)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=128, help="tokens per sequence")

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.environment import file_stem, run_metadata, torch_threads, usable_cpus
+from benchmarks.environment import add_run_arguments, file_stem, run_metadata, torch_threads
 from benchmarks.memory import measure_step_memory
 from benchmarks.model_variants import make_batch, peft_installed
 from benchmarks.moe_variants import (
@@ -81,9 +81,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--shape", choices=("cpu", "gpu"), default="gpu" if cuda else "cpu")
     parser.add_argument("--quick", action="store_true", help="a tiny model, 2 rounds (tests)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if cuda else "cpu")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), help="default: bf16 on cuda, else fp32")
-    parser.add_argument("--threads", type=int, default=usable_cpus(), help="torch CPU threads")
+    add_run_arguments(parser, model_source=False, dtypes=DTYPES)
     parser.add_argument("--rounds", type=int, default=None, help="paired rounds (default 8)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256, help="tokens per sequence")
