@@ -50,6 +50,18 @@ def add_run_arguments(
     parser.add_argument("--threads", type=int, default=usable_cpus(), help="torch CPU threads")
 
 
+def check_run_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``parser.error`` for what ``add_run_arguments`` took and this machine cannot do: CUDA
+    without a device, CPU time on CUDA (``--clock``), a ``--model`` folder without config."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    if args.device == "cuda" and getattr(args, "clock", "wall") == "cpu":
+        parser.error("--clock cpu times CPU work; CUDA runs are timed with CUDA events")
+    model = getattr(args, "model", None)
+    if model is not None and not (model / "config.json").is_file():
+        parser.error(f"--model {model}: no config.json there (not a transformers directory)")
+
+
 @contextmanager
 def torch_threads(count: int) -> Iterator[None]:
     """``torch.set_num_threads(count)`` for the duration, restoring the previous count."""

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from benchmarks.environment import (
     DTYPES,
     add_run_arguments,
+    check_run_arguments,
     file_stem,
     run_metadata,
     torch_threads,
@@ -75,7 +76,6 @@ LOGIT_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    cuda = torch.cuda.is_available()
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks mixed",
         description="Mixed-adapter batches: forward, training step and generate, ours and peft.",
@@ -112,12 +112,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    if args.device == "cuda" and not cuda:
-        parser.error("--device cuda: no CUDA device is available")
-    if args.device == "cuda" and args.clock == "cpu":
-        parser.error("--clock cpu times CPU work; CUDA runs are timed with CUDA events")
-    if args.model is not None and not (args.model / "config.json").is_file():
-        parser.error(f"--model {args.model}: no config.json there (not a transformers directory)")
+    check_run_arguments(parser, args)
     if args.quick:
         args.batch, args.seq, args.prompt_tokens, args.new_tokens = 16, 8, 4, 4
     for name in ("threads", "batch", "seq", "rank", "new_tokens", "prompt_tokens"):

@@ -29,6 +29,7 @@ import torch
 from benchmarks.environment import (
     DTYPES,
     add_run_arguments,
+    check_run_arguments,
     file_stem,
     run_metadata,
     torch_threads,
@@ -61,7 +62,6 @@ LOSS_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 1e-2
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    cuda = torch.cuda.is_available()
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks model",
         description="Whole-model LoRA/DoRA benchmark: floor, lightning-peft and peft side by side.",
@@ -88,12 +88,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    if args.device == "cuda" and not cuda:
-        parser.error("--device cuda: no CUDA device is available")
-    if args.device == "cuda" and args.clock == "cpu":
-        parser.error("--clock cpu times CPU work; CUDA runs are timed with CUDA events")
-    if args.model is not None and not (args.model / "config.json").is_file():
-        parser.error(f"--model {args.model}: no config.json there (not a transformers directory)")
+    check_run_arguments(parser, args)
     for name in ("threads", "batch", "seq", "rank", "new_tokens", "prompt_tokens"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")

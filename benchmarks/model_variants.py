@@ -207,14 +207,22 @@ def make_batch(vocab: int, batch: int, seq: int, device: torch.device) -> Tensor
 
 
 def training_callables(
-    model: nn.Module, ids: Tensor, floor: bool
+    model: nn.Module, ids: Tensor, floor: bool, optimize: bool = False
 ) -> tuple[Callable[[], Tensor], Callable[[], Tensor]]:
     """``(forward_loss, step)`` for ``model`` on the batch ``ids`` (labels = ids).
 
-    The floor feeds ``inputs_embeds`` that require grad (all weights are frozen, so backward
-    would otherwise have nothing to do); adapted models take ``input_ids`` as in training.
+    ``forward_loss`` clears the gradients and returns the loss with its graph; ``step`` runs it,
+    backward and, with ``optimize``, an AdamW step over the trained parameters, and returns the
+    detached loss. The floor feeds ``inputs_embeds`` that require grad (all weights are frozen,
+    so backward would otherwise have nothing to do); adapted models take ``input_ids`` as in
+    training.
     """
     trainable = [p for p in model.parameters() if p.requires_grad]
+    if floor and trainable:
+        raise ValueError("the floor must have every weight frozen")
+    if not floor and not trainable:
+        raise ValueError("an adapted model without trainable parameters")
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4) if optimize and trainable else None
     embed = model.get_input_embeddings()
 
     def forward_loss() -> Tensor:
@@ -230,6 +238,8 @@ def training_callables(
     def step() -> Tensor:
         loss = forward_loss()
         loss.backward()
+        if optimizer is not None:
+            optimizer.step()
         return loss.detach()
 
     return forward_loss, step

@@ -34,9 +34,15 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.environment import add_run_arguments, file_stem, run_metadata, torch_threads
+from benchmarks.environment import (
+    add_run_arguments,
+    check_run_arguments,
+    file_stem,
+    run_metadata,
+    torch_threads,
+)
 from benchmarks.memory import measure_step_memory
-from benchmarks.model_variants import make_batch, peft_installed
+from benchmarks.model_variants import make_batch, peft_installed, training_callables
 from benchmarks.moe_variants import (
     ATTENTION,
     EXPERT_PARAMETERS,
@@ -46,8 +52,6 @@ from benchmarks.moe_variants import (
     experts_implementation,
     load_base_model,
     materialised_delta_bytes,
-    trainable,
-    training_callables,
     write_peft_adapter,
 )
 from benchmarks.progress import progress_bar
@@ -96,10 +100,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    if args.device == "cuda" and not cuda:
-        parser.error("--device cuda: no CUDA device is available")
-    if args.device == "cuda" and args.clock == "cpu":
-        parser.error("--clock cpu times CPU work; CUDA runs are timed with CUDA events")
+    check_run_arguments(parser, args)
     for name in ("threads", "batch", "seq", "rank"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1")
@@ -282,8 +283,10 @@ def run(args: argparse.Namespace) -> tuple[str, dict[str, object]]:
             steps, memory, losses, parameters = {}, {}, {}, {}
             for name, model in models.items():
                 bar.set_description(f"memory {name}")
-                forward_loss, step = training_callables(model, ids, floor=name == "floor")
-                adapters = trainable(model)
+                forward_loss, step = training_callables(
+                    model, ids, floor=name == "floor", optimize=True
+                )
+                adapters = [p for p in model.parameters() if p.requires_grad]
                 parameters[name] = sum(p.numel() for p in adapters)
 
                 def clear(adapters=adapters) -> None:

@@ -18,11 +18,10 @@ AdamW step over the adapter parameters; the floor has nothing to update.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from benchmarks.model_variants import PEFT_KEY_PREFIX, shared_copy
 
@@ -162,47 +161,6 @@ def build_ours(base: nn.Module, directory: Path) -> nn.Module | str:
         return f"lightning-peft refuses the adapter: {error}"
     model.train()
     return model
-
-
-def trainable(model: nn.Module) -> list[nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-def training_callables(
-    model: nn.Module, ids: Tensor, floor: bool
-) -> tuple[Callable[[], Tensor], Callable[[], Tensor]]:
-    """``(forward_loss, step)`` for ``model`` on the batch ``ids`` (labels = ids).
-
-    ``forward_loss`` clears the gradients and returns the loss with its graph; ``step`` runs it,
-    backward and (adapted models) an AdamW step, and returns the detached loss. The floor feeds
-    ``inputs_embeds`` that require grad, so backward runs through every layer.
-    """
-    parameters = trainable(model)
-    if floor and parameters:
-        raise ValueError("the floor must have every weight frozen")
-    if not floor and not parameters:
-        raise ValueError("an adapted model without trainable parameters")
-    optimizer = torch.optim.AdamW(parameters, lr=1e-4) if parameters else None
-    embed = model.get_input_embeddings()
-
-    def forward_loss() -> Tensor:
-        for parameter in parameters:
-            parameter.grad = None
-        if floor:
-            with torch.no_grad():
-                embeddings = embed(ids)
-            embeddings.requires_grad_(True)
-            return model(inputs_embeds=embeddings, labels=ids).loss
-        return model(input_ids=ids, labels=ids).loss
-
-    def step() -> Tensor:
-        loss = forward_loss()
-        loss.backward()
-        if optimizer is not None:
-            optimizer.step()
-        return loss.detach()
-
-    return forward_loss, step
 
 
 def materialised_delta_bytes(base: nn.Module, adapter_dtype: torch.dtype) -> int:
