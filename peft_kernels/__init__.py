@@ -10,8 +10,8 @@ Over a base product computed elsewhere (a quantized layer): ``lora_delta`` (the 
 ``dora_combine`` (DoRA from the base output and the branch) and ``factored_weight_norm``.
 
 Many adapters at once (mixed-adapter batches, LoRA on mixture-of-experts experts):
-``grouped_lora_delta`` (segmented LoRA, Punica's SGMV), ``mixed_lora_linear``, ``group_rows``,
-``pad_factors``.
+``grouped_lora_delta`` (segmented LoRA, Punica's SGMV), ``mixed_lora_linear``,
+``grouped_lora_linear`` (over a ``RowGroups`` made once per batch), ``group_rows``, ``pad_factors``.
 
 Note: Hugging Face publishes an unrelated distribution whose import name is also ``peft_kernels``;
 the two cannot share an environment.
@@ -28,13 +28,21 @@ from peft_kernels.embedding import (
     lora_embedding,
 )
 from peft_kernels.functional import dora_linear, lora_linear
-from peft_kernels.grouped import group_rows, grouped_lora_delta, mixed_lora_linear, pad_factors
+from peft_kernels.grouped import (
+    group_rows,
+    grouped_lora_delta,
+    grouped_lora_linear,
+    mixed_lora_linear,
+    pad_factors,
+)
 from peft_kernels.ia3 import ia3_linear, ia3_merge, ia3_scale, ia3_weight_factor
 from peft_kernels.norm import dora_weight_norm, factored_weight_norm, weight_row_sq_norm
+from peft_kernels.row_groups import RowGroups
 
 __all__ = [
     "BACKENDS",
     "BACKEND_ENV_VAR",
+    "RowGroups",
     "available_backends",
     "conv_delta_weight",
     "conv_dora_weight_norm",
@@ -49,6 +57,7 @@ __all__ = [
     "factored_weight_norm",
     "group_rows",
     "grouped_lora_delta",
+    "grouped_lora_linear",
     "ia3_linear",
     "ia3_merge",
     "ia3_scale",

@@ -41,10 +41,19 @@ from peft_kernels._validation import (
     check_frozen_and_scalars,
 )
 from peft_kernels.backends import TABLE, backend_module, resolve_backend
+from peft_kernels.contract import present
 from peft_kernels.dual_op import dual_op
+from peft_kernels.row_groups import RowGroups, check_group_index
 from peft_kernels.torch_grouped import group_all
 
-__all__ = ["group_rows", "grouped_lora_delta", "mixed_lora_linear", "pad_factors"]
+__all__ = [
+    "RowGroups",
+    "group_rows",
+    "grouped_lora_delta",
+    "grouped_lora_linear",
+    "mixed_lora_linear",
+    "pad_factors",
+]
 
 # The modules of the hand-written backends of this op (``naive`` is ``peft_kernels.naive``).
 _IMPLEMENTATIONS = {"torch": "peft_kernels.torch_grouped", "triton": "peft_kernels.triton_grouped"}
@@ -149,35 +158,6 @@ def _check_values(n_rows: int, scaling: Tensor, offsets: Tensor, rows: Tensor | 
         raise ValueError(f"rows must index x's {n_rows} rows: every value in [0, {n_rows})")
 
 
-def _check_group_index(
-    group_index: Tensor, num_groups: int, name: str = "group_index", scaling: Tensor | None = None
-) -> None:
-    """Per-row group ids (N,) in [0, num_groups) or -1 (and, given, finite ``scaling``): the
-    values are read eagerly in one host sync, not under ``torch.compile``."""
-    if not isinstance(group_index, Tensor):
-        _not_a_tensor(name, group_index)
-    dtype = group_index.dtype
-    if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
-        raise TypeError(f"{name} must be an integer tensor, got dtype {group_index.dtype}")
-    if group_index.dim() != 1:
-        raise ValueError(f"{name} must be 1-D (N,), got shape {tuple(group_index.shape)}")
-    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 0:
-        raise ValueError(f"num_groups must be an int >= 0, got {num_groups!r}")
-    if torch.compiler.is_compiling():
-        return
-    checks = [((group_index >= -1) & (group_index < num_groups)).all()]
-    if scaling is not None:
-        checks.append(torch.isfinite(scaling).all())
-    ids_ok, *scaling_ok = torch.stack(checks).tolist()
-    if not ids_ok:
-        raise ValueError(
-            f"{name} values must be in [0, {num_groups}) or -1 (no group); got values "
-            f"from {int(group_index.min())} to {int(group_index.max())}"
-        )
-    if not all(scaling_ok):
-        raise ValueError(f"scaling must be finite, got {scaling.tolist()}")
-
-
 # -- grouping helpers ---------------------------------------------------------------------------
 
 
@@ -197,7 +177,7 @@ def group_rows(group_index: Tensor, num_groups: int) -> tuple[Tensor, Tensor]:
     Raises:
         TypeError / ValueError: a non-integer or non-1-D ``group_index``, ids out of range.
     """
-    _check_group_index(group_index, num_groups)
+    check_group_index(group_index, num_groups)
     rows, offsets = group_all(group_index, num_groups)
     if not num_groups:
         return rows[:0], offsets
@@ -404,17 +384,114 @@ def mixed_lora_linear(
     host sync (eagerly), then the base GEMM is launched before the rows are grouped.
     One ``torch.library`` op (``peft_kernels::mixed_lora_linear``), no data-dependent shape:
     ``torch.compile`` traces it whole. The bias has x's dtype; its gradient is
-    ``Σ_rows grad_y``.
+    ``Σ_rows grad_y``. Many layers over one batch: ``grouped_lora_linear`` sorts once.
     """
     if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
-        autocast = torch.get_autocast_dtype(x.device.type)
         with torch.autocast(x.device.type, enabled=False):
             return mixed_lora_linear(
-                x.to(autocast),
-                weight.to(autocast) if isinstance(weight, Tensor) else weight,
-                bias.to(autocast) if isinstance(bias, Tensor) else bias,
-                lora_A, lora_B, scaling, adapter_index, backend=backend,
+                *_autocast_operands(x, weight, bias), lora_A, lora_B, scaling, adapter_index,
+                backend=backend,
             )  # fmt: skip
+    flat = _check_linear(x, weight, bias, lora_A, lora_B, scaling)
+    if isinstance(adapter_index, Tensor) and adapter_index.shape != (flat.shape[0],):
+        raise ValueError(
+            f"adapter_index must be (N,) = ({flat.shape[0]},) (x's leading dimensions "
+            f"flattened), got {tuple(adapter_index.shape)}"
+        )
+    if isinstance(adapter_index, Tensor) and adapter_index.device != x.device:
+        _elsewhere("adapter_index", adapter_index, x.device)
+    backend = resolve_backend("auto" if backend is None else backend, x.device)
+    # last: the values (ids, finite scalings) in one host sync, right before the launches
+    check_group_index(adapter_index, lora_A.shape[0], "adapter_index", scaling)
+    # rows and offsets are valid by construction: no second value check
+    if not TABLE[backend].hand_written:  # naive: the reference loop, then a scatter
+        rows, offsets = group_all(adapter_index, lora_A.shape[0])
+        y = _naive_linear(flat, weight, bias, lora_A, lora_B, scaling, offsets, rows)
+    else:
+        idx = adapter_index.to(torch.int64)
+        y = _mixed_lora_linear(
+            flat, weight, bias, lora_A, lora_B, scaling, idx, None, None, backend
+        )
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def grouped_lora_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: Tensor,
+    groups: RowGroups,
+    *,
+    backend: str | None = None,
+) -> Tensor:
+    """``mixed_lora_linear`` over rows grouped once for many layers (``RowGroups``):
+    ``y = x Wᵀ + b``, then ordered row j of group k (x's row ``rows[j]``) gets
+    ``s_k · B_k A_k x_{rows[j]}``; the rows past ``offsets[-1]`` get the base alone.
+
+    Args:
+        x: (..., in); its leading dimensions flattened are the N = ``groups.n_rows`` rows.
+        weight, bias, lora_A, lora_B, scaling, backend: as in ``mixed_lora_linear``.
+        groups: the rows' groups (``RowGroups``; its values were checked when it was made).
+
+    Returns:
+        y (..., out) in x's dtype (the autocast dtype under autocast).
+
+    The torch backend adds δ into the base output in place: with ``groups.rows`` None and
+    groups of one size (a batch spread evenly and in order over its adapters) as one batched
+    GEMM accumulating into y (``baddbmm_``: no (N, out) δ at all), else through ``index_add_``.
+    One host sync per call, eagerly: the scalings' finiteness.
+
+    Raises:
+        TypeError / ValueError: as ``mixed_lora_linear``; ``groups`` not a ``RowGroups``, of
+            another row count, group count or device, or changed in place since made.
+    """
+    if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
+        with torch.autocast(x.device.type, enabled=False):
+            return grouped_lora_linear(
+                *_autocast_operands(x, weight, bias), lora_A, lora_B, scaling, groups,
+                backend=backend,
+            )  # fmt: skip
+    flat = _check_linear(x, weight, bias, lora_A, lora_B, scaling)
+    if not isinstance(groups, RowGroups):
+        raise TypeError(f"groups must be a RowGroups, got {type(groups).__name__}")
+    if groups.n_rows != flat.shape[0] or groups.offsets.shape != (lora_A.shape[0],):
+        raise ValueError(
+            f"groups must group x's N = {flat.shape[0]} rows into K = {lora_A.shape[0]} groups, "
+            f"got {groups.n_rows} rows in {groups.offsets.shape[0]} groups"
+        )
+    if groups.device != x.device:
+        _elsewhere("groups", groups.offsets, x.device)
+    backend = resolve_backend("auto" if backend is None else backend, x.device)
+    if not torch.compiler.is_compiling():
+        groups.check_unchanged()
+        if not bool(torch.isfinite(scaling).all()):
+            raise ValueError(f"scaling must be finite, got {scaling.tolist()}")
+    offsets, rows = groups.offsets, groups.rows
+    if not TABLE[backend].hand_written:
+        y = _naive_linear(flat, weight, bias, lora_A, lora_B, scaling, offsets, rows)
+    else:
+        y = _mixed_lora_linear(
+            flat, weight, bias, lora_A, lora_B, scaling, None, offsets, rows, backend
+        )
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def _autocast_operands(x: Tensor, weight, bias) -> tuple:
+    """x, W and b in the autocast dtype (the factors keep theirs, as under ``lora_linear``)."""
+    autocast = torch.get_autocast_dtype(x.device.type)
+    return (
+        x.to(autocast),
+        weight.to(autocast) if isinstance(weight, Tensor) else weight,
+        bias.to(autocast) if isinstance(bias, Tensor) else bias,
+    )
+
+
+def _check_linear(
+    x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, scaling
+) -> Tensor:
+    """The checks the two mixed linear ops share; returns x's rows (N, in), contiguous."""
     for name, tensor in (("x", x), ("weight", weight), ("bias", bias)):
         if tensor is not None and not isinstance(tensor, Tensor):
             _not_a_tensor(name, tensor)
@@ -437,26 +514,14 @@ def mixed_lora_linear(
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"bias must be (out,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
     check_frozen_and_scalars(weight, 1.0, 0.0)
-    if isinstance(adapter_index, Tensor) and adapter_index.shape != (flat.shape[0],):
-        raise ValueError(
-            f"adapter_index must be (N,) = ({flat.shape[0]},) (x's leading dimensions "
-            f"flattened), got {tuple(adapter_index.shape)}"
-        )
-    if isinstance(adapter_index, Tensor) and adapter_index.device != x.device:
-        _elsewhere("adapter_index", adapter_index, x.device)
-    backend = resolve_backend("auto" if backend is None else backend, x.device)
-    # last: the values (ids, finite scalings) in one host sync, right before the launches
-    _check_group_index(adapter_index, lora_A.shape[0], "adapter_index", scaling)
-    # rows and offsets are valid by construction: no second value check
-    if not TABLE[backend].hand_written:  # naive: the reference loop, then a scatter
-        rows, offsets = group_all(adapter_index, lora_A.shape[0])
-        delta = _run(flat, lora_A, lora_B, scaling, offsets, rows, backend)
-        y = F.linear(flat, weight, bias).index_add(0, rows, delta)
-    else:
-        flat = flat if flat.is_contiguous() else flat.contiguous()
-        idx = adapter_index.to(torch.int64)
-        y = _mixed_lora_linear(flat, weight, bias, lora_A, lora_B, scaling, idx, backend)
-    return y.view(*x.shape[:-1], weight.shape[0])
+    return flat if flat.is_contiguous() else flat.contiguous()
+
+
+def _naive_linear(flat, weight, bias, lora_A, lora_B, scaling, offsets, rows) -> Tensor:
+    """The reference: the naive loop's δ of the ordered rows, added at their places."""
+    delta = _run(flat, lora_A, lora_B, scaling, offsets, rows, "naive")
+    y = F.linear(flat, weight, bias)
+    return y + delta if rows is None else y.index_add(0, rows, delta)
 
 
 def _mixed_forward(
@@ -466,33 +531,40 @@ def _mixed_forward(
     lora_A: Tensor,
     lora_B: Tensor,
     scaling: Tensor,
-    adapter_index: Tensor,
+    adapter_index: Tensor | None,
+    offsets: Tensor | None,
+    rows: Tensor | None,
     backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(y (N, out), t (N, r), rows (N,), offsets (K,))`` from ``backend`` ("torch" |
-    "triton"): the base product, then the rows grouped by adapter (``group_all``: ``rows`` a
-    permutation, the rows of no adapter last) and their delta added at their places. The base
-    GEMM is launched first, so the small grouping ops run on the CPU behind it."""
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+    """``(y (N, out), t (N, r), rows (N,) or None, offsets (K,))`` from ``backend`` ("torch" |
+    "triton"): the base product, then the delta of the rows grouped by adapter added at their
+    places. Grouped from ``adapter_index`` (``group_all``: ``rows`` a permutation, the rows of
+    no adapter last; the base GEMM launched first, so the small grouping ops run on the CPU
+    behind it), or, ``adapter_index`` None, the given ``offsets`` and ``rows`` (a permutation,
+    or None: in order)."""
     return _implementation(backend).mixed_forward(
-        x, weight, bias, lora_A, lora_B, scaling, adapter_index
+        x, weight, bias, lora_A, lora_B, scaling, adapter_index, offsets, rows
     )
 
 
-def _mixed_forward_fake(x, weight, bias, lora_A, lora_B, scaling, adapter_index, backend):
+def _mixed_forward_fake(
+    x, weight, bias, lora_A, lora_B, scaling, adapter_index, offsets, rows, backend
+):
     wide = torch.promote_types(x.dtype, lora_A.dtype)
+    grouped_here = adapter_index is not None
     return (
         x.new_empty(x.shape[0], weight.shape[0]),
         x.new_empty(x.shape[0], lora_A.shape[1], dtype=wide),
-        x.new_empty(x.shape[0], dtype=torch.int64),
+        x.new_empty(x.shape[0] if grouped_here or rows is not None else 0, dtype=torch.int64),
         x.new_empty(lora_A.shape[0], dtype=torch.int64),
     )
 
 
 def _mixed_save(args: tuple, out: tuple) -> tuple[tuple, tuple[str]]:
     """x, W, the factors, scaling, offsets, rows and t (N, r); never an (N, out) tensor."""
-    x, weight, _bias, lora_A, lora_B, scaling, _adapter_index, backend = args
+    x, weight, _bias, lora_A, lora_B, scaling, _adapter_index, _offsets, _rows, backend = args
     _y, t, rows, offsets = out
-    return (x, weight, lora_A, lora_B, scaling, offsets, rows, t), (backend,)
+    return (x, weight, lora_A, lora_B, scaling, offsets, present(rows), t), (backend,)
 
 
 def _mixed_backward(

@@ -169,14 +169,29 @@ def mixed_forward(
     lora_A: Tensor,
     lora_B: Tensor,
     scaling: Tensor,
-    adapter_index: Tensor,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(y (N, out), t (N, r), rows (N,), offsets (K,))``: ``y = x Wᵀ + b``, then δ of the
-    rows sorted by adapter (``group_all``) added at their places in place."""
+    adapter_index: Tensor | None,
+    offsets: Tensor | None,
+    rows: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+    """``(y (N, out), t (N, r), rows (N,) or None, offsets (K,))``: ``y = x Wᵀ + b``, then δ of
+    the rows grouped by adapter (``group_all`` of ``adapter_index``, else the given ``offsets``
+    and ``rows``, a permutation or None: in order) added at their places, in place: rows in
+    order and groups of one size accumulate straight into y (``baddbmm_``, no (N, out) δ),
+    others through ``index_add_``."""
     y = torch.nn.functional.linear(x, weight, bias)
-    rows, offsets = group_all(adapter_index, lora_A.shape[0])
+    if adapter_index is not None:
+        rows, offsets = group_all(adapter_index, lora_A.shape[0])
+    wide = compute_dtype(x, lora_A)
+    size = uniform_size(segments(offsets), lora_A.shape[0])
+    if rows is None and size is not None and y.dtype == wide:
+        t = _uniform_add(x, lora_A, lora_B, scaling, size, y)
+        return y, t, rows, offsets
     delta, t = forward(x, lora_A, lora_B, scaling, offsets, rows)
-    return y.index_add_(0, rows, delta), t, rows, offsets
+    if rows is None:
+        y.add_(delta)
+    else:
+        y.index_add_(0, rows, delta)
+    return y, t, rows, offsets
 
 
 def mixed_backward(
@@ -187,20 +202,39 @@ def mixed_backward(
     lora_B: Tensor,
     scaling: Tensor,
     offsets: Tensor,
-    rows: Tensor,
+    rows: Tensor | None,
     t: Tensor,
     needs: tuple[bool, bool, bool, bool],
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
-    """``(dx, dbias, dA, dB)``, None where not needed: ``backward`` on ``grad_y[rows]``, plus
-    ``grad_y W`` for x and ``Σ_rows grad_y`` for the bias."""
+    """``(dx, dbias, dA, dB)``, None where not needed: ``backward`` on ``grad_y[rows]``
+    (``grad_y`` itself when the rows are in order), plus ``grad_y W`` for x (in place) and
+    ``Σ_rows grad_y`` for the bias."""
     needs_x, needs_bias, needs_a, needs_b = needs
+    ordered = grad_y if rows is None else grad_y.index_select(0, rows)
     grad_x, grad_a, grad_b = backward(
-        grad_y.index_select(0, rows), x, lora_A, lora_B, scaling, offsets, rows, t,
-        (needs_x, needs_a, needs_b),
-    )  # fmt: skip
+        ordered, x, lora_A, lora_B, scaling, offsets, rows, t, (needs_x, needs_a, needs_b)
+    )
     if needs_x:
-        grad_x += (grad_y @ weight).to(x.dtype)
+        grad_x.addmm_(grad_y, weight.to(grad_y.dtype))
     return grad_x, grad_y.sum(0) if needs_bias else None, grad_a, grad_b
+
+
+def _uniform_add(
+    x: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: Tensor, size: int, y: Tensor
+) -> Tensor:
+    """``y[:K·n] += δ`` for K groups of ``size`` = n rows each, x's rows in group order, y in
+    the compute dtype: ``t = x_k A_kᵀ`` (batched), ``y_k += (s_k t_k) B_kᵀ`` (``baddbmm_``, the
+    expand accumulating into y as ``lora_linear``'s ``addmm_`` does). Returns t (N, r)."""
+    wide, n_groups = y.dtype, lora_A.shape[0]
+    end = n_groups * size
+    t = x.new_empty(x.shape[0], lora_A.shape[1], dtype=wide)
+    if end < x.shape[0]:
+        t[end:] = 0
+    t_u = t[:end].view(n_groups, size, -1)
+    torch.bmm(x[:end].to(wide).view(n_groups, size, -1), lora_A.to(wide).transpose(1, 2), out=t_u)
+    scaled = t_u * scaling.to(wide).view(-1, 1, 1)
+    y[:end].view(n_groups, size, -1).baddbmm_(scaled, lora_B.to(wide).transpose(1, 2))
+    return t
 
 
 def _uniform_forward(

@@ -509,9 +509,12 @@ def mixed_forward(
     lora_A: Tensor,
     lora_B: Tensor,
     scaling: Tensor,
-    adapter_index: Tensor,
+    adapter_index: Tensor | None,
+    offsets: Tensor | None,
+    rows: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(y (N, out), t (N, r), rows (N,), offsets (K,))``.
+    """``(y (N, out), t (N, r), rows (N,), offsets (K,))``, grouped from ``adapter_index``, or
+    (None) by the given ``offsets`` and ``rows`` (a permutation; None: in order, ``arange``).
 
     ``y = x Wᵀ + b`` (cuBLAS) is launched first: the eager value check of the adapter ids
     (``grouped.mixed_lora_linear``) has just synchronised, and the GEMM keeps the GPU busy while
@@ -521,7 +524,10 @@ def mixed_forward(
     No (N, out) δ is written, read back and scattered.
     """
     y = torch.nn.functional.linear(x, weight, bias)
-    rows, offsets = group_all(adapter_index, lora_A.shape[0])
+    if adapter_index is not None:
+        rows, offsets = group_all(adapter_index, lora_A.shape[0])
+    elif rows is None:
+        rows = torch.arange(x.shape[0], device=x.device)
     n_rows, rank = rows.shape[0], lora_A.shape[1]
     t = x.new_empty(n_rows, rank, dtype=torch.promote_types(x.dtype, lora_A.dtype))
     if n_rows:
@@ -541,7 +547,7 @@ def mixed_backward(
     lora_B: Tensor,
     scaling: Tensor,
     offsets: Tensor,
-    rows: Tensor,
+    rows: Tensor | None,
     t: Tensor,
     needs: tuple[bool, bool, bool, bool],
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
@@ -552,6 +558,7 @@ def mixed_backward(
     (cuBLAS, in place).
     """
     needs_x, needs_bias, needs_a, needs_b = needs
+    rows = torch.arange(x.shape[0], device=x.device) if rows is None else rows
     n_rows = rows.shape[0]
     grad_x = grad_bias = grad_a = grad_b = None
     if needs_bias:

@@ -39,6 +39,7 @@ from lightning_peft.core.adapter import AdapterLayer
 from lightning_peft.model.injection import find_adapters
 from lightning_peft.model.named import checked_names
 from lightning_peft.model.sites import BASE_ROWS, layer_named, site_layers, sites
+from peft_kernels import RowGroups
 
 MIXED_ATTR = "mixed_batch_state"
 _KEYWORD_HANDLES = "_adapter_names_keyword_handles"
@@ -53,18 +54,16 @@ class MixedBatch:
     adapters: list[str]  # distinct, in order of first appearance, "__base__" left out
     index: Tensor  # (B,) int64: position in ``adapters``, -1 for a base row
     paths: dict[int, str]  # id(site) -> path, for messages
-    _groupings: dict[tuple, tuple[Tensor, Tensor, Tensor]] = field(default_factory=dict)
+    _groupings: dict[tuple, tuple[RowGroups, Tensor]] = field(default_factory=dict)
 
-    def grouping(
-        self, present: tuple[int, ...], n_rows: int, device
-    ) -> tuple[Tensor | None, Tensor, Tensor]:
-        """``(rows (N,) or None, offsets (K,), local (N,))`` for a site holding the adapters at
-        the positions ``present`` (K of them, in that order) and an input of ``n_rows``
-        flattened rows (B·T): every flattened row sorted by its adapter there (stable; rows of
-        no adapter last, past ``offsets[-1]``), None when the batch is in that order already (no
-        gather, no scatter: e.g. one adapter, or one row per adapter), the groups' cumulative
-        ends, and each flattened row's local adapter (-1: none). Computed once per (present,
-        n_rows, device), no device sync (the order is read on the (B,) host index)."""
+    def grouping(self, present: tuple[int, ...], n_rows: int, device) -> tuple[RowGroups, Tensor]:
+        """``(groups, local (N,))`` for a site holding the adapters at the positions ``present``
+        (K of them, in that order) and an input of ``n_rows`` flattened rows (B·T): every
+        flattened row sorted by its adapter there (stable; rows of no adapter last, past
+        ``offsets[-1]``; ``rows`` None when the batch is in that order already: no gather, no
+        scatter, e.g. one adapter, or rows spread evenly in order), and each flattened row's
+        local adapter (-1: none). Made (and checked) once per (present, n_rows, device) for
+        every layer of the batch; the order is read on the (B,) host index."""
         key = (present, n_rows, device)
         found = self._groupings.get(key)
         if found is not None:
@@ -78,7 +77,7 @@ class MixedBatch:
         group = torch.where(local < 0, len(present), local)
         rows = None if in_order else torch.sort(group, stable=True).indices
         counts = torch.bincount(group, minlength=len(present) + 1)
-        found = (rows, counts[: len(present)].cumsum(0), local)
+        found = (RowGroups(counts[: len(present)].cumsum(0), rows, n_rows), local)
         self._groupings[key] = found
         return found
 
@@ -87,8 +86,8 @@ class MixedBatch:
         return (self.index == position).nonzero().flatten().to(device)
 
 
-def _refusal(root: nn.Module, names: list[str]) -> str | None:
-    for path, site in sites(root):
+def _refusal(all_sites: list[tuple[str, AdapterLayer]], names: list[str]) -> str | None:
+    for path, site in all_sites:
         if not type(site).supports_named:
             return (
                 f"{type(site).__name__} at {path!r} holds one adapter and cannot route a mixed "
@@ -137,12 +136,12 @@ def mixed_batch(model: nn.Module, adapter_names: list[str]) -> Iterator[nn.Modul
     adapters = list(dict.fromkeys(n for n in names if n != BASE_ROWS))
     checked_names(model, adapters)
     _, root, _ = found
-    refusal = _refusal(root, adapters)
+    all_sites = list(sites(root))
+    refusal = _refusal(all_sites, adapters)
     if refusal is not None:
         raise ValueError(refusal)
     position = {name: k for k, name in enumerate(adapters)}
     index = torch.tensor([position.get(n, -1) for n in names], dtype=torch.int64)
-    all_sites = list(sites(root))
     batch = MixedBatch(names, adapters, index, {id(s): p for p, s in all_sites})
     keys = ("router", "active_here", MIXED_ATTR)
     saved = [
@@ -179,8 +178,8 @@ def mixed_route(site: AdapterLayer, x: Tensor) -> Tensor:
     mixed_output = getattr(site, "mixed_output", None)
     if mixed_output is not None and site.grouped_refusal(layers) is None:
         n_rows = x.numel() // x.shape[-1]
-        rows, offsets, local = batch.grouping(tuple(k for k, _ in here), n_rows, x.device)
-        return mixed_output(x, layers, rows, offsets, local)
+        groups, local = batch.grouping(tuple(k for k, _ in here), n_rows, x.device)
+        return mixed_output(x, layers, groups, local)
     out = site.compose(x, [])
     for k, layer in here:
         rows = batch.rows_of(k, x.device)

@@ -102,10 +102,25 @@ def check_beside(model: nn.Module, found, config, name: str) -> None:
 
 
 def sites(root: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
-    """``(path, site layer)`` for every adapter layer in the tree (nested ones excluded)."""
-    for path, module in root.named_modules():
-        if isinstance(module, AdapterLayer) and not module.nested:
+    """``(path, site layer)`` for every adapter layer in the tree (nested ones excluded), in
+    ``named_modules`` order. The walk does not enter a site's ``named_adapters`` (its nested
+    layers are no sites, and with k adapters they are most of the tree's modules)."""
+    seen: set[int] = set()
+    stack = [("", root)]
+    while stack:
+        path, module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        is_site = isinstance(module, AdapterLayer) and not module.nested
+        if is_site:
             yield path, module
+        children = [
+            (f"{path}.{name}" if path else name, child)
+            for name, child in module._modules.items()
+            if child is not None and not (is_site and name == SITE_DICT)
+        ]
+        stack.extend(reversed(children))
 
 
 def site_layers(site: AdapterLayer) -> list[AdapterLayer]:

@@ -38,9 +38,11 @@ from lightning_peft.methods.lora.config import (
     LoRAConfig,
 )
 from peft_kernels import (
+    RowGroups,
     dora_linear,
     dora_weight_norm,
     grouped_lora_delta,
+    grouped_lora_linear,
     lora_delta,
     lora_linear,
     pad_factors,
@@ -260,12 +262,7 @@ class LoRALinear(LoRALayer):
         return None
 
     def mixed_output(
-        self,
-        x: Tensor,
-        layers: list[LoRALinear],
-        rows: Tensor | None,
-        offsets: Tensor,
-        local: Tensor,
+        self, x: Tensor, layers: list[LoRALinear], groups: RowGroups, local: Tensor
     ) -> Tensor:
         """A mixed batch through this layer in one grouped op: ``y_i = x_i Wᵀ + b +
         s_k·B_k A_k dropout_k(x_i)`` for the flattened row i of adapter k = ``local[i]``
@@ -275,25 +272,31 @@ class LoRALinear(LoRALayer):
             x: (..., in); its leading dimensions flattened are the N rows.
             layers: the K plain-LoRA layers on this base module (this one possibly among them),
                 ranks that may differ (zero-padded, ``pad_factors``).
-            rows: (N,) every flattened row, sorted by adapter (the base rows last), or None
-                (x's rows in that order already); offsets: (K,) the groups' cumulative ends;
-                local: (N,) each row's adapter.
+            groups: every flattened row grouped by adapter (the batch's, made once for all
+                layers); local: (N,) each row's adapter (for per-adapter dropout).
+
+        Without dropout, ``peft_kernels.grouped_lora_linear`` (the base product with the
+        grouped delta added into it in place); with dropout, the base product plus
+        ``grouped_lora_delta`` of the dropped rows.
         """
         weight = (self.weight.T if self.fan_in_fan_out else self.weight).detach()
-        base = F.linear(x, weight, self.bias)
-        flat = x.reshape(-1, x.shape[-1])
         lora_A, lora_B, scaling = self.mixed_factors(layers, x.device)
-        if self.training:
-            flat = _dropped_rows(flat, [layer.dropout_p for layer in layers], local)
+        probabilities = [layer.dropout_p for layer in layers]
+        if not (self.training and any(probabilities)):
+            return grouped_lora_linear(
+                x, weight, self.bias, lora_A, lora_B, scaling, groups, backend=self.backend
+            )
+        base = F.linear(x, weight, self.bias)
+        flat = _dropped_rows(x.reshape(-1, x.shape[-1]), probabilities, local)
         delta = grouped_lora_delta(
-            flat, lora_A, lora_B, scaling, offsets, rows, backend=self.backend
+            flat, lora_A, lora_B, scaling, groups.offsets, groups.rows, backend=self.backend
         )
         # in place: F.linear's backward does not need its output, and base is ours alone
         flat_base = base.reshape(-1, base.shape[-1])
-        if rows is None:  # the rows in adapter order already
+        if groups.rows is None:  # the rows in adapter order already
             flat_base.add_(delta.to(base.dtype))
         else:
-            flat_base.index_add_(0, rows, delta.to(base.dtype))
+            flat_base.index_add_(0, groups.rows, delta.to(base.dtype))
         return base
 
     def mixed_factors(
@@ -314,7 +317,8 @@ class LoRALinear(LoRALayer):
         if recording or torch.compiler.is_compiling():
             return _stack_factors(layers, device)
         tensors = [t for layer in layers for t in (layer.lora_A, layer.lora_B)]
-        versions = [(t._version, t.data_ptr(), t.dtype, t.device) for t in tensors]
+        # new storage (``.to()``, ``.data =``) moves data_ptr; an in-place change, _version
+        versions = [(t._version, t.data_ptr()) for t in tensors]
         scales = [layer.scaling for layer in layers]
         kept = self.__dict__.get(_KEPT_FACTORS)
         if (
