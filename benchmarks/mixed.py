@@ -68,9 +68,9 @@ from benchmarks.progress import progress_bar
 from benchmarks.timing import CLOCKS, sample_interleaved
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
-# Paired rounds per part by default: ~8 minutes on SmolLM2 with 2 quiet cores (one generate
+# Paired rounds per part by default: ~12 minutes on SmolLM2 with 2 quiet cores (one generate
 # call of peft's 16-adapter loop alone takes ~20 s).
-ROUNDS = {"forward": 5, "train": 3, "generate": 3}
+ROUNDS = {"forward": 9, "train": 5, "generate": 3}
 # Largest |ours - peft| over the largest |peft| of the logits (same adapters, same batch).
 LOGIT_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
 

@@ -512,9 +512,10 @@ def mixed_forward(
     adapter_index: Tensor | None,
     offsets: Tensor | None,
     rows: Tensor | None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(y (N, out), t (N, r), rows (N,), offsets (K,))``, grouped from ``adapter_index``, or
-    (None) by the given ``offsets`` and ``rows`` (a permutation; None: in order, ``arange``).
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+    """``(y (N, out), t (N, r), rows (N,) or None, offsets (K,))``, grouped from
+    ``adapter_index``, or (None) by the given ``offsets`` and ``rows`` (a permutation; None: in
+    order, read through ``arange``).
 
     ``y = x Wᵀ + b`` (cuBLAS) is launched first: the eager value check of the adapter ids
     (``grouped.mixed_lora_linear``) has just synchronised, and the GEMM keeps the GPU busy while
@@ -526,16 +527,16 @@ def mixed_forward(
     y = torch.nn.functional.linear(x, weight, bias)
     if adapter_index is not None:
         rows, offsets = group_all(adapter_index, lora_A.shape[0])
-    elif rows is None:
-        rows = torch.arange(x.shape[0], device=x.device)
-    n_rows, rank = rows.shape[0], lora_A.shape[1]
+    # rows None (in order): the kernels read through arange; None is returned (as the fake's)
+    ordered = torch.arange(x.shape[0], device=x.device) if rows is None else rows
+    n_rows, rank = ordered.shape[0], lora_A.shape[1]
     t = x.new_empty(n_rows, rank, dtype=torch.promote_types(x.dtype, lora_A.dtype))
     if n_rows:
         block_m = _block_m(n_rows)
         maps = tile_map(offsets, n_rows, block_m)
-        _shrink(x, rows, lora_A, lora_A.stride(), None, t, maps, block_m)
+        _shrink(x, ordered, lora_A, lora_A.stride(), None, t, maps, block_m)
         b_strides = (lora_B.stride(0), lora_B.stride(2), lora_B.stride(1))
-        _expand(t, lora_B, b_strides, scaling, y, rows, maps, block_m, "add")
+        _expand(t, lora_B, b_strides, scaling, y, ordered, maps, block_m, "add")
     return y, t, rows, offsets
 
 

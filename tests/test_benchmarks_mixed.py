@@ -69,7 +69,7 @@ def test_rows_are_spread_round_robin_and_counts_need_rows():
 
 @NEEDS_PEFT
 def test_rounds_per_part():
-    assert mixed.parse_args(["--parts", "train", "forward"]).rounds == {"train": 3, "forward": 5}
+    assert mixed.parse_args(["--parts", "train", "forward"]).rounds == {"train": 5, "forward": 9}
     assert mixed.parse_args(["--rounds", "7"]).rounds == dict.fromkeys(mixed.PARTS, 7)
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from peft_kernels import RowGroups, group_rows, grouped_lora_linear, mixed_lora_linear
+from tests.helpers.reference import NEEDS_TRITON
 from tests.peft_kernels.test_grouped_lora import BACKENDS, _leaves64, _rand, reference_mixed
 
 # per-row adapter ids over N = 12 rows, K = 3 adapters: which path each one takes in the torch
@@ -171,7 +172,10 @@ def test_grouped_lora_linear_refuses_groups_that_do_not_fit():
         grouped_lora_linear(x, weight, None, A, B, s, groups)
 
 
-def test_fullgraph_compile_matches_eager():
+@pytest.mark.parametrize(
+    "backend", ["torch", pytest.param("triton", marks=[NEEDS_TRITON, pytest.mark.slow])]
+)
+def test_fullgraph_compile_matches_eager(backend):
     gen = torch.Generator().manual_seed(6)
     weight, bias = _rand(gen, 10, 12), _rand(gen, 10).requires_grad_()
     A, B = _rand(gen, 3, 2, 12).requires_grad_(), _rand(gen, 3, 10, 2).requires_grad_()
@@ -180,9 +184,9 @@ def test_fullgraph_compile_matches_eager():
     unsorted = RowGroups.from_index(torch.tensor([1, -1, 0, 2, 2, 1]), 3)
 
     def model(x):
-        h = grouped_lora_linear(x, weight, bias, A, B, scaling, uniform, backend="torch")
+        h = grouped_lora_linear(x, weight, bias, A, B, scaling, uniform, backend=backend)
         h = torch.tanh(h) @ weight
-        return grouped_lora_linear(h, weight, None, A, B, scaling, unsorted, backend="torch")
+        return grouped_lora_linear(h, weight, None, A, B, scaling, unsorted, backend=backend)
 
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
