@@ -19,10 +19,13 @@ def test_grouped_benchmark_cpu(tmp_path, capsys):
     assert grouped.main(argv) == 0
     figures = json.loads(out.read_text())
     assert figures["correct"] and figures["errors"]["torch"] < 1e-6
+    assert figures["errors"]["torch in order"] < 1e-6  # grouped once, rows sorted by adapter
     assert len(figures["ratios"]) == 3 and all(r > 0 for r in figures["ratios"])
+    assert len(figures["in_order_ratios"]) == 3 and all(r > 0 for r in figures["in_order_ratios"])
     assert figures["target_met"] is None  # not judged off CUDA
     printed = capsys.readouterr().out
     assert "| mixed_lora_linear |" in printed and "not judged off CUDA" in printed
+    assert "| grouped_lora_linear (rows in order) |" in printed
 
 
 def test_grouped_inputs_spread_rows_evenly():

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from lightning_peft.core.adapter import AdapterLayer
 from lightning_peft.model.injection import find_adapters
 from lightning_peft.model.named import checked_names
-from lightning_peft.model.sites import BASE_ROWS, layer_named, site_layers, sites
+from lightning_peft.model.sites import BASE_ROWS, site_layers, sites
 from peft_kernels import RowGroups
 
 MIXED_ATTR = "mixed_batch_state"
@@ -53,6 +53,7 @@ class MixedBatch:
     names: list[str]
     adapters: list[str]  # distinct, in order of first appearance, "__base__" left out
     index: Tensor  # (B,) int64: position in ``adapters``, -1 for a base row
+    position: dict[str, int]  # adapter name -> its position in ``adapters``
     paths: dict[int, str]  # id(site) -> path, for messages
     _groupings: dict[tuple, tuple[RowGroups, Tensor]] = field(default_factory=dict)
 
@@ -142,7 +143,7 @@ def mixed_batch(model: nn.Module, adapter_names: list[str]) -> Iterator[nn.Modul
         raise ValueError(refusal)
     position = {name: k for k, name in enumerate(adapters)}
     index = torch.tensor([position.get(n, -1) for n in names], dtype=torch.int64)
-    batch = MixedBatch(names, adapters, index, {id(s): p for p, s in all_sites})
+    batch = MixedBatch(names, adapters, index, position, {id(s): p for p, s in all_sites})
     keys = ("router", "active_here", MIXED_ATTR)
     saved = [
         (site, {k: site.__dict__[k] for k in keys if k in site.__dict__}) for _, site in all_sites
@@ -170,8 +171,13 @@ def mixed_route(site: AdapterLayer, x: Tensor) -> Tensor:
             "give one name per row of the batch (with beam search, repeat each name num_beams "
             "times, as peft's generate does)"
         )
-    here = [(k, layer_named(site, name)) for k, name in enumerate(batch.adapters)]
-    here = [(k, layer) for k, layer in here if layer is not None and not layer.disabled]
+    # one pass over the site's layers (a dict lookup each), in the batch's adapter order
+    position = batch.position
+    here = sorted(
+        (position[layer.adapter_name], layer)
+        for layer in site_layers(site)
+        if layer.adapter_name in position and not layer.disabled
+    )
     if not here or site.disabled:
         return site.compose(x, [])
     layers = [layer for _, layer in here]
