@@ -62,7 +62,9 @@ class RowGroups:
         n_rows: N.
 
     Made, the values are checked in one host sync (eagerly); ``check_unchanged`` then refuses
-    tensors changed in place since. ``RowGroups.from_index`` builds one from per-row ids.
+    tensors changed in place since (except inference tensors, made under
+    ``torch.inference_mode``: they have no version counter). ``RowGroups.from_index`` builds
+    one from per-row ids.
 
     Raises:
         TypeError / ValueError: non-tensors, dtypes, shapes, devices, offsets not monotone or
@@ -122,9 +124,10 @@ class RowGroups:
                 "a new RowGroups (its values are checked when it is made)"
             )
 
-    def _current_versions(self) -> tuple[int, ...]:
+    def _current_versions(self) -> tuple[int | None, ...]:
         tensors = (self.offsets,) if self.rows is None else (self.offsets, self.rows)
-        return tuple(t._version for t in tensors)
+        # an inference tensor (made under torch.inference_mode) has no version counter
+        return tuple(None if t.is_inference() else t._version for t in tensors)
 
     def _check_values(self) -> None:
         offsets, rows, n_rows = self.offsets, self.rows, self.n_rows

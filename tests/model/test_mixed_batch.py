@@ -81,6 +81,19 @@ def test_a_mixed_batch_equals_peft_s_adapter_names_and_each_row_its_own_adapter(
     assert no_mixed_routes(ours)
 
 
+def test_a_mixed_batch_under_inference_mode_equals_peft_s(pair):
+    """Lightning validates and predicts under torch.inference_mode: its tensors have no version
+    counter (the row groups and the factor cache read them elsewhere)."""
+    theirs, ours = pair
+    ids = tokens(batch=len(ROWS), length=7)
+    expected = logits(theirs, ids, adapter_names=ROWS)
+    for _ in range(2):  # the second batch finds the factor cache of the first
+        with torch.inference_mode(), mixed_batch(ours, ROWS):
+            got = ours(input_ids=ids).logits
+        torch.testing.assert_close(got, expected, **TOL)
+    assert no_mixed_routes(ours)
+
+
 def test_greedy_generate_with_mixed_rows_equals_peft_s(pair):
     theirs, ours = pair
     ids = tokens(batch=4, length=5)

@@ -124,6 +124,18 @@ def test_from_index_agrees_with_group_rows():
     assert RowGroups.from_index(torch.tensor([0, 0, 1, -1]), 2).rows is None
 
 
+def test_row_groups_of_inference_tensors():
+    """Made under torch.inference_mode (no version counters): usable there and after."""
+    case = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in _case(8).items()}
+    idx = torch.tensor(LAYOUTS["unsorted_with_base"])
+    want = grouped_lora_linear(**case, groups=RowGroups.from_index(idx, 3), backend="torch")
+    with torch.inference_mode():
+        groups = RowGroups.from_index(idx, 3)
+        got = grouped_lora_linear(**case, groups=groups, backend="torch")
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(grouped_lora_linear(**case, groups=groups), want, rtol=0, atol=0)
+
+
 def _valid():
     x, weight = torch.zeros(2, 3, 5), torch.zeros(4, 5)
     A, B, s = torch.zeros(2, 2, 5), torch.zeros(2, 4, 2), torch.ones(2)

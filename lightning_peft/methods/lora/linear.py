@@ -327,7 +327,10 @@ class LoRALinear(LoRALayer):
         ):
             return _stack_factors(layers, device)
         # new storage (``.to()``, ``.data =``) moves data_ptr; an in-place change, _version
-        versions = [(t._version, t.data_ptr()) for t in tensors]
+        try:
+            versions = [(t._version, t.data_ptr()) for t in tensors]
+        except RuntimeError:  # inference tensors (made in inference_mode) have no versions
+            return _stack_factors(layers, device)
         scales = [layer.scaling for layer in layers]
         kept = self.__dict__.get(_KEPT_FACTORS)
         if (
