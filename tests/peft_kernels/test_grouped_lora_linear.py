@@ -213,3 +213,15 @@ def test_fullgraph_compile_matches_eager(backend):
             p.grad = None
     for eager, comp in zip(*results, strict=True):
         torch.testing.assert_close(comp, eager)
+
+
+def test_under_autocast_casts_the_base_operands():
+    """As mixed_lora_linear: x, W, b in the autocast dtype, the factors keep theirs."""
+    case = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in _case(9).items()}
+    groups = RowGroups.from_index(torch.tensor(LAYOUTS["in_order_uniform"]), 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = grouped_lora_linear(**case, groups=groups, backend="torch")
+    bf16 = {k: case[k].to(torch.bfloat16) for k in ("x", "weight", "bias")}
+    want = grouped_lora_linear(**{**case, **bf16}, groups=groups, backend="torch")
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, want, rtol=0, atol=0)
