@@ -47,7 +47,6 @@ from benchmarks.mixed_variants import (
     build_ours_single,
     build_peft,
     forward_call,
-    generate_call,
     make_optimizer,
     ours_mixed,
     peft_training_refusal,
@@ -57,10 +56,10 @@ from benchmarks.mixed_variants import (
     write_adapters,
 )
 from benchmarks.model_variants import (
-    SMOLLM2_SHAPE,
-    TINY_SHAPE,
+    decode_callable,
     load_base_model,
     make_batch,
+    model_source,
     peft_installed,
     temporary_root,
 )
@@ -135,20 +134,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if not peft_installed():
         parser.error("peft is not installed: this benchmark compares against it (pip install peft)")
     return args
-
-
-def _model_source(args: argparse.Namespace) -> tuple[Path | None, dict | None, str]:
-    """(directory, random-weight shape, display name) of the model to benchmark."""
-    if args.quick:
-        return None, TINY_SHAPE, "tiny random Llama"
-    if args.random_weights:
-        return None, SMOLLM2_SHAPE, "SmolLM2-135M shape, random weights"
-    if args.model is not None:
-        return args.model, None, args.model.name
-    from lightning_peft.cli.embedded import smollm2_path
-
-    path = smollm2_path()
-    return path, None, path.name
 
 
 def _relative_error(ours: Tensor, theirs: Tensor) -> float:
@@ -226,10 +211,10 @@ class Parts:
         calls = {}
         new = self.args.new_tokens
         for count in self.counts:
-            calls[f"ours mixed {count}"] = generate_call(
+            calls[f"ours mixed {count}"] = decode_callable(
                 self.ours_named, self.prompt, new, self._mixed(count)
             )
-            calls[f"peft mixed {count}"] = generate_call(
+            calls[f"peft mixed {count}"] = decode_callable(
                 self.peft, self.prompt, new, nullcontext, adapter_names=self.rows[count]
             )
         return calls
@@ -287,7 +272,7 @@ def _check_part(part: str, first: dict[str, object], parts: Parts, dtype: torch.
 def run(args: argparse.Namespace) -> tuple[str, list[Path]]:
     """Build, measure and report; returns (table, files written)."""
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    model_dir, shape, model_name = _model_source(args)
+    model_dir, shape, model_name = model_source(args)
     with torch_threads(args.threads), temporary_root() as scratch:
         base = load_base_model(model_dir, shape, dtype, device)
         parts = Parts(args, base, Path(scratch))

@@ -166,32 +166,3 @@ def train_step_call(
         return loss.detach()
 
     return step
-
-
-def generate_call(
-    model: nn.Module,
-    prompt: Tensor,
-    new_tokens: int,
-    context: Callable[[], AbstractContextManager],
-    **kwargs,
-) -> Callable[[], Tensor]:
-    """Greedy ``generate`` of exactly ``new_tokens`` tokens after ``prompt`` (B, T), inside
-    ``context()``; returns the new tokens (B, new_tokens)."""
-    mask = torch.ones_like(prompt)
-
-    def generate() -> Tensor:
-        with torch.no_grad(), context():
-            out = model.generate(
-                input_ids=prompt,
-                attention_mask=mask,
-                max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens,
-                do_sample=False,
-                pad_token_id=0,
-                **kwargs,
-            )
-        if out.shape[1] != prompt.shape[1] + new_tokens:
-            raise RuntimeError(f"generate returned {out.shape[1] - prompt.shape[1]} new tokens")
-        return out[:, prompt.shape[1] :]
-
-    return generate

@@ -38,8 +38,6 @@ from benchmarks.memory import measure_step_memory
 from benchmarks.model_report import decode_rows, format_table, plot, train_rows, write_files
 from benchmarks.model_variants import (
     METHODS,
-    SMOLLM2_SHAPE,
-    TINY_SHAPE,
     AdapterSpec,
     adapter_dir_for,
     build_merged,
@@ -48,6 +46,7 @@ from benchmarks.model_variants import (
     decode_callable,
     load_base_model,
     make_batch,
+    model_source,
     peft_installed,
     temporary_root,
     training_callables,
@@ -107,20 +106,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _model_source(args: argparse.Namespace) -> tuple[Path | None, dict | None, str]:
-    """(directory, random-weight shape, display name) of the model to benchmark."""
-    if args.quick:
-        return None, TINY_SHAPE, "tiny random Llama"
-    if args.random_weights:
-        return None, SMOLLM2_SHAPE, "SmolLM2-135M shape, random weights"
-    if args.model is not None:
-        return args.model, None, args.model.name
-    from lightning_peft.cli.embedded import smollm2_path
-
-    path = smollm2_path()
-    return path, None, path.name
-
-
 def _check_losses(losses: dict[str, float], specs, dtype: torch.dtype) -> list[str]:
     """Ours and peft hold the same adapter values: with dropout off their losses must agree."""
     notes = []
@@ -141,7 +126,7 @@ def _check_losses(losses: dict[str, float], specs, dtype: torch.dtype) -> list[s
 def run(args: argparse.Namespace) -> tuple[str, list[Path]]:
     """Build, measure and report; returns (table, files written)."""
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    model_dir, shape, model_name = _model_source(args)
+    model_dir, shape, model_name = model_source(args)
     with_peft = peft_installed()
     specs = [AdapterSpec(m, p, args.rank, args.alpha) for m in args.methods for p in args.dropouts]
     with torch_threads(args.threads), temporary_root() as scratch:

@@ -22,6 +22,7 @@ import importlib.util
 import itertools
 import tempfile
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -245,12 +246,20 @@ def training_callables(
     return forward_loss, step
 
 
-def decode_callable(model: nn.Module, prompt: Tensor, new_tokens: int) -> Callable[[], None]:
-    """Greedy ``generate`` of exactly ``new_tokens`` tokens after ``prompt`` (1, T)."""
+def decode_callable(
+    model: nn.Module,
+    prompt: Tensor,
+    new_tokens: int,
+    context: Callable[[], AbstractContextManager] = nullcontext,
+    **kwargs,
+) -> Callable[[], Tensor]:
+    """Greedy ``generate`` of exactly ``new_tokens`` tokens after ``prompt`` (B, T), inside
+    ``context()`` (``kwargs`` to ``generate``, e.g. peft's ``adapter_names``); returns the new
+    tokens (B, new_tokens)."""
     mask = torch.ones_like(prompt)
 
-    def decode() -> None:
-        with torch.no_grad():
+    def decode() -> Tensor:
+        with torch.no_grad(), context():
             out = model.generate(
                 input_ids=prompt,
                 attention_mask=mask,
@@ -258,11 +267,28 @@ def decode_callable(model: nn.Module, prompt: Tensor, new_tokens: int) -> Callab
                 min_new_tokens=new_tokens,
                 do_sample=False,
                 pad_token_id=0,
+                **kwargs,
             )
         if out.shape[1] != prompt.shape[1] + new_tokens:
             raise RuntimeError(f"generate returned {out.shape[1] - prompt.shape[1]} new tokens")
+        return out[:, prompt.shape[1] :]
 
     return decode
+
+
+def model_source(args) -> tuple[Path | None, dict | None, str]:
+    """(directory, random-weight shape, display name) of the model a benchmark runs on, from
+    its ``--quick``, ``--random-weights`` and ``--model`` options (else the embedded SmolLM2)."""
+    if args.quick:
+        return None, TINY_SHAPE, "tiny random Llama"
+    if args.random_weights:
+        return None, SMOLLM2_SHAPE, "SmolLM2-135M shape, random weights"
+    if args.model is not None:
+        return args.model, None, args.model.name
+    from lightning_peft.cli.embedded import smollm2_path
+
+    path = smollm2_path()
+    return path, None, path.name
 
 
 def adapter_dir_for(root: Path, spec: AdapterSpec) -> Path:

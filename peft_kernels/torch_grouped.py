@@ -181,11 +181,11 @@ def mixed_forward(
     y = torch.nn.functional.linear(x, weight, bias)
     if adapter_index is not None:
         rows, offsets = group_all(adapter_index, lora_A.shape[0])
-    wide = compute_dtype(x, lora_A)
-    size = uniform_size(segments(offsets), lora_A.shape[0])
-    if rows is None and size is not None and y.dtype == wide:
-        t = _uniform_add(x, lora_A, lora_B, scaling, size, y)
-        return y, t, rows, offsets
+    if rows is None and y.dtype == compute_dtype(x, lora_A):  # else forward finds the groups
+        size = uniform_size(segments(offsets), lora_A.shape[0])
+        if size is not None:
+            t = _uniform_add(x, lora_A, lora_B, scaling, size, y)
+            return y, t, rows, offsets
     delta, t = forward(x, lora_A, lora_B, scaling, offsets, rows)
     if rows is None:
         y.add_(delta)

@@ -93,7 +93,8 @@ def test_bf16_x_with_float32_factors(backend, layout):
         list(case["lora_A"].double()), list(case["lora_B"].double()), case["scaling"].double(),
         idx,
     )  # fmt: skip
-    torch.testing.assert_close(y.double(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+    # two bf16 roundings (the base product, then y + δ): within ~1.3 bf16 eps of |y|max
+    torch.testing.assert_close(y.double(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
 
 
 @pytest.mark.parametrize("layout", ["in_order_uniform_base_tail", "unsorted_with_base"])
